@@ -1,0 +1,130 @@
+//! The backend seam: everything above it (bake, CLI, later worker and router) boots VMs
+//! through [`Backend`] and talks to the guest through the control channel a [`Machine`]
+//! hands out. Implementations: [`qemu`] today; our own KVM VMM joins behind the same trait.
+
+pub mod accel;
+pub mod qemu;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+pub use accel::Accel;
+
+/// Which implementation baked or runs a VM (recorded in snapshots later).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    Qemu,
+    Kvm,
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BackendKind::Qemu => "qemu",
+            BackendKind::Kvm => "kvm",
+        })
+    }
+}
+
+/// A block device given to the guest.
+#[derive(Debug, Clone)]
+pub struct Disk {
+    pub path: PathBuf,
+    /// virtio-blk serial, visible to the guest at /sys/block/vdX/serial.
+    pub serial: String,
+    pub read_only: bool,
+}
+
+/// Everything needed to boot one VM from a kernel and an initramfs.
+#[derive(Debug, Clone)]
+pub struct BootSpec {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    /// Appended to the backend's own kernel command line.
+    pub extra_cmdline: Vec<String>,
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    pub disks: Vec<Disk>,
+    /// A private directory for the VM's sockets and logs; the caller owns and removes it.
+    pub run_dir: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("{0} not found: {1}")]
+    MissingFile(String, PathBuf),
+    #[error("cannot start {program}: {source} (is it installed? scripts/setup.sh installs it)")]
+    Spawn { program: String, source: std::io::Error },
+    #[error("the VM monitor exited before the guest connected ({status}); its log:\n{log}")]
+    EarlyExit { status: String, log: String },
+    #[error("timed out after {0:?} waiting for the VM to start")]
+    StartTimeout(Duration),
+    #[error("QMP: {0}")]
+    Qmp(String),
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
+}
+
+impl BackendError {
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        BackendError::Io { context: context.into(), source }
+    }
+}
+
+/// How a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MachineExit {
+    /// The guest reset or powered off (init's normal way out).
+    GuestStopped,
+    /// The monitor process ended otherwise (crash, kill); `detail` says how.
+    MonitorDied { detail: String },
+}
+
+/// Host-side timestamps of a boot, for the boot-time split in the benchmarks.
+#[derive(Debug, Clone, Copy)]
+pub struct StartTimings {
+    /// When the backend was asked to boot.
+    pub requested: Instant,
+    /// When the monitor was running and its control channel connected.
+    pub monitor_ready: Instant,
+}
+
+/// The byte stream to the guest's init/agent.
+pub trait ControlChannel: Read + Write + Send {
+    fn try_clone_box(&self) -> std::io::Result<Box<dyn ControlChannel>>;
+}
+
+impl ControlChannel for std::os::unix::net::UnixStream {
+    fn try_clone_box(&self) -> std::io::Result<Box<dyn ControlChannel>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+}
+
+/// A running VM. Dropping it kills the VM.
+pub trait Machine: Send {
+    fn kind(&self) -> BackendKind;
+    /// The control channel; `None` once taken.
+    fn take_channel(&mut self) -> Option<Box<dyn ControlChannel>>;
+    /// The guest console, for humans and error messages.
+    fn console_log(&self) -> &Path;
+    fn timings(&self) -> StartTimings;
+    /// The host process running the VM (for tests that check nothing is left behind).
+    fn pid(&self) -> u32;
+    /// Waits for the VM to end, at most `timeout`; `Ok(None)` if still running.
+    fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<MachineExit>, BackendError>;
+    /// Stops the VM now and reaps it.
+    fn kill(&mut self) -> Result<(), BackendError>;
+}
+
+pub trait Backend: Send + Sync {
+    fn kind(&self) -> BackendKind;
+    fn boot(&self, spec: &BootSpec) -> Result<Box<dyn Machine>, BackendError>;
+}
+
+/// Last `max` bytes of a text file, for error messages (missing file: empty).
+pub fn tail_of(path: &Path, max: usize) -> String {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let start = bytes.len().saturating_sub(max);
+    String::from_utf8_lossy(&bytes[start..]).into_owned()
+}

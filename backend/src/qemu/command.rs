@@ -1,0 +1,61 @@
+//! The QEMU command line for one VM.
+
+use std::path::Path;
+
+use crate::{accel::Accel, BootSpec};
+
+/// Base kernel command line: console on ttyS0 (quiet), reboot by triple fault so a guest
+/// reset ends QEMU (`-no-reboot`), reboot at once on panic so a crashed guest never hangs.
+pub const BASE_CMDLINE: &str = "console=ttyS0 quiet reboot=t panic=-1 oops=panic i8042.noaux tsc=reliable";
+
+pub struct QemuCommand {
+    args: Vec<String>,
+}
+
+impl QemuCommand {
+    pub fn new(spec: &BootSpec, accel: Accel, console: &Path, channel: &Path, qmp: &Path) -> Self {
+        let mut a: Vec<String> = Vec::new();
+        let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+        push(&["-M", "microvm,acpi=off,rtc=on"]);
+        match accel {
+            Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+            Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
+        }
+        let mem = format!("{}M", spec.memory_mib);
+        let smp = spec.vcpus.to_string();
+        push(&["-m", &mem, "-smp", &smp]);
+        push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
+        let kernel = spec.kernel.display().to_string();
+        let initrd = spec.initramfs.display().to_string();
+        let mut cmdline = BASE_CMDLINE.to_string();
+        for extra in &spec.extra_cmdline {
+            cmdline.push(' ');
+            cmdline.push_str(extra);
+        }
+        push(&["-kernel", &kernel, "-initrd", &initrd, "-append", &cmdline]);
+        let console_dev = format!("file,id=console,path={}", console.display());
+        push(&["-chardev", &console_dev, "-serial", "chardev:console"]);
+        // The control channel: ttyS1 in the guest.
+        let channel_dev = format!("socket,id=channel,path={}", channel.display());
+        push(&["-chardev", &channel_dev]);
+        push(&["-device", "isa-serial,chardev=channel,iobase=0x2f8,irq=3"]);
+        push(&["-object", "rng-random,id=rng0,filename=/dev/urandom"]);
+        push(&["-device", "virtio-rng-device,rng=rng0"]);
+        for (i, d) in spec.disks.iter().enumerate() {
+            let drive = format!(
+                "file={},if=none,id=disk{i},format=raw,readonly={},cache=unsafe",
+                d.path.display(),
+                if d.read_only { "on" } else { "off" }
+            );
+            let dev = format!("virtio-blk-device,drive=disk{i},serial={}", d.serial);
+            push(&["-drive", &drive, "-device", &dev]);
+        }
+        let qmp_arg = format!("unix:{},server=on,wait=off", qmp.display());
+        push(&["-qmp", &qmp_arg]);
+        Self { args: a }
+    }
+
+    pub fn args(&self) -> &[String] {
+        &self.args
+    }
+}

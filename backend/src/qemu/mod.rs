@@ -1,0 +1,241 @@
+//! The QEMU backend: Debian's `qemu-system-x86_64 -M microvm`, KVM where the host has
+//! hardware virtualization and TCG elsewhere. QEMU is a child process this backend owns: it
+//! gets SIGKILL when its parent thread dies (PR_SET_PDEATHSIG) and when the [`QemuMachine`]
+//! is dropped, so no VM outlives its owner.
+//!
+//! Channels: the console is a file in the run dir; the control channel is a second 8250 UART
+//! whose chardev connects to a unix socket we listen on *before* QEMU starts, so no guest
+//! byte can be lost; QMP is a unix socket QEMU serves.
+
+mod command;
+pub mod qmp;
+
+use std::os::unix::net::UnixListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{
+    accel::{self, Accel},
+    tail_of, Backend, BackendError, BackendKind, BootSpec, ControlChannel, Machine, MachineExit,
+    StartTimings,
+};
+
+pub use command::QemuCommand;
+
+/// How long QEMU may take to start and connect the control channel.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone)]
+pub struct QemuBackend {
+    binary: PathBuf,
+    accel: Accel,
+}
+
+impl QemuBackend {
+    /// `qemu-system-x86_64` from PATH (or `SUPERMACHINE_QEMU`), accelerator auto-detected.
+    pub fn new() -> Self {
+        let binary = std::env::var_os("SUPERMACHINE_QEMU")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"));
+        Self { binary, accel: accel::detect() }
+    }
+
+    pub fn with_accel(mut self, accel: Accel) -> Self {
+        self.accel = accel;
+        self
+    }
+
+    pub fn accel(&self) -> Accel {
+        self.accel
+    }
+}
+
+impl Default for QemuBackend {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Backend for QemuBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Qemu
+    }
+
+    fn boot(&self, spec: &BootSpec) -> Result<Box<dyn Machine>, BackendError> {
+        let requested = Instant::now();
+        for (what, p) in [("guest kernel", &spec.kernel), ("initramfs", &spec.initramfs)] {
+            if !p.is_file() {
+                return Err(BackendError::MissingFile(what.into(), p.clone()));
+            }
+        }
+        for d in &spec.disks {
+            if !d.path.is_file() {
+                return Err(BackendError::MissingFile(format!("disk {}", d.serial), d.path.clone()));
+            }
+        }
+        let paths = RunPaths::new(&spec.run_dir);
+        let listener = UnixListener::bind(&paths.channel)
+            .map_err(|e| BackendError::io(format!("binding {}", paths.channel.display()), e))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| BackendError::io("control socket non-blocking", e))?;
+
+        let qcmd = QemuCommand::new(spec, self.accel, &paths.console, &paths.channel, &paths.qmp);
+        let stderr = std::fs::File::create(&paths.qemu_log)
+            .map_err(|e| BackendError::io(format!("creating {}", paths.qemu_log.display()), e))?;
+        let mut cmd = std::process::Command::new(&self.binary);
+        cmd.args(qcmd.args()).stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|source| BackendError::Spawn {
+            program: self.binary.display().to_string(),
+            source,
+        })?;
+        tracing::debug!(pid = child.id(), accel = %self.accel, "qemu started");
+        let mut machine = QemuMachine {
+            child: Some(child),
+            channel: None,
+            paths,
+            timings: StartTimings { requested, monitor_ready: requested },
+        };
+        let stream = machine.accept_channel(&listener)?;
+        machine.timings.monitor_ready = Instant::now();
+        machine.channel = Some(Box::new(stream));
+        Ok(Box::new(machine))
+    }
+}
+
+struct RunPaths {
+    console: PathBuf,
+    channel: PathBuf,
+    qmp: PathBuf,
+    qemu_log: PathBuf,
+}
+
+impl RunPaths {
+    fn new(dir: &Path) -> Self {
+        Self {
+            console: dir.join("console.log"),
+            channel: dir.join("channel.sock"),
+            qmp: dir.join("qmp.sock"),
+            qemu_log: dir.join("qemu.log"),
+        }
+    }
+}
+
+pub struct QemuMachine {
+    child: Option<Child>,
+    channel: Option<Box<dyn ControlChannel>>,
+    paths: RunPaths,
+    timings: StartTimings,
+}
+
+impl QemuMachine {
+    /// Waits for QEMU's chardev to connect, watching for QEMU dying first.
+    fn accept_channel(
+        &mut self,
+        listener: &UnixListener,
+    ) -> Result<std::os::unix::net::UnixStream, BackendError> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    stream
+                        .set_nonblocking(false)
+                        .map_err(|e| BackendError::io("control channel blocking mode", e))?;
+                    return Ok(stream);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(BackendError::io("accepting the control channel", e)),
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    self.child = None;
+                    return Err(BackendError::EarlyExit {
+                        status: status.to_string(),
+                        log: tail_of(&self.paths.qemu_log, 4096),
+                    });
+                }
+            }
+            if Instant::now() > deadline {
+                let _ = self.kill();
+                return Err(BackendError::StartTimeout(START_TIMEOUT));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn exit_from(status: std::process::ExitStatus) -> MachineExit {
+        use std::os::unix::process::ExitStatusExt;
+        // With -no-reboot, a guest reset (init's way out) makes QEMU exit 0.
+        if status.success() {
+            MachineExit::GuestStopped
+        } else if let Some(sig) = status.signal() {
+            MachineExit::MonitorDied { detail: format!("qemu killed by signal {sig}") }
+        } else {
+            MachineExit::MonitorDied { detail: format!("qemu {status}") }
+        }
+    }
+}
+
+impl Machine for QemuMachine {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Qemu
+    }
+
+    fn take_channel(&mut self) -> Option<Box<dyn ControlChannel>> {
+        self.channel.take()
+    }
+
+    fn console_log(&self) -> &Path {
+        &self.paths.console
+    }
+
+    fn timings(&self) -> StartTimings {
+        self.timings
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<MachineExit>, BackendError> {
+        let deadline = Instant::now() + timeout;
+        let Some(child) = self.child.as_mut() else {
+            return Ok(Some(MachineExit::MonitorDied { detail: "already reaped".into() }));
+        };
+        loop {
+            if let Some(status) = child.try_wait().map_err(|e| BackendError::io("waiting for qemu", e))? {
+                self.child = None;
+                return Ok(Some(Self::exit_from(status)));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn kill(&mut self) -> Result<(), BackendError> {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            child.wait().map_err(|e| BackendError::io("reaping qemu", e))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for QemuMachine {
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
+}

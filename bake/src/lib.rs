@@ -1,0 +1,90 @@
+//! Image preparation: resolve an image reference, verify its blobs, turn each layer into a
+//! read-only squashfs in the shared layer cache, compute the run configuration, and write
+//! the per-image initramfs. Registry sources and the snapshot driver join this crate later.
+
+pub mod cache;
+pub mod digest;
+pub mod initramfs;
+pub mod layer;
+pub mod layout;
+pub mod reference;
+pub mod runconfig;
+
+use std::path::PathBuf;
+
+pub use cache::Cache;
+pub use digest::Digest;
+pub use layout::{OciLayout, ResolvedImage};
+pub use reference::ImageRef;
+pub use runconfig::Overrides;
+
+use supermachine_protocol::{LayerMount, RunConfig, LAYER_SERIAL_PREFIX};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BakeError {
+    #[error("invalid image reference {reference:?}: {reason}")]
+    Reference { reference: String, reason: String },
+    #[error("{path}: {reason}")]
+    Layout { path: PathBuf, reason: String },
+    #[error("tag {tag:?} not found in {path} (tags present: {available})")]
+    TagNotFound { path: PathBuf, tag: String, available: String },
+    #[error("blob {digest} in {path}: {reason}")]
+    Blob { path: PathBuf, digest: String, reason: String },
+    #[error("layer {digest}: {reason}")]
+    Layer { digest: String, reason: String },
+    #[error("no command specified: the image has no Entrypoint or Cmd and none was given")]
+    NoCommand,
+    #[error("cache at {path}: {reason}")]
+    Cache { path: PathBuf, reason: String },
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
+}
+
+impl BakeError {
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        BakeError::Io { context: context.into(), source }
+    }
+}
+
+/// An image ready to boot: its layers as squashfs files (bottom-up) and its run config.
+#[derive(Debug, Clone)]
+pub struct PreparedImage {
+    pub reference: String,
+    pub manifest_digest: Digest,
+    /// Squashfs files, bottom layer first, each paired with its diff_id.
+    pub layers: Vec<(PathBuf, Digest)>,
+    pub run_config: RunConfig,
+}
+
+/// Resolves `reference`, converts its layers (cached by diff_id) and merges the image's
+/// config with `overrides`.
+pub fn prepare(
+    reference: &ImageRef,
+    overrides: &Overrides,
+    cache: &Cache,
+) -> Result<PreparedImage, BakeError> {
+    let resolved = match reference {
+        ImageRef::OciLayout { dir, tag } => OciLayout::open(dir)?.resolve(tag.as_deref())?,
+    };
+    let mut layers = Vec::with_capacity(resolved.layers.len());
+    for (i, blob) in resolved.layers.iter().enumerate() {
+        tracing::info!(layer = i, digest = %blob.digest, "preparing layer");
+        let path = layer::ensure_squashfs(blob, cache)?;
+        layers.push((path, blob.diff_id.clone()));
+    }
+    let mut run_config = runconfig::merge(resolved.config.config().as_ref(), overrides)?;
+    run_config.layers = layers
+        .iter()
+        .enumerate()
+        .map(|(i, (_, diff_id))| LayerMount {
+            serial: format!("{LAYER_SERIAL_PREFIX}{i}"),
+            diff_id: diff_id.to_string(),
+        })
+        .collect();
+    Ok(PreparedImage {
+        reference: reference.to_string(),
+        manifest_digest: resolved.manifest_digest,
+        layers,
+        run_config,
+    })
+}

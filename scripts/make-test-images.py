@@ -1,0 +1,210 @@
+#!/usr/bin/env python3
+"""Builds the OCI image layouts the tests boot, without docker.
+
+Images (each its own OCI layout directory, tag `latest`):
+  busybox  - one gzip layer: Debian's busybox-static with its applets, /etc/passwd and
+             /etc/group (root, app:1000), Cmd ["/bin/sh"].
+  layered  - the same base layer, then a zstd layer and an uncompressed layer that exercise
+             overlay semantics: a whiteout, an opaque directory, a hard link, a symlink;
+             Entrypoint, Cmd, Env, WorkingDir and User are set.
+
+Output is cached under ~/.cache/supermachine/test-images/<hash of this script + busybox>/
+and reproducible (fixed mtimes, sorted entries, gzip without timestamps). Prints the
+directory holding the layouts.
+"""
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+
+BUSYBOX = "/bin/busybox"
+MTIME = 1700000000
+PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def cache_root():
+    if os.environ.get("SUPERMACHINE_CACHE"):
+        return os.environ["SUPERMACHINE_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "supermachine")
+
+
+def ensure_busybox():
+    installed = subprocess.run(["dpkg", "-s", "busybox-static"], capture_output=True).returncode == 0
+    if installed and os.path.exists(BUSYBOX):
+        return
+    print("test-images: installing busybox-static", file=sys.stderr)
+    subprocess.run(["apt-get", "install", "-y", "-q", "busybox-static"], check=True,
+                   stdout=sys.stderr, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+
+
+class Layer:
+    """An in-memory tar layer with deterministic metadata."""
+
+    def __init__(self):
+        self.buf = io.BytesIO()
+        self.tar = tarfile.open(fileobj=self.buf, mode="w", format=tarfile.PAX_FORMAT)
+
+    def _info(self, name, kind, mode, uid=0, gid=0):
+        ti = tarfile.TarInfo(name)
+        ti.type = kind
+        ti.mode = mode
+        ti.uid, ti.gid = uid, gid
+        ti.uname = ti.gname = ""
+        ti.mtime = MTIME
+        return ti
+
+    def dir(self, name, mode=0o755, uid=0, gid=0):
+        self.tar.addfile(self._info(name, tarfile.DIRTYPE, mode, uid, gid))
+
+    def file(self, name, data, mode=0o644, uid=0, gid=0):
+        if isinstance(data, str):
+            data = data.encode()
+        ti = self._info(name, tarfile.REGTYPE, mode, uid, gid)
+        ti.size = len(data)
+        self.tar.addfile(ti, io.BytesIO(data))
+
+    def symlink(self, name, target):
+        ti = self._info(name, tarfile.SYMTYPE, 0o777)
+        ti.linkname = target
+        self.tar.addfile(ti)
+
+    def hardlink(self, name, target):
+        ti = self._info(name, tarfile.LNKTYPE, 0o644)
+        ti.linkname = target
+        self.tar.addfile(ti)
+
+    def bytes(self):
+        self.tar.close()
+        return self.buf.getvalue()
+
+
+def base_layer():
+    l = Layer()
+    for d in ["bin", "sbin", "usr", "usr/bin", "usr/sbin", "etc", "root", "tmp", "home", "home/app", "var", "var/www"]:
+        mode = 0o1777 if d == "tmp" else 0o700 if d == "root" else 0o755
+        uid = 1000 if d == "home/app" else 0
+        l.dir(d, mode, uid, uid)
+    l.file("bin/busybox", open(BUSYBOX, "rb").read(), 0o755)
+    applets = subprocess.run([BUSYBOX, "--list-full"], check=True, capture_output=True, text=True).stdout.split()
+    for path in sorted(set(applets)):
+        if path == "bin/busybox":
+            continue
+        l.symlink(path, "../" * path.count("/") + "bin/busybox")
+    l.file("etc/passwd", "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n")
+    l.file("etc/group", "root:x:0:\napp:x:1000:\nstaff:x:50:app\n")
+    l.file("var/www/index.html", "<h1>hello from supermachine</h1>\n")
+    return l.bytes()
+
+
+def overlay_layers():
+    # Layer 2: things the next layer hides or replaces.
+    l2 = Layer()
+    l2.dir("data")
+    l2.file("data/gone.txt", "you should not see me\n")
+    l2.file("data/keep.txt", "kept\n")
+    l2.dir("opq")
+    l2.file("opq/old1", "old\n")
+    l2.file("opq/old2", "old\n")
+    # Layer 3: the whiteout, the opaque marker, links, the workdir.
+    l3 = Layer()
+    l3.dir("data")
+    l3.file("data/.wh.gone.txt", "")
+    l3.dir("opq")
+    l3.file("opq/.wh..wh..opq", "")
+    l3.file("opq/new1", "new\n")
+    l3.dir("links")
+    l3.file("links/target.txt", "linked content\n")
+    l3.hardlink("links/hard.txt", "links/target.txt")
+    l3.symlink("links/sym.txt", "target.txt")
+    l3.dir("app", 0o755, 1000, 1000)
+    l3.file("app/suid", "#!/bin/sh\necho suid\n", 0o4755)
+    return l2.bytes(), l3.bytes()
+
+
+class Layout:
+    def __init__(self, root):
+        self.root = root
+        os.makedirs(os.path.join(root, "blobs", "sha256"))
+        with open(os.path.join(root, "oci-layout"), "w") as f:
+            json.dump({"imageLayoutVersion": "1.0.0"}, f)
+
+    def blob(self, data, media_type):
+        d = hashlib.sha256(data).hexdigest()
+        with open(os.path.join(self.root, "blobs", "sha256", d), "wb") as f:
+            f.write(data)
+        return {"mediaType": media_type, "digest": "sha256:" + d, "size": len(data)}
+
+    def image(self, tar_layers, config, tag="latest"):
+        descs, diff_ids = [], []
+        for raw, comp in tar_layers:
+            diff_ids.append("sha256:" + hashlib.sha256(raw).hexdigest())
+            if comp == "gzip":
+                data = gzip.compress(raw, mtime=0)
+                mt = "application/vnd.oci.image.layer.v1.tar+gzip"
+            elif comp == "zstd":
+                data = subprocess.run(["zstd", "-q", "-c", "-3"], input=raw, check=True, capture_output=True).stdout
+                mt = "application/vnd.oci.image.layer.v1.tar+zstd"
+            else:
+                data, mt = raw, "application/vnd.oci.image.layer.v1.tar"
+            descs.append(self.blob(data, mt))
+        cfg = {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": config,
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+            "history": [{"created_by": "make-test-images.py"} for _ in tar_layers],
+        }
+        cfg_desc = self.blob(json.dumps(cfg, sort_keys=True).encode(), "application/vnd.oci.image.config.v1+json")
+        manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "config": cfg_desc, "layers": descs}
+        man_desc = self.blob(json.dumps(manifest, sort_keys=True).encode(), "application/vnd.oci.image.manifest.v1+json")
+        man_desc["annotations"] = {"org.opencontainers.image.ref.name": tag}
+        index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [man_desc]}
+        with open(os.path.join(self.root, "index.json"), "w") as f:
+            json.dump(index, f, sort_keys=True)
+
+
+def build(out):
+    base = base_layer()
+    Layout(os.path.join(out, "busybox")).image([(base, "gzip")], {"Env": [PATH_ENV], "Cmd": ["/bin/sh"]})
+    l2, l3 = overlay_layers()
+    Layout(os.path.join(out, "layered")).image(
+        [(base, "gzip"), (l2, "zstd"), (l3, "none")],
+        {
+            "Env": [PATH_ENV, "GREETING=hello from the image", "SHARED=image"],
+            "Entrypoint": ["/bin/echo", "entry"],
+            "Cmd": ["default-cmd"],
+            "WorkingDir": "/app",
+            "User": "app",
+        },
+    )
+
+
+def main():
+    ensure_busybox()
+    h = hashlib.sha256()
+    h.update(open(__file__, "rb").read())
+    h.update(open(BUSYBOX, "rb").read())
+    out = os.path.join(cache_root(), "test-images", h.hexdigest()[:16])
+    if not os.path.exists(os.path.join(out, "layered", "index.json")):
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".build-", dir=os.path.dirname(out))
+        try:
+            build(tmp)
+            shutil.rmtree(out, ignore_errors=True)
+            os.rename(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    print(out)
+
+
+if __name__ == "__main__":
+    main()

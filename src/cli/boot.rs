@@ -1,0 +1,140 @@
+//! `supermachine boot`: like `docker run --rm`, in a microVM booted from scratch.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+
+use crate::boot::{self, BootReport, BootRequest};
+use crate::cli::EXIT_INTERNAL;
+use crate::{ImageRef, Overrides};
+
+#[derive(Args)]
+pub struct BootArgs {
+    /// Overwrite the image's Entrypoint ("" clears it); also clears the image's Cmd, as docker does.
+    #[arg(long)]
+    entrypoint: Option<String>,
+    /// Set an environment variable (KEY=VALUE, or KEY to pass the host's value); repeatable.
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Working directory inside the image (default: the image's WorkingDir, else /).
+    #[arg(short = 'w', long = "workdir")]
+    workdir: Option<String>,
+    /// User to run as: name, uid, name:group or uid:gid (default: the image's User).
+    #[arg(short = 'u', long = "user")]
+    user: Option<String>,
+    /// Guest hostname.
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(64..=65536))]
+    memory: u32,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=32))]
+    vcpus: u32,
+    /// Guest kernel (PVH vmlinux). Default: $SUPERMACHINE_KERNEL, else the one built by kernel-config/build.sh.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Guest init binary (static). Default: $SUPERMACHINE_INIT, else the one built by scripts/build-guest.sh.
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Print the boot-time split (backend start, kernel, init, workload) to stderr at the end.
+    #[arg(long)]
+    timings: bool,
+    /// Write the boot-time split as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    timings_json: Option<PathBuf>,
+    /// The image: oci-layout:DIR or oci-layout:DIR:TAG.
+    image: String,
+    /// Replaces the image's Cmd.
+    #[arg(last = true)]
+    argv: Vec<String>,
+}
+
+pub fn run(args: BootArgs) -> i32 {
+    // On SIGINT/SIGTERM/SIGHUP exit at once: the VM monitor is tied to this process
+    // (PR_SET_PDEATHSIG) and dies with it; the run directory is a tempdir we remove here.
+    if let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) {
+        std::thread::spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                boot::remove_live_run_dirs();
+                eprintln!("supermachine: stopping the VM (signal {sig})");
+                std::process::exit(128 + sig);
+            }
+        });
+    }
+
+    let image = match ImageRef::parse(&args.image) {
+        Ok(i) => i,
+        Err(e) => return fail(&e.into()),
+    };
+    let mut req = BootRequest::new(image);
+    req.overrides = Overrides {
+        entrypoint: args.entrypoint,
+        cmd: if args.argv.is_empty() { None } else { Some(args.argv) },
+        env: args.env,
+        workdir: args.workdir,
+        user: args.user,
+        hostname: args.hostname,
+    };
+    req.memory_mib = args.memory;
+    req.vcpus = args.vcpus;
+    req.kernel = args.kernel;
+    req.init = args.init;
+
+    let mut out = std::io::stdout();
+    let mut err = std::io::stderr();
+    match boot::run(&req, &mut out, &mut err) {
+        Ok(report) => {
+            if args.timings {
+                eprintln!("{}", timings_text(&report));
+            }
+            if let Some(path) = &args.timings_json {
+                if let Err(e) = std::fs::write(path, timings_json(&report)) {
+                    eprintln!("supermachine: writing {}: {e}", path.display());
+                }
+            }
+            report.status.as_shell_code()
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(e: &crate::Error) -> i32 {
+    eprintln!("supermachine: error: {e}");
+    EXIT_INTERNAL
+}
+
+fn ms(d: Option<std::time::Duration>) -> String {
+    d.map_or("-".into(), |d| format!("{:.1}", d.as_secs_f64() * 1000.0))
+}
+
+fn timings_text(r: &BootReport) -> String {
+    let t = &r.timings;
+    format!(
+        "boot timings ({}): prepare {} ms, backend start {} ms, kernel {} ms, init {} ms, workload {} ms, total {} ms",
+        r.backend,
+        ms(Some(t.prepare)),
+        ms(Some(t.backend_start)),
+        ms(t.kernel),
+        ms(t.init),
+        ms(t.workload),
+        ms(Some(t.total)),
+    )
+}
+
+fn timings_json(r: &BootReport) -> String {
+    let t = &r.timings;
+    let f = |d: Option<std::time::Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
+    let v = serde_json::json!({
+        "backend": r.backend,
+        "prepare_ms": f(Some(t.prepare)),
+        "backend_start_ms": f(Some(t.backend_start)),
+        "kernel_ms": f(t.kernel),
+        "init_ms": f(t.init),
+        "workload_ms": f(t.workload),
+        "total_ms": f(Some(t.total)),
+        "guest_uptime_at_init_ms": t.guest_uptime_at_init_ms,
+    });
+    format!("{v}\n")
+}

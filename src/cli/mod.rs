@@ -1,0 +1,37 @@
+//! The `supermachine` command line. Exit codes follow docker: the workload's own status
+//! when it ran, 125 when supermachine itself failed, 126/127 when the command could not
+//! be invoked / was not found.
+
+mod boot;
+
+use clap::{Parser, Subcommand};
+
+/// Exit code for errors of supermachine itself (docker uses the same).
+pub const EXIT_INTERNAL: i32 = 125;
+
+#[derive(Parser)]
+#[command(name = "supermachine", version, about = "Run OCI images as hardware-isolated microVMs")]
+struct Cli {
+    /// Log verbosity (error, warn, info, debug, trace); RUST_LOG also works.
+    #[arg(long, global = true, default_value = "warn")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot IMAGE in a fresh microVM, run its command, stream its output, exit with its status.
+    Boot(boot::BootArgs),
+}
+
+/// Runs the CLI; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log_level));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    match cli.command {
+        Command::Boot(args) => boot::run(args),
+    }
+}

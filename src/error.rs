@@ -1,0 +1,34 @@
+//! The public error type: one variant per kind of failure a caller may want to match.
+
+use supermachine_backend::BackendError;
+use supermachine_bake::BakeError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The image reference, layout, a blob or a layer is bad or unreadable.
+    #[error(transparent)]
+    Image(#[from] BakeError),
+    /// No guest kernel where we looked.
+    #[error("guest kernel not found (looked at: {looked}); build it with kernel-config/build.sh or pass --kernel / SUPERMACHINE_KERNEL")]
+    KernelNotFound { looked: String },
+    /// No guest init binary where we looked.
+    #[error("guest init (supermachine-init) not found (looked at: {looked}); build it with scripts/build-guest.sh or set SUPERMACHINE_INIT")]
+    InitNotFound { looked: String },
+    /// The VM could not be started or controlled.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// The guest's init reported that it could not start the workload.
+    #[error("the guest could not start the workload: {0}")]
+    Guest(String),
+    /// The VM ended without the workload's exit status (kernel panic, crash, bad protocol).
+    #[error("the VM stopped before the workload finished: {reason}\n--- guest console (last lines) ---\n{console}")]
+    GuestCrashed { reason: String, console: String },
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
+}
+
+impl Error {
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io { context: context.into(), source }
+    }
+}

@@ -1,0 +1,18 @@
+//! supermachine: run OCI images as hardware-isolated microVMs.
+//!
+//! Today the crate boots an image from an OCI layout in a fresh VM and runs its command to
+//! completion ([`boot::run`]); snapshots, restore, the worker pool and the router build on it.
+//! The pieces live in their own crates: `supermachine-bake` (image preparation),
+//! `supermachine-backend` (the backend trait and QEMU), `supermachine-protocol` (wire
+//! types shared with the guest), `supermachine-init` (the guest's PID 1).
+
+pub mod boot;
+pub mod cli;
+mod error;
+pub mod guest_artifacts;
+
+pub use boot::{BootReport, BootRequest, BootTimings};
+pub use error::Error;
+pub use supermachine_backend::{Accel, BackendKind};
+pub use supermachine_bake::{ImageRef, Overrides};
+pub use supermachine_protocol::ExitStatus;
