@@ -5,9 +5,11 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use supermachine_backend::{qemu::QemuBackend, tail_of, Backend, BootSpec, Disk, Machine, MachineExit};
+use supermachine_backend::{
+    qemu::QemuBackend, tail_of, Backend, BootSpec, Disk, Machine, MachineExit,
+};
 use supermachine_bake::{initramfs, Cache, ImageRef, Overrides};
-use supermachine_protocol::{ExitStatus, FrameReader, GuestEvent, OutputStream};
+use supermachine_protocol::{ExitStatus, FrameError, FrameReader, GuestEvent, OutputStream};
 
 use crate::{guest_artifacts, Error};
 
@@ -56,6 +58,10 @@ pub struct BootRequest {
     pub kernel: Option<PathBuf>,
     /// Guest init binary; default: see [`guest_artifacts::find_init`].
     pub init: Option<PathBuf>,
+    /// Appended to the guest kernel's command line.
+    pub kernel_args: Vec<String>,
+    /// How long the guest may take to start init before the boot counts as failed.
+    pub boot_timeout: Duration,
     pub cache: Cache,
 }
 
@@ -68,6 +74,8 @@ impl BootRequest {
             vcpus: 1,
             kernel: None,
             init: None,
+            kernel_args: Vec::new(),
+            boot_timeout: Duration::from_secs(60),
             cache: Cache::new(Cache::default_root()),
         }
     }
@@ -100,14 +108,22 @@ pub struct BootReport {
 
 /// Boots `req.image`, runs its command, writes its output to `stdout`/`stderr` as it comes,
 /// and returns its exit status. The VM is gone when this returns.
-pub fn run(req: &BootRequest, stdout: &mut dyn Write, stderr: &mut dyn Write) -> Result<BootReport, Error> {
+pub fn run(
+    req: &BootRequest,
+    stdout: &mut dyn Write,
+    stderr: &mut dyn Write,
+) -> Result<BootReport, Error> {
     let started = Instant::now();
     let kernel = guest_artifacts::find_kernel(req.kernel.as_deref(), req.cache.root())?;
     let init_path = guest_artifacts::find_init(req.init.as_deref())?;
-    let init = std::fs::read(&init_path).map_err(|e| Error::io(format!("reading {}", init_path.display()), e))?;
+    let init = std::fs::read(&init_path)
+        .map_err(|e| Error::io(format!("reading {}", init_path.display()), e))?;
 
     let prepared = supermachine_bake::prepare(&req.image, &req.overrides, &req.cache)?;
-    let mut timings = BootTimings { prepare: started.elapsed(), ..Default::default() };
+    let mut timings = BootTimings {
+        prepare: started.elapsed(),
+        ..Default::default()
+    };
 
     let run_dir = tempfile::Builder::new()
         .prefix("supermachine-")
@@ -124,7 +140,7 @@ pub fn run(req: &BootRequest, stdout: &mut dyn Write, stderr: &mut dyn Write) ->
     let spec = BootSpec {
         kernel,
         initramfs: initramfs_path,
-        extra_cmdline: vec![],
+        extra_cmdline: req.kernel_args.clone(),
         memory_mib: req.memory_mib,
         vcpus: req.vcpus,
         disks: prepared
@@ -132,7 +148,11 @@ pub fn run(req: &BootRequest, stdout: &mut dyn Write, stderr: &mut dyn Write) ->
             .layers
             .iter()
             .zip(&prepared.layers)
-            .map(|(m, (path, _))| Disk { path: path.clone(), serial: m.serial.clone(), read_only: true })
+            .map(|(m, (path, _))| Disk {
+                path: path.clone(),
+                serial: m.serial.clone(),
+                read_only: true,
+            })
             .collect(),
         run_dir: run_dir.path().to_path_buf(),
     };
@@ -142,16 +162,27 @@ pub fn run(req: &BootRequest, stdout: &mut dyn Write, stderr: &mut dyn Write) ->
     let t = machine.timings();
     timings.backend_start = t.monitor_ready - t.requested;
 
-    let status = supervise(machine.as_mut(), &mut timings, stdout, stderr);
+    let status = supervise(
+        machine.as_mut(),
+        req.boot_timeout,
+        &mut timings,
+        stdout,
+        stderr,
+    );
     let _ = machine.kill();
     timings.total = started.elapsed();
     let status = status?;
-    Ok(BootReport { status, timings, backend: backend_name })
+    Ok(BootReport {
+        status,
+        timings,
+        backend: backend_name,
+    })
 }
 
 /// Follows the guest's events until the workload's exit, then waits for the VM to stop.
 fn supervise(
     machine: &mut dyn Machine,
+    boot_timeout: Duration,
     timings: &mut BootTimings,
     stdout: &mut dyn Write,
     stderr: &mut dyn Write,
@@ -160,19 +191,44 @@ fn supervise(
     let channel = machine
         .take_channel()
         .ok_or_else(|| Error::Guest("the VM has no control channel".into()))?;
+    // Until init speaks, a silent guest is a hung boot; after that the workload may take
+    // as long as it likes.
+    channel
+        .set_read_timeout(Some(boot_timeout))
+        .map_err(|e| Error::io("setting the boot timeout", e))?;
     let mut frames = FrameReader::new(channel);
     let (mut t_init, mut t_workload) = (None, None);
     let crashed = |machine: &mut dyn Machine, reason: String| {
         // Let the monitor finish writing the console before reading it.
         let _ = machine.wait_timeout(Duration::from_secs(2));
         let console = tail_of(machine.console_log(), 4000);
-        let reason = if console.contains("Kernel panic") { format!("guest kernel panic ({reason})") } else { reason };
+        let reason = if console.contains("Kernel panic") {
+            format!("guest kernel panic ({reason})")
+        } else {
+            reason
+        };
         Error::GuestCrashed { reason, console }
     };
     loop {
         let event = match frames.read::<GuestEvent>() {
             Ok(Some(ev)) => ev,
-            Ok(None) => return Err(crashed(machine, "the guest closed its control channel".into())),
+            Ok(None) => {
+                return Err(crashed(
+                    machine,
+                    "the guest closed its control channel".into(),
+                ))
+            }
+            Err(FrameError::Io(e))
+                if t_init.is_none()
+                    && matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+            {
+                let _ = machine.kill();
+                let reason = format!("the guest did not start init within {boot_timeout:?}");
+                return Err(crashed(machine, reason));
+            }
             Err(e) => {
                 let _ = machine.kill();
                 return Err(crashed(machine, format!("bad message from the guest: {e}")));
@@ -182,6 +238,10 @@ fn supervise(
         match event {
             GuestEvent::InitStarted { uptime_ms } => {
                 t_init = Some(now);
+                frames
+                    .get_ref()
+                    .set_read_timeout(None)
+                    .map_err(|e| Error::io("clearing the boot timeout", e))?;
                 timings.kernel = Some(now - monitor_ready);
                 timings.guest_uptime_at_init_ms = Some(uptime_ms);
             }

@@ -24,11 +24,17 @@ pub enum Error {
     #[error("the VM stopped before the workload finished: {reason}\n--- guest console (last lines) ---\n{console}")]
     GuestCrashed { reason: String, console: String },
     #[error("{context}: {source}")]
-    Io { context: String, source: std::io::Error },
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
 }
 
 impl Error {
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        Error::Io { context: context.into(), source }
+        Error::Io {
+            context: context.into(),
+            source,
+        }
     }
 }

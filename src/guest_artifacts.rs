@@ -14,7 +14,9 @@ pub fn find_kernel(explicit: Option<&Path>, cache_root: &Path) -> Result<PathBuf
     } else {
         vec![cache_root.join("kernel/current/vmlinux")]
     };
-    first_file(&candidates).ok_or_else(|| Error::KernelNotFound { looked: list(&candidates) })
+    first_file(&candidates).ok_or_else(|| Error::KernelNotFound {
+        looked: list(&candidates),
+    })
 }
 
 /// The init binary: `explicit`, else `$SUPERMACHINE_INIT`, else next to the running
@@ -45,21 +47,36 @@ pub fn find_init(explicit: Option<&Path>) -> Result<PathBuf, Error> {
         .iter()
         .find(|p| p.is_file() && is_static_elf(p))
         .cloned()
-        .ok_or_else(|| Error::InitNotFound { looked: format!("{} (a static build is needed)", list(&candidates)) })
+        .ok_or_else(|| Error::InitNotFound {
+            looked: format!("{} (a static build is needed)", list(&candidates)),
+        })
 }
 
 /// True for an ELF file without a PT_INTERP program header (no dynamic loader needed).
 fn is_static_elf(path: &Path) -> bool {
-    let Ok(bytes) = std::fs::read(path) else { return false };
-    let u16_at = |o: usize| bytes.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
-    let u32_at = |o: usize| bytes.get(o..o + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    let Ok(bytes) = std::fs::read(path) else {
+        return false;
+    };
+    let u16_at = |o: usize| {
+        bytes
+            .get(o..o + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
+    };
+    let u32_at = |o: usize| {
+        bytes
+            .get(o..o + 4)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
     let u64_at = |o: usize| {
-        bytes.get(o..o + 8).map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as usize)
+        bytes
+            .get(o..o + 8)
+            .map(|b| u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as usize)
     };
     if bytes.get(..5) != Some(b"\x7fELF\x02") {
         return false;
     }
-    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38)) else {
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
+    else {
         return false;
     };
     const PT_INTERP: u32 = 3;
@@ -71,5 +88,8 @@ fn first_file(c: &[PathBuf]) -> Option<PathBuf> {
 }
 
 fn list(c: &[PathBuf]) -> String {
-    c.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    c.iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -21,7 +21,11 @@ impl fmt::Display for Accel {
 
 /// True when /dev/kvm is usable and the CPU advertises VMX or SVM.
 pub fn hardware_virtualization() -> bool {
-    let kvm_ok = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+    let kvm_ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     kvm_ok && cpu_flags_have_virt(&cpuinfo)
 }

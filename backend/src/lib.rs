@@ -55,7 +55,10 @@ pub enum BackendError {
     #[error("{0} not found: {1}")]
     MissingFile(String, PathBuf),
     #[error("cannot start {program}: {source} (is it installed? scripts/setup.sh installs it)")]
-    Spawn { program: String, source: std::io::Error },
+    Spawn {
+        program: String,
+        source: std::io::Error,
+    },
     #[error("the VM monitor exited before the guest connected ({status}); its log:\n{log}")]
     EarlyExit { status: String, log: String },
     #[error("timed out after {0:?} waiting for the VM to start")]
@@ -63,12 +66,18 @@ pub enum BackendError {
     #[error("QMP: {0}")]
     Qmp(String),
     #[error("{context}: {source}")]
-    Io { context: String, source: std::io::Error },
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
 }
 
 impl BackendError {
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        BackendError::Io { context: context.into(), source }
+        BackendError::Io {
+            context: context.into(),
+            source,
+        }
     }
 }
 
@@ -93,11 +102,17 @@ pub struct StartTimings {
 /// The byte stream to the guest's init/agent.
 pub trait ControlChannel: Read + Write + Send {
     fn try_clone_box(&self) -> std::io::Result<Box<dyn ControlChannel>>;
+    /// Bounds how long a read may block (`None`: forever).
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()>;
 }
 
 impl ControlChannel for std::os::unix::net::UnixStream {
     fn try_clone_box(&self) -> std::io::Result<Box<dyn ControlChannel>> {
         Ok(Box::new(self.try_clone()?))
+    }
+
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        std::os::unix::net::UnixStream::set_read_timeout(self, timeout)
     }
 }
 

@@ -27,7 +27,9 @@ impl Cache {
         if let Some(p) = std::env::var_os("XDG_CACHE_HOME") {
             return PathBuf::from(p).join("supermachine");
         }
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/root".into());
+        let home = std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "/root".into());
         home.join(".cache/supermachine")
     }
 
@@ -62,7 +64,10 @@ impl AtomicFile {
             .prefix(".tmp-")
             .tempfile_in(dir)
             .map_err(|e| BakeError::io(format!("creating a temp file in {}", dir.display()), e))?;
-        Ok(Self { tmp, dest: dest.to_path_buf() })
+        Ok(Self {
+            tmp,
+            dest: dest.to_path_buf(),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -76,7 +81,10 @@ impl AtomicFile {
     /// fsync, rename into place, fsync the directory.
     pub fn commit(mut self) -> Result<PathBuf, BakeError> {
         let dest = self.dest.clone();
-        self.tmp.as_file_mut().flush().map_err(|e| BakeError::io("flushing", e))?;
+        self.tmp
+            .as_file_mut()
+            .flush()
+            .map_err(|e| BakeError::io("flushing", e))?;
         self.tmp
             .as_file()
             .sync_all()

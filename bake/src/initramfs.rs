@@ -7,9 +7,21 @@ use supermachine_protocol::{RunConfig, CONFIG_PATH};
 
 /// One member of the archive.
 enum Member<'a> {
-    Dir { path: &'a str, mode: u32 },
-    File { path: &'a str, mode: u32, data: &'a [u8] },
-    CharDev { path: &'a str, mode: u32, major: u32, minor: u32 },
+    Dir {
+        path: &'a str,
+        mode: u32,
+    },
+    File {
+        path: &'a str,
+        mode: u32,
+        data: &'a [u8],
+    },
+    CharDev {
+        path: &'a str,
+        mode: u32,
+        major: u32,
+        minor: u32,
+    },
 }
 
 struct NewcWriter<W> {
@@ -52,9 +64,12 @@ impl<W: Write> NewcWriter<W> {
                 self.put(data)?;
                 self.pad()
             }
-            Member::CharDev { path, mode, major, minor } => {
-                self.header(path, 0o020000 | mode, 0, (major, minor))
-            }
+            Member::CharDev {
+                path,
+                mode,
+                major,
+                minor,
+            } => self.header(path, 0o020000 | mode, 0, (major, minor)),
         }
     }
 
@@ -69,19 +84,54 @@ impl<W: Write> NewcWriter<W> {
 pub fn write<W: Write>(out: W, init: &[u8], config: &RunConfig) -> io::Result<W> {
     let config_json = config.to_json();
     let config_path = CONFIG_PATH.trim_start_matches('/');
-    let config_dir = config_path.rsplit_once('/').map(|(d, _)| d).unwrap_or("supermachine");
+    let config_dir = config_path
+        .rsplit_once('/')
+        .map(|(d, _)| d)
+        .unwrap_or("supermachine");
     let members = [
-        Member::Dir { path: "dev", mode: 0o755 },
+        Member::Dir {
+            path: "dev",
+            mode: 0o755,
+        },
         // The kernel opens /dev/console for init's stdio before devtmpfs is mounted.
-        Member::CharDev { path: "dev/console", mode: 0o600, major: 5, minor: 1 },
-        Member::Dir { path: "proc", mode: 0o755 },
-        Member::Dir { path: "sys", mode: 0o755 },
-        Member::Dir { path: "newroot", mode: 0o755 },
-        Member::Dir { path: config_dir, mode: 0o755 },
-        Member::File { path: "init", mode: 0o755, data: init },
-        Member::File { path: config_path, mode: 0o644, data: &config_json },
+        Member::CharDev {
+            path: "dev/console",
+            mode: 0o600,
+            major: 5,
+            minor: 1,
+        },
+        Member::Dir {
+            path: "proc",
+            mode: 0o755,
+        },
+        Member::Dir {
+            path: "sys",
+            mode: 0o755,
+        },
+        Member::Dir {
+            path: "newroot",
+            mode: 0o755,
+        },
+        Member::Dir {
+            path: config_dir,
+            mode: 0o755,
+        },
+        Member::File {
+            path: "init",
+            mode: 0o755,
+            data: init,
+        },
+        Member::File {
+            path: config_path,
+            mode: 0o644,
+            data: &config_json,
+        },
     ];
-    let mut w = NewcWriter { out, ino: 0, written: 0 };
+    let mut w = NewcWriter {
+        out,
+        ino: 0,
+        written: 0,
+    };
     for m in &members {
         w.member(m)?;
     }
@@ -117,7 +167,9 @@ mod tests {
                 usize::from_str_radix(s, 16).unwrap()
             };
             let (size, namesize) = (field(6), field(11));
-            let name = std::str::from_utf8(&buf[pos + 110..pos + 110 + namesize - 1]).unwrap().to_string();
+            let name = std::str::from_utf8(&buf[pos + 110..pos + 110 + namesize - 1])
+                .unwrap()
+                .to_string();
             let data_start = (pos + 110 + namesize + 3) & !3;
             pos = (data_start + size + 3) & !3;
             let done = name == "TRAILER!!!";

@@ -30,7 +30,10 @@ pub fn ensure_squashfs(blob: &LayerBlob, cache: &Cache) -> Result<PathBuf, BakeE
     if dest.is_file() {
         return Ok(dest);
     }
-    let layer_err = |reason: String| BakeError::Layer { digest: blob.digest.to_string(), reason };
+    let layer_err = |reason: String| BakeError::Layer {
+        digest: blob.digest.to_string(),
+        reason,
+    };
 
     // Pass 1: verify digest + diff_id and find opaque directories.
     let opaque = scan(blob).map_err(layer_err)?;
@@ -38,16 +41,33 @@ pub fn ensure_squashfs(blob: &LayerBlob, cache: &Cache) -> Result<PathBuf, BakeE
     // Pass 2: rewrite into sqfstar.
     let out = AtomicFile::create(&dest)?;
     let mut child = Command::new("sqfstar")
-        .args(["-quiet", "-no-progress", "-force", "-comp", "zstd", "-mkfs-time", "0"])
+        .args([
+            "-quiet",
+            "-no-progress",
+            "-force",
+            "-comp",
+            "zstd",
+            "-mkfs-time",
+            "0",
+        ])
         .arg(out.path())
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| layer_err(format!("cannot run sqfstar (apt-get install squashfs-tools): {e}")))?;
-    let stdin = child.stdin.take().ok_or_else(|| layer_err("sqfstar has no stdin".into()))?;
+        .map_err(|e| {
+            layer_err(format!(
+                "cannot run sqfstar (apt-get install squashfs-tools): {e}"
+            ))
+        })?;
+    let stdin = child
+        .stdin
+        .take()
+        .ok_or_else(|| layer_err("sqfstar has no stdin".into()))?;
     let rewrite_result = rewrite(blob, &opaque, stdin);
-    let output = child.wait_with_output().map_err(|e| layer_err(format!("waiting for sqfstar: {e}")))?;
+    let output = child
+        .wait_with_output()
+        .map_err(|e| layer_err(format!("waiting for sqfstar: {e}")))?;
     rewrite_result.map_err(layer_err)?;
     if !output.status.success() {
         return Err(layer_err(format!(
@@ -60,13 +80,16 @@ pub fn ensure_squashfs(blob: &LayerBlob, cache: &Cache) -> Result<PathBuf, BakeE
 }
 
 /// Decompresses `reader` according to `compression`.
-fn decompress<'a, R: Read + 'a>(reader: R, compression: Compression) -> Result<Box<dyn Read + 'a>, String> {
+fn decompress<'a, R: Read + 'a>(
+    reader: R,
+    compression: Compression,
+) -> Result<Box<dyn Read + 'a>, String> {
     Ok(match compression {
         Compression::None => Box::new(reader),
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(reader)),
-        Compression::Zstd => Box::new(
-            zstd::stream::read::Decoder::new(reader).map_err(|e| format!("zstd: {e}"))?,
-        ),
+        Compression::Zstd => {
+            Box::new(zstd::stream::read::Decoder::new(reader).map_err(|e| format!("zstd: {e}"))?)
+        }
     })
 }
 
@@ -75,7 +98,8 @@ fn with_tar<T>(
     blob: &LayerBlob,
     visit: impl FnOnce(&mut dyn Read) -> Result<T, String>,
 ) -> Result<T, String> {
-    let file = File::open(&blob.path).map_err(|e| format!("cannot open {}: {e}", blob.path.display()))?;
+    let file =
+        File::open(&blob.path).map_err(|e| format!("cannot open {}: {e}", blob.path.display()))?;
     let mut compressed = HashingReader::new(BufReader::new(file));
     let diff_id;
     let result;
@@ -83,19 +107,31 @@ fn with_tar<T>(
         let decompressed = decompress(&mut compressed, blob.compression)?;
         let mut uncompressed = HashingReader::new(decompressed);
         result = visit(&mut uncompressed);
-        diff_id = uncompressed.finish().map_err(|e| format!("reading layer: {e}"));
+        diff_id = uncompressed
+            .finish()
+            .map_err(|e| format!("reading layer: {e}"));
     }
-    let (digest, size) = compressed.finish().map_err(|e| format!("reading blob: {e}"))?;
-    if digest != blob.digest {
-        return Err(format!("blob content hashes to {digest} (size {size}), not the declared digest"));
-    }
+    let (digest, size) = compressed
+        .finish()
+        .map_err(|e| format!("reading blob: {e}"))?;
     if size != blob.size {
-        return Err(format!("blob is {size} bytes, the manifest declares {}", blob.size));
+        return Err(format!(
+            "blob is {size} bytes but the manifest declares {} (truncated or replaced)",
+            blob.size
+        ));
+    }
+    if digest != blob.digest {
+        return Err(format!(
+            "blob content hashes to {digest}, not the declared digest"
+        ));
     }
     let result = result?;
     let (diff_id, _) = diff_id?;
     if diff_id != blob.diff_id {
-        return Err(format!("uncompressed layer hashes to {diff_id}, the config's diff_id is {}", blob.diff_id));
+        return Err(format!(
+            "uncompressed layer hashes to {diff_id}, the config's diff_id is {}",
+            blob.diff_id
+        ));
     }
     Ok(result)
 }
@@ -107,7 +143,9 @@ fn normalize(p: &Path) -> Result<PathBuf, String> {
         match c {
             Component::Normal(n) => out.push(n),
             Component::CurDir | Component::RootDir => {}
-            Component::ParentDir => return Err(format!("tar entry {} escapes the root", p.display())),
+            Component::ParentDir => {
+                return Err(format!("tar entry {} escapes the root", p.display()))
+            }
             Component::Prefix(_) => return Err(format!("tar entry {} has a prefix", p.display())),
         }
     }
@@ -146,7 +184,8 @@ fn rewrite(blob: &LayerBlob, opaque: &BTreeSet<PathBuf>, sink: impl Write) -> Re
             h.set_entry_type(tar::EntryType::Directory);
             h.set_mode(0o755);
             h.set_size(0);
-            out.append_pax_extensions([(OPAQUE_XATTR, &b"y"[..])]).map_err(werr)?;
+            out.append_pax_extensions([(OPAQUE_XATTR, &b"y"[..])])
+                .map_err(werr)?;
             out.append_data(&mut h, dir, io::empty()).map_err(werr)?;
         }
         for entry in ar.entries().map_err(|e| format!("reading tar: {e}"))? {
@@ -161,9 +200,18 @@ fn rewrite(blob: &LayerBlob, opaque: &BTreeSet<PathBuf>, sink: impl Write) -> Re
             }
             let src = entry.header().clone();
             let mut h = tar::Header::new_gnu();
-            h.set_mode(src.mode().map_err(|e| format!("{}: mode: {e}", path.display()))?);
-            h.set_uid(src.uid().map_err(|e| format!("{}: uid: {e}", path.display()))?);
-            h.set_gid(src.gid().map_err(|e| format!("{}: gid: {e}", path.display()))?);
+            h.set_mode(
+                src.mode()
+                    .map_err(|e| format!("{}: mode: {e}", path.display()))?,
+            );
+            h.set_uid(
+                src.uid()
+                    .map_err(|e| format!("{}: uid: {e}", path.display()))?,
+            );
+            h.set_gid(
+                src.gid()
+                    .map_err(|e| format!("{}: gid: {e}", path.display()))?,
+            );
             h.set_mtime(src.mtime().unwrap_or(0));
             if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
                 // overlayfs whiteout: a 0/0 character device with the hidden name.
@@ -218,7 +266,8 @@ fn rewrite(blob: &LayerBlob, opaque: &BTreeSet<PathBuf>, sink: impl Write) -> Re
                     out.append_link(&mut h, &path, &target).map_err(werr)?;
                 }
                 tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
-                    if let (Ok(Some(maj)), Ok(Some(min))) = (src.device_major(), src.device_minor()) {
+                    if let (Ok(Some(maj)), Ok(Some(min))) = (src.device_major(), src.device_minor())
+                    {
                         h.set_device_major(maj).map_err(werr)?;
                         h.set_device_minor(min).map_err(werr)?;
                     }
@@ -229,7 +278,9 @@ fn rewrite(blob: &LayerBlob, opaque: &BTreeSet<PathBuf>, sink: impl Write) -> Re
                     h.set_size(0);
                     out.append_data(&mut h, &path, io::empty()).map_err(werr)?;
                 }
-                tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+                tar::EntryType::Regular
+                | tar::EntryType::Continuous
+                | tar::EntryType::GNUSparse => {
                     h.set_entry_type(tar::EntryType::Regular);
                     h.set_size(entry.size());
                     out.append_data(&mut h, &path, &mut entry).map_err(werr)?;

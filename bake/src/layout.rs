@@ -5,7 +5,9 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use oci_spec::image::{Arch, Descriptor, ImageConfiguration, ImageIndex, ImageManifest, MediaType, Os};
+use oci_spec::image::{
+    Arch, Descriptor, ImageConfiguration, ImageIndex, ImageManifest, MediaType, Os,
+};
 
 use crate::digest::Digest;
 use crate::BakeError;
@@ -45,7 +47,10 @@ pub struct OciLayout {
 
 impl OciLayout {
     pub fn open(dir: &Path) -> Result<Self, BakeError> {
-        let layout_err = |reason: String| BakeError::Layout { path: dir.to_path_buf(), reason };
+        let layout_err = |reason: String| BakeError::Layout {
+            path: dir.to_path_buf(),
+            reason,
+        };
         if !dir.is_dir() {
             return Err(layout_err("no such OCI layout directory".into()));
         }
@@ -55,9 +60,13 @@ impl OciLayout {
         let v: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| layout_err(format!("oci-layout is not JSON: {e}")))?;
         if v.get("imageLayoutVersion").and_then(|v| v.as_str()) != Some("1.0.0") {
-            return Err(layout_err("oci-layout: imageLayoutVersion is not \"1.0.0\"".into()));
+            return Err(layout_err(
+                "oci-layout: imageLayoutVersion is not \"1.0.0\"".into(),
+            ));
         }
-        Ok(Self { dir: dir.to_path_buf() })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
     }
 
     fn blob_path(&self, digest: &Digest) -> PathBuf {
@@ -75,14 +84,24 @@ impl OciLayout {
     fn read_verified(&self, desc: &Descriptor) -> Result<(Digest, Vec<u8>), BakeError> {
         let digest = self.parse_digest(desc)?;
         let path = self.blob_path(&digest);
-        let blob_err =
-            |reason: String| BakeError::Blob { path: path.clone(), digest: digest.to_string(), reason };
+        let blob_err = |reason: String| BakeError::Blob {
+            path: path.clone(),
+            digest: digest.to_string(),
+            reason,
+        };
         if desc.size() > MAX_JSON_BLOB {
-            return Err(blob_err(format!("declared size {} is too large", desc.size())));
+            return Err(blob_err(format!(
+                "declared size {} is too large",
+                desc.size()
+            )));
         }
         let bytes = fs::read(&path).map_err(|e| blob_err(format!("cannot read: {e}")))?;
         if bytes.len() as u64 != desc.size() {
-            return Err(blob_err(format!("size {} != declared {}", bytes.len(), desc.size())));
+            return Err(blob_err(format!(
+                "size {} != declared {}",
+                bytes.len(),
+                desc.size()
+            )));
         }
         let actual = Digest::of_bytes(&bytes);
         if actual != digest {
@@ -102,7 +121,13 @@ impl OciLayout {
         let chosen = match tag {
             Some(t) => manifests
                 .iter()
-                .find(|m| m.annotations().as_ref().and_then(|a| a.get(REF_NAME)).map(String::as_str) == Some(t))
+                .find(|m| {
+                    m.annotations()
+                        .as_ref()
+                        .and_then(|a| a.get(REF_NAME))
+                        .map(String::as_str)
+                        == Some(t)
+                })
                 .ok_or_else(|| BakeError::TagNotFound {
                     path: self.dir.clone(),
                     tag: t.to_string(),
@@ -110,7 +135,10 @@ impl OciLayout {
                 })?,
             None if manifests.len() == 1 => &manifests[0],
             None if manifests.is_empty() => {
-                return Err(BakeError::Layout { path: index_path, reason: "index.json lists no manifests".into() })
+                return Err(BakeError::Layout {
+                    path: index_path,
+                    reason: "index.json lists no manifests".into(),
+                })
             }
             None => {
                 return Err(BakeError::Layout {
@@ -126,24 +154,32 @@ impl OciLayout {
         self.resolve_descriptor(chosen, 0)
     }
 
-    fn resolve_descriptor(&self, desc: &Descriptor, depth: u32) -> Result<ResolvedImage, BakeError> {
+    fn resolve_descriptor(
+        &self,
+        desc: &Descriptor,
+        depth: u32,
+    ) -> Result<ResolvedImage, BakeError> {
         if depth > 4 {
-            return Err(BakeError::Layout { path: self.dir.clone(), reason: "nested indexes too deep".into() });
+            return Err(BakeError::Layout {
+                path: self.dir.clone(),
+                reason: "nested indexes too deep".into(),
+            });
         }
         match desc.media_type() {
             MediaType::ImageIndex | MediaType::Other(_) if is_index(desc.media_type()) => {
                 let (index_digest, bytes) = self.read_verified(desc)?;
-                let index: ImageIndex = serde_json::from_slice(&bytes).map_err(|e| BakeError::Layout {
-                    path: self.blob_path(&index_digest),
-                    reason: format!("not an image index: {e}"),
-                })?;
+                let index: ImageIndex =
+                    serde_json::from_slice(&bytes).map_err(|e| BakeError::Layout {
+                        path: self.blob_path(&index_digest),
+                        reason: format!("not an image index: {e}"),
+                    })?;
                 let pick = index
                     .manifests()
                     .iter()
                     .find(|m| {
-                        m.platform()
-                            .as_ref()
-                            .is_some_and(|p| *p.os() == Os::Linux && *p.architecture() == Arch::Amd64)
+                        m.platform().as_ref().is_some_and(|p| {
+                            *p.os() == Os::Linux && *p.architecture() == Arch::Amd64
+                        })
                     })
                     .ok_or_else(|| BakeError::Layout {
                         path: self.dir.clone(),
@@ -157,15 +193,17 @@ impl OciLayout {
 
     fn load_manifest(&self, desc: &Descriptor) -> Result<ResolvedImage, BakeError> {
         let (manifest_digest, bytes) = self.read_verified(desc)?;
-        let manifest: ImageManifest = serde_json::from_slice(&bytes).map_err(|e| BakeError::Layout {
-            path: self.blob_path(&manifest_digest),
-            reason: format!("not an image manifest: {e}"),
-        })?;
+        let manifest: ImageManifest =
+            serde_json::from_slice(&bytes).map_err(|e| BakeError::Layout {
+                path: self.blob_path(&manifest_digest),
+                reason: format!("not an image manifest: {e}"),
+            })?;
         let (config_digest, config_bytes) = self.read_verified(manifest.config())?;
-        let config: ImageConfiguration = serde_json::from_slice(&config_bytes).map_err(|e| BakeError::Layout {
-            path: self.blob_path(&config_digest),
-            reason: format!("not an image config: {e}"),
-        })?;
+        let config: ImageConfiguration =
+            serde_json::from_slice(&config_bytes).map_err(|e| BakeError::Layout {
+                path: self.blob_path(&config_digest),
+                reason: format!("not an image config: {e}"),
+            })?;
         let diff_ids = config.rootfs().diff_ids();
         if diff_ids.len() != manifest.layers().len() {
             return Err(BakeError::Layout {
@@ -184,10 +222,11 @@ impl OciLayout {
                 path: self.blob_path(&config_digest),
                 reason,
             })?;
-            let compression = compression_of(desc.media_type()).ok_or_else(|| BakeError::Layer {
-                digest: digest.to_string(),
-                reason: format!("unsupported layer media type {}", desc.media_type()),
-            })?;
+            let compression =
+                compression_of(desc.media_type()).ok_or_else(|| BakeError::Layer {
+                    digest: digest.to_string(),
+                    reason: format!("unsupported layer media type {}", desc.media_type()),
+                })?;
             layers.push(LayerBlob {
                 path: self.blob_path(&digest),
                 digest,
@@ -196,7 +235,11 @@ impl OciLayout {
                 diff_id,
             });
         }
-        Ok(ResolvedImage { manifest_digest, config, layers })
+        Ok(ResolvedImage {
+            manifest_digest,
+            config,
+            layers,
+        })
     }
 }
 
@@ -211,8 +254,12 @@ fn is_index(mt: &MediaType) -> bool {
 fn compression_of(mt: &MediaType) -> Option<Compression> {
     match mt {
         MediaType::ImageLayer | MediaType::ImageLayerNonDistributable => Some(Compression::None),
-        MediaType::ImageLayerGzip | MediaType::ImageLayerNonDistributableGzip => Some(Compression::Gzip),
-        MediaType::ImageLayerZstd | MediaType::ImageLayerNonDistributableZstd => Some(Compression::Zstd),
+        MediaType::ImageLayerGzip | MediaType::ImageLayerNonDistributableGzip => {
+            Some(Compression::Gzip)
+        }
+        MediaType::ImageLayerZstd | MediaType::ImageLayerNonDistributableZstd => {
+            Some(Compression::Zstd)
+        }
         MediaType::Other(s) => match s.as_str() {
             "application/vnd.docker.image.rootfs.diff.tar.gzip" => Some(Compression::Gzip),
             "application/vnd.docker.image.rootfs.diff.tar" => Some(Compression::None),

@@ -27,9 +27,17 @@ pub enum BakeError {
     #[error("{path}: {reason}")]
     Layout { path: PathBuf, reason: String },
     #[error("tag {tag:?} not found in {path} (tags present: {available})")]
-    TagNotFound { path: PathBuf, tag: String, available: String },
+    TagNotFound {
+        path: PathBuf,
+        tag: String,
+        available: String,
+    },
     #[error("blob {digest} in {path}: {reason}")]
-    Blob { path: PathBuf, digest: String, reason: String },
+    Blob {
+        path: PathBuf,
+        digest: String,
+        reason: String,
+    },
     #[error("layer {digest}: {reason}")]
     Layer { digest: String, reason: String },
     #[error("no command specified: the image has no Entrypoint or Cmd and none was given")]
@@ -37,12 +45,18 @@ pub enum BakeError {
     #[error("cache at {path}: {reason}")]
     Cache { path: PathBuf, reason: String },
     #[error("{context}: {source}")]
-    Io { context: String, source: std::io::Error },
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
 }
 
 impl BakeError {
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        BakeError::Io { context: context.into(), source }
+        BakeError::Io {
+            context: context.into(),
+            source,
+        }
     }
 }
 

@@ -13,7 +13,10 @@ pub enum ImageRef {
 
 impl ImageRef {
     pub fn parse(s: &str) -> Result<Self, BakeError> {
-        let err = |reason: &str| BakeError::Reference { reference: s.to_string(), reason: reason.into() };
+        let err = |reason: &str| BakeError::Reference {
+            reference: s.to_string(),
+            reason: reason.into(),
+        };
         if let Some(rest) = s.strip_prefix("oci-layout:") {
             if rest.is_empty() {
                 return Err(err("expected oci-layout:DIR or oci-layout:DIR:TAG"));
@@ -22,20 +25,30 @@ impl ImageRef {
             if !std::path::Path::new(rest).is_dir() {
                 if let Some((dir, tag)) = rest.rsplit_once(':') {
                     if !tag.is_empty() && !tag.contains('/') && !dir.is_empty() {
-                        return Ok(ImageRef::OciLayout { dir: dir.into(), tag: Some(tag.into()) });
+                        return Ok(ImageRef::OciLayout {
+                            dir: dir.into(),
+                            tag: Some(tag.into()),
+                        });
                     }
                 }
             }
-            return Ok(ImageRef::OciLayout { dir: rest.into(), tag: None });
+            return Ok(ImageRef::OciLayout {
+                dir: rest.into(),
+                tag: None,
+            });
         }
-        Err(err("only oci-layout:DIR[:TAG] images are supported by this build"))
+        Err(err(
+            "only oci-layout:DIR[:TAG] images are supported by this build",
+        ))
     }
 }
 
 impl fmt::Display for ImageRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ImageRef::OciLayout { dir, tag: Some(t) } => write!(f, "oci-layout:{}:{t}", dir.display()),
+            ImageRef::OciLayout { dir, tag: Some(t) } => {
+                write!(f, "oci-layout:{}:{t}", dir.display())
+            }
             ImageRef::OciLayout { dir, tag: None } => write!(f, "oci-layout:{}", dir.display()),
         }
     }
@@ -49,11 +62,17 @@ mod tests {
     fn parses_layouts_and_tags() {
         assert_eq!(
             ImageRef::parse("oci-layout:/x/y:v1").unwrap(),
-            ImageRef::OciLayout { dir: "/x/y".into(), tag: Some("v1".into()) }
+            ImageRef::OciLayout {
+                dir: "/x/y".into(),
+                tag: Some("v1".into())
+            }
         );
         assert_eq!(
             ImageRef::parse("oci-layout:rel").unwrap(),
-            ImageRef::OciLayout { dir: "rel".into(), tag: None }
+            ImageRef::OciLayout {
+                dir: "rel".into(),
+                tag: None
+            }
         );
         let e = ImageRef::parse("nginx:latest").unwrap_err().to_string();
         assert!(e.contains("nginx:latest"), "{e}");

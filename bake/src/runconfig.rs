@@ -20,11 +20,17 @@ pub struct Overrides {
 }
 
 pub fn merge(image: Option<&Config>, ov: &Overrides) -> Result<RunConfig, BakeError> {
-    let image_entrypoint = image.and_then(|c| c.entrypoint().clone()).unwrap_or_default();
+    let image_entrypoint = image
+        .and_then(|c| c.entrypoint().clone())
+        .unwrap_or_default();
     let image_cmd = image.and_then(|c| c.cmd().clone()).unwrap_or_default();
     let (entrypoint, cmd) = match &ov.entrypoint {
         Some(e) => {
-            let ep = if e.is_empty() { vec![] } else { vec![e.clone()] };
+            let ep = if e.is_empty() {
+                vec![]
+            } else {
+                vec![e.clone()]
+            };
             (ep, ov.cmd.clone().unwrap_or_default())
         }
         None => (image_entrypoint, ov.cmd.clone().unwrap_or(image_cmd)),
@@ -47,7 +53,11 @@ pub fn merge(image: Option<&Config>, ov: &Overrides) -> Result<RunConfig, BakeEr
         .or_else(|| image.and_then(|c| c.working_dir().clone()))
         .filter(|w| !w.is_empty())
         .unwrap_or_else(|| "/".into());
-    let user = ov.user.clone().or_else(|| image.and_then(|c| c.user().clone())).unwrap_or_default();
+    let user = ov
+        .user
+        .clone()
+        .or_else(|| image.and_then(|c| c.user().clone()))
+        .unwrap_or_default();
     Ok(RunConfig {
         argv,
         env,
@@ -79,24 +89,55 @@ mod tests {
         let img = image();
         let plain = merge(Some(&img), &Overrides::default()).unwrap();
         assert_eq!(plain.argv, ["/bin/ep", "-x", "default"]);
-        assert_eq!((plain.workdir.as_str(), plain.user.as_str()), ("/srv", "app"));
+        assert_eq!(
+            (plain.workdir.as_str(), plain.user.as_str()),
+            ("/srv", "app")
+        );
 
-        let argv = merge(Some(&img), &Overrides { cmd: Some(vec!["other".into()]), ..Default::default() }).unwrap();
+        let argv = merge(
+            Some(&img),
+            &Overrides {
+                cmd: Some(vec!["other".into()]),
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert_eq!(argv.argv, ["/bin/ep", "-x", "other"]);
 
-        let ep = merge(Some(&img), &Overrides { entrypoint: Some("/bin/sh".into()), ..Default::default() }).unwrap();
+        let ep = merge(
+            Some(&img),
+            &Overrides {
+                entrypoint: Some("/bin/sh".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert_eq!(ep.argv, ["/bin/sh"], "--entrypoint clears the image's Cmd");
 
         let cleared = merge(
             Some(&img),
-            &Overrides { entrypoint: Some(String::new()), cmd: Some(vec!["/bin/true".into()]), ..Default::default() },
+            &Overrides {
+                entrypoint: Some(String::new()),
+                cmd: Some(vec!["/bin/true".into()]),
+                ..Default::default()
+            },
         )
         .unwrap();
         assert_eq!(cleared.argv, ["/bin/true"]);
 
-        let env = merge(Some(&img), &Overrides { env: vec!["A=2".into(), "B=3".into()], ..Default::default() }).unwrap();
+        let env = merge(
+            Some(&img),
+            &Overrides {
+                env: vec!["A=2".into(), "B=3".into()],
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert_eq!(env.env, ["A=1", "A=2", "B=3"]);
 
-        assert!(matches!(merge(None, &Overrides::default()), Err(BakeError::NoCommand)));
+        assert!(matches!(
+            merge(None, &Overrides::default()),
+            Err(BakeError::NoCommand)
+        ));
     }
 }

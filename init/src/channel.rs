@@ -28,7 +28,9 @@ impl Channel {
         let mut t = termios::tcgetattr(&port)?;
         termios::cfmakeraw(&mut t);
         termios::tcsetattr(&port, SetArg::TCSANOW, &t)?;
-        Ok(Self { port: Arc::new(Mutex::new(port)) })
+        Ok(Self {
+            port: Arc::new(Mutex::new(port)),
+        })
     }
 
     /// Sends one event. A failure here leaves the host without news, which it treats as a

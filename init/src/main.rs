@@ -33,11 +33,16 @@ fn main() {
             power::off();
         }
     };
-    channel.send(&GuestEvent::InitStarted { uptime_ms: uptime_ms() });
+    channel.send(&GuestEvent::InitStarted {
+        uptime_ms: uptime_ms(),
+    });
 
     match run(&channel) {
         Ok(status) => {
-            channel.send(&GuestEvent::Exited { status, uptime_ms: uptime_ms() });
+            channel.send(&GuestEvent::Exited {
+                status,
+                uptime_ms: uptime_ms(),
+            });
         }
         Err(message) => {
             console(&format!("supermachine-init: {message}"));
@@ -64,8 +69,14 @@ fn run(channel: &Channel) -> Result<supermachine_protocol::ExitStatus, String> {
         console(&format!("supermachine-init: bringing up lo: {e}"));
     }
     let identity = user::resolve(&config.user, NEW_ROOT).map_err(|e| e.to_string())?;
-    workload::run(&config, &identity, NEW_ROOT, channel, Duration::from_secs(2))
-        .map_err(|e| e.to_string())
+    workload::run(
+        &config,
+        &identity,
+        NEW_ROOT,
+        channel,
+        Duration::from_secs(2),
+    )
+    .map_err(|e| e.to_string())
 }
 
 /// Writes a diagnostic line to the console (the host keeps it as the VM's console log).

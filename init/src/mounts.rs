@@ -10,10 +10,16 @@ use supermachine_protocol::LayerMount;
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
     #[error("mounting {what} on {target}: {source}")]
-    Mount { what: String, target: String, source: nix::Error },
+    Mount {
+        what: String,
+        target: String,
+        source: nix::Error,
+    },
     #[error("creating {0}: {1}")]
     Mkdir(String, std::io::Error),
-    #[error("layer {serial} ({diff_id}) has no block device: the host attached none with that serial")]
+    #[error(
+        "layer {serial} ({diff_id}) has no block device: the host attached none with that serial"
+    )]
     LayerMissing { serial: String, diff_id: String },
     #[error("listing block devices: {0}")]
     Sysfs(std::io::Error),
@@ -43,7 +49,13 @@ pub fn mount_early() -> Result<(), MountError> {
     let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV;
     do_mount("proc", Path::new("/proc"), "proc", nodev, None)?;
     do_mount("sysfs", Path::new("/sys"), "sysfs", nodev, None)?;
-    do_mount("devtmpfs", Path::new("/dev"), "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"))?;
+    do_mount(
+        "devtmpfs",
+        Path::new("/dev"),
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    )?;
     Ok(())
 }
 
@@ -84,7 +96,13 @@ pub fn mount_layers(layers: &[LayerMount], new_root: &str) -> Result<(), MountEr
         lowers.push(target);
     }
     // The writable upper layer lives in guest RAM.
-    do_mount("tmpfs", Path::new("/rw"), "tmpfs", MsFlags::empty(), Some("mode=0755"))?;
+    do_mount(
+        "tmpfs",
+        Path::new("/rw"),
+        "tmpfs",
+        MsFlags::empty(),
+        Some("mode=0755"),
+    )?;
     mkdir_p(Path::new("/rw/upper"))?;
     mkdir_p(Path::new("/rw/work"))?;
     let root = Path::new(new_root);
@@ -109,8 +127,20 @@ pub fn mount_workload_fs(new_root: &str) -> Result<(), MountError> {
     let root = Path::new(new_root);
     let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV;
     do_mount("proc", &root.join("proc"), "proc", nodev, None)?;
-    do_mount("sysfs", &root.join("sys"), "sysfs", nodev | MsFlags::MS_RDONLY, None)?;
-    do_mount("devtmpfs", &root.join("dev"), "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"))?;
+    do_mount(
+        "sysfs",
+        &root.join("sys"),
+        "sysfs",
+        nodev | MsFlags::MS_RDONLY,
+        None,
+    )?;
+    do_mount(
+        "devtmpfs",
+        &root.join("dev"),
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    )?;
     do_mount(
         "devpts",
         &root.join("dev/pts"),
@@ -118,6 +148,12 @@ pub fn mount_workload_fs(new_root: &str) -> Result<(), MountError> {
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
         Some("newinstance,ptmxmode=0666,mode=0620"),
     )?;
-    do_mount("shm", &root.join("dev/shm"), "tmpfs", nodev, Some("mode=1777"))?;
+    do_mount(
+        "shm",
+        &root.join("dev/shm"),
+        "tmpfs",
+        nodev,
+        Some("mode=1777"),
+    )?;
     Ok(())
 }

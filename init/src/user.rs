@@ -62,7 +62,11 @@ fn read_group(root: &Path) -> Vec<GroupEntry> {
             Some(GroupEntry {
                 name: f[0].to_string(),
                 gid: f[2].parse().ok()?,
-                members: f[3].split(',').filter(|s| !s.is_empty()).map(String::from).collect(),
+                members: f[3]
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(String::from)
+                    .collect(),
             })
         })
         .collect()
@@ -77,7 +81,12 @@ pub fn resolve(spec: &str, new_root: &str) -> Result<Identity, UserError> {
     let passwd = read_passwd(root);
     let (uid, mut gid, home, name) = if user_part.is_empty() {
         let root_entry = passwd.iter().find(|p| p.uid == 0);
-        (0, 0, root_entry.map_or("/root".into(), |p| p.home.clone()), Some("root".to_string()))
+        (
+            0,
+            0,
+            root_entry.map_or("/root".into(), |p| p.home.clone()),
+            Some("root".to_string()),
+        )
     } else if let Some(p) = passwd.iter().find(|p| p.name == user_part) {
         (p.uid, p.gid, p.home.clone(), Some(p.name.clone()))
     } else if let Ok(uid) = user_part.parse::<u32>() {
@@ -108,7 +117,12 @@ pub fn resolve(spec: &str, new_root: &str) -> Result<Identity, UserError> {
             }
         }
     }
-    Ok(Identity { uid, gid, groups, home })
+    Ok(Identity {
+        uid,
+        gid,
+        groups,
+        home,
+    })
 }
 
 #[cfg(test)]
@@ -123,8 +137,11 @@ mod tests {
             "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1001:App:/home/app:/bin/sh\n",
         )
         .unwrap();
-        fs::write(d.path().join("etc/group"), "root:x:0:\napp:x:1001:\nextra:x:2000:app\n")
-            .unwrap();
+        fs::write(
+            d.path().join("etc/group"),
+            "root:x:0:\napp:x:1001:\nextra:x:2000:app\n",
+        )
+        .unwrap();
         d
     }
 
@@ -133,12 +150,26 @@ mod tests {
         let d = root();
         let r = d.path().to_str().unwrap();
         let app = resolve("app", r).unwrap();
-        assert_eq!((app.uid, app.gid, app.home.as_str()), (1000, 1001, "/home/app"));
+        assert_eq!(
+            (app.uid, app.gid, app.home.as_str()),
+            (1000, 1001, "/home/app")
+        );
         assert_eq!(app.groups, vec![1001, 2000]);
         assert_eq!(resolve("1000:extra", r).unwrap().gid, 2000);
-        assert_eq!(resolve("4242", r).unwrap(), Identity { uid: 4242, gid: 0, groups: vec![0], home: "/".into() });
+        assert_eq!(
+            resolve("4242", r).unwrap(),
+            Identity {
+                uid: 4242,
+                gid: 0,
+                groups: vec![0],
+                home: "/".into()
+            }
+        );
         assert_eq!(resolve("", r).unwrap().uid, 0);
         assert!(matches!(resolve("nobody", r), Err(UserError::NoUser(_))));
-        assert!(matches!(resolve("app:nogroup", r), Err(UserError::NoGroup(_))));
+        assert!(matches!(
+            resolve("app:nogroup", r),
+            Err(UserError::NoGroup(_))
+        ));
     }
 }

@@ -71,7 +71,11 @@ pub fn run(
     channel: &Channel,
     drain_grace: Duration,
 ) -> Result<ExitStatus, WorkloadError> {
-    let workdir = if config.workdir.is_empty() { "/" } else { config.workdir.as_str() };
+    let workdir = if config.workdir.is_empty() {
+        "/"
+    } else {
+        config.workdir.as_str()
+    };
     let host_workdir = Path::new(new_root).join(workdir.trim_start_matches('/'));
     std::fs::create_dir_all(&host_workdir)
         .map_err(|e| WorkloadError::Prepare(format!("creating working dir {workdir}: {e}")))?;
@@ -133,7 +137,10 @@ pub fn run(
         }
     };
     let pid = Pid::from_raw(child.id() as i32);
-    channel.send(&GuestEvent::WorkloadStarted { pid: pid.as_raw(), uptime_ms: crate::uptime_ms() });
+    channel.send(&GuestEvent::WorkloadStarted {
+        pid: pid.as_raw(),
+        uptime_ms: crate::uptime_ms(),
+    });
 
     let (done_tx, done_rx) = mpsc::channel::<()>();
     let mut pumps = 0;
@@ -207,7 +214,10 @@ fn spawn_pump<R: Read + Send + 'static>(
         loop {
             match reader.read(&mut buf) {
                 Ok(0) => break,
-                Ok(n) => channel.send(&GuestEvent::Output { stream, data: buf[..n].to_vec() }),
+                Ok(n) => channel.send(&GuestEvent::Output {
+                    stream,
+                    data: buf[..n].to_vec(),
+                }),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(_) => break,
             }

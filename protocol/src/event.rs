@@ -29,12 +29,25 @@ impl ExitStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum GuestEvent {
     /// init is running; `uptime_ms` is the guest's CLOCK_BOOTTIME at that moment.
-    InitStarted { uptime_ms: u64 },
+    InitStarted {
+        uptime_ms: u64,
+    },
     /// Layers mounted, the workload process exists.
-    WorkloadStarted { pid: i32, uptime_ms: u64 },
-    Output { stream: OutputStream, data: Vec<u8> },
+    WorkloadStarted {
+        pid: i32,
+        uptime_ms: u64,
+    },
+    Output {
+        stream: OutputStream,
+        data: Vec<u8>,
+    },
     /// The workload ended; init powers the VM off next.
-    Exited { status: ExitStatus, uptime_ms: u64 },
+    Exited {
+        status: ExitStatus,
+        uptime_ms: u64,
+    },
     /// init could not start the workload (bad layer, bad user, bad config); the VM stops.
-    Fatal { message: String },
+    Fatal {
+        message: String,
+    },
 }

@@ -103,6 +103,10 @@ impl<R: Read> FrameReader<R> {
         Ok(Some(msg))
     }
 
+    pub fn get_ref(&self) -> &R {
+        &self.inner
+    }
+
     pub fn into_inner(self) -> R {
         self.inner
     }
@@ -131,9 +135,17 @@ mod tests {
     fn samples() -> Vec<GuestEvent> {
         vec![
             GuestEvent::InitStarted { uptime_ms: 812 },
-            GuestEvent::Output { stream: OutputStream::Stderr, data: b"hi\n".to_vec() },
-            GuestEvent::Exited { status: ExitStatus::Signal(9), uptime_ms: 900 },
-            GuestEvent::Fatal { message: "layer smlayer1 missing".into() },
+            GuestEvent::Output {
+                stream: OutputStream::Stderr,
+                data: b"hi\n".to_vec(),
+            },
+            GuestEvent::Exited {
+                status: ExitStatus::Signal(9),
+                uptime_ms: 900,
+            },
+            GuestEvent::Fatal {
+                message: "layer smlayer1 missing".into(),
+            },
         ]
     }
 
@@ -151,15 +163,23 @@ mod tests {
 
         let (first, used) = decode_frame::<GuestEvent>(&wire).unwrap().unwrap();
         assert_eq!(first, samples()[0]);
-        assert!(decode_frame::<GuestEvent>(&wire[..used - 1]).unwrap().is_none());
+        assert!(decode_frame::<GuestEvent>(&wire[..used - 1])
+            .unwrap()
+            .is_none());
     }
 
     #[test]
     fn oversized_length_rejected_without_allocation() {
         let wire = (u32::MAX).to_le_bytes();
-        assert!(matches!(decode_frame::<GuestEvent>(&wire), Err(FrameError::TooLarge(_))));
+        assert!(matches!(
+            decode_frame::<GuestEvent>(&wire),
+            Err(FrameError::TooLarge(_))
+        ));
         let mut r = FrameReader::new(&wire[..]);
-        assert!(matches!(r.read::<GuestEvent>(), Err(FrameError::TooLarge(_))));
+        assert!(matches!(
+            r.read::<GuestEvent>(),
+            Err(FrameError::TooLarge(_))
+        ));
     }
 
     #[test]

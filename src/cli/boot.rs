@@ -38,6 +38,12 @@ pub struct BootArgs {
     /// Guest init binary (static). Default: $SUPERMACHINE_INIT, else the one built by scripts/build-guest.sh.
     #[arg(long)]
     init: Option<PathBuf>,
+    /// Append an argument to the guest kernel's command line; repeatable.
+    #[arg(long = "kernel-arg", value_name = "ARG")]
+    kernel_args: Vec<String>,
+    /// Seconds the guest may take to start its init before the boot fails.
+    #[arg(long, default_value_t = 60)]
+    boot_timeout: u64,
     /// Print the boot-time split (backend start, kernel, init, workload) to stderr at the end.
     #[arg(long)]
     timings: bool,
@@ -71,7 +77,11 @@ pub fn run(args: BootArgs) -> i32 {
     let mut req = BootRequest::new(image);
     req.overrides = Overrides {
         entrypoint: args.entrypoint,
-        cmd: if args.argv.is_empty() { None } else { Some(args.argv) },
+        cmd: if args.argv.is_empty() {
+            None
+        } else {
+            Some(args.argv)
+        },
         env: args.env,
         workdir: args.workdir,
         user: args.user,
@@ -81,6 +91,8 @@ pub fn run(args: BootArgs) -> i32 {
     req.vcpus = args.vcpus;
     req.kernel = args.kernel;
     req.init = args.init;
+    req.kernel_args = args.kernel_args;
+    req.boot_timeout = std::time::Duration::from_secs(args.boot_timeout);
 
     let mut out = std::io::stdout();
     let mut err = std::io::stderr();

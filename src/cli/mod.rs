@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand};
 pub const EXIT_INTERNAL: i32 = 125;
 
 #[derive(Parser)]
-#[command(name = "supermachine", version, about = "Run OCI images as hardware-isolated microVMs")]
+#[command(
+    name = "supermachine",
+    version,
+    about = "Run OCI images as hardware-isolated microVMs"
+)]
 struct Cli {
     /// Log verbosity (error, warn, info, debug, trace); RUST_LOG also works.
     #[arg(long, global = true, default_value = "warn")]
@@ -30,7 +34,10 @@ pub fn main() -> i32 {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log_level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     match cli.command {
         Command::Boot(args) => boot::run(args),
     }

@@ -6,7 +6,8 @@ use crate::{accel::Accel, BootSpec};
 
 /// Base kernel command line: console on ttyS0 (quiet), reboot by triple fault so a guest
 /// reset ends QEMU (`-no-reboot`), reboot at once on panic so a crashed guest never hangs.
-pub const BASE_CMDLINE: &str = "console=ttyS0 quiet reboot=t panic=-1 oops=panic i8042.noaux tsc=reliable";
+pub const BASE_CMDLINE: &str =
+    "console=ttyS0 quiet reboot=t panic=-1 oops=panic i8042.noaux tsc=reliable";
 
 pub struct QemuCommand {
     args: Vec<String>,
@@ -24,7 +25,13 @@ impl QemuCommand {
         let mem = format!("{}M", spec.memory_mib);
         let smp = spec.vcpus.to_string();
         push(&["-m", &mem, "-smp", &smp]);
-        push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
+        push(&[
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ]);
         let kernel = spec.kernel.display().to_string();
         let initrd = spec.initramfs.display().to_string();
         let mut cmdline = BASE_CMDLINE.to_string();

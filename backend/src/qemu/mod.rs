@@ -39,7 +39,10 @@ impl QemuBackend {
         let binary = std::env::var_os("SUPERMACHINE_QEMU")
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"));
-        Self { binary, accel: accel::detect() }
+        Self {
+            binary,
+            accel: accel::detect(),
+        }
     }
 
     pub fn with_accel(mut self, accel: Accel) -> Self {
@@ -65,14 +68,20 @@ impl Backend for QemuBackend {
 
     fn boot(&self, spec: &BootSpec) -> Result<Box<dyn Machine>, BackendError> {
         let requested = Instant::now();
-        for (what, p) in [("guest kernel", &spec.kernel), ("initramfs", &spec.initramfs)] {
+        for (what, p) in [
+            ("guest kernel", &spec.kernel),
+            ("initramfs", &spec.initramfs),
+        ] {
             if !p.is_file() {
                 return Err(BackendError::MissingFile(what.into(), p.clone()));
             }
         }
         for d in &spec.disks {
             if !d.path.is_file() {
-                return Err(BackendError::MissingFile(format!("disk {}", d.serial), d.path.clone()));
+                return Err(BackendError::MissingFile(
+                    format!("disk {}", d.serial),
+                    d.path.clone(),
+                ));
             }
         }
         let paths = RunPaths::new(&spec.run_dir);
@@ -86,7 +95,10 @@ impl Backend for QemuBackend {
         let stderr = std::fs::File::create(&paths.qemu_log)
             .map_err(|e| BackendError::io(format!("creating {}", paths.qemu_log.display()), e))?;
         let mut cmd = std::process::Command::new(&self.binary);
-        cmd.args(qcmd.args()).stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
+        cmd.args(qcmd.args())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
         // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
         unsafe {
             cmd.pre_exec(|| {
@@ -105,7 +117,10 @@ impl Backend for QemuBackend {
             child: Some(child),
             channel: None,
             paths,
-            timings: StartTimings { requested, monitor_ready: requested },
+            timings: StartTimings {
+                requested,
+                monitor_ready: requested,
+            },
         };
         let stream = machine.accept_channel(&listener)?;
         machine.timings.monitor_ready = Instant::now();
@@ -180,9 +195,13 @@ impl QemuMachine {
         if status.success() {
             MachineExit::GuestStopped
         } else if let Some(sig) = status.signal() {
-            MachineExit::MonitorDied { detail: format!("qemu killed by signal {sig}") }
+            MachineExit::MonitorDied {
+                detail: format!("qemu killed by signal {sig}"),
+            }
         } else {
-            MachineExit::MonitorDied { detail: format!("qemu {status}") }
+            MachineExit::MonitorDied {
+                detail: format!("qemu {status}"),
+            }
         }
     }
 }
@@ -211,10 +230,15 @@ impl Machine for QemuMachine {
     fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<MachineExit>, BackendError> {
         let deadline = Instant::now() + timeout;
         let Some(child) = self.child.as_mut() else {
-            return Ok(Some(MachineExit::MonitorDied { detail: "already reaped".into() }));
+            return Ok(Some(MachineExit::MonitorDied {
+                detail: "already reaped".into(),
+            }));
         };
         loop {
-            if let Some(status) = child.try_wait().map_err(|e| BackendError::io("waiting for qemu", e))? {
+            if let Some(status) = child
+                .try_wait()
+                .map_err(|e| BackendError::io("waiting for qemu", e))?
+            {
                 self.child = None;
                 return Ok(Some(Self::exit_from(status)));
             }
@@ -228,7 +252,9 @@ impl Machine for QemuMachine {
     fn kill(&mut self) -> Result<(), BackendError> {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
-            child.wait().map_err(|e| BackendError::io("reaping qemu", e))?;
+            child
+                .wait()
+                .map_err(|e| BackendError::io("reaping qemu", e))?;
         }
         Ok(())
     }

@@ -19,9 +19,16 @@ impl QmpClient {
     pub fn connect(path: &Path, timeout: Duration) -> Result<Self, BackendError> {
         let stream = UnixStream::connect(path)
             .map_err(|e| BackendError::io(format!("connecting to QMP at {}", path.display()), e))?;
-        stream.set_read_timeout(Some(timeout)).map_err(|e| BackendError::io("QMP timeout", e))?;
-        let writer = stream.try_clone().map_err(|e| BackendError::io("QMP socket", e))?;
-        let mut c = Self { reader: BufReader::new(stream), writer };
+        stream
+            .set_read_timeout(Some(timeout))
+            .map_err(|e| BackendError::io("QMP timeout", e))?;
+        let writer = stream
+            .try_clone()
+            .map_err(|e| BackendError::io("QMP socket", e))?;
+        let mut c = Self {
+            reader: BufReader::new(stream),
+            writer,
+        };
         let greeting = c.read_message()?;
         if greeting.get("QMP").is_none() {
             return Err(BackendError::Qmp(format!("unexpected greeting {greeting}")));
@@ -32,22 +39,32 @@ impl QmpClient {
 
     fn read_message(&mut self) -> Result<Value, BackendError> {
         let mut line = String::new();
-        let n = self.reader.read_line(&mut line).map_err(|e| BackendError::io("reading QMP", e))?;
+        let n = self
+            .reader
+            .read_line(&mut line)
+            .map_err(|e| BackendError::io("reading QMP", e))?;
         if n == 0 {
             return Err(BackendError::Qmp("connection closed".into()));
         }
-        serde_json::from_str(&line).map_err(|e| BackendError::Qmp(format!("bad JSON {line:?}: {e}")))
+        serde_json::from_str(&line)
+            .map_err(|e| BackendError::Qmp(format!("bad JSON {line:?}: {e}")))
     }
 
     /// Runs one command and returns its `return` value.
-    pub fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, BackendError> {
+    pub fn execute(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, BackendError> {
         let mut msg = json!({ "execute": command });
         if let Some(args) = arguments {
             msg["arguments"] = args;
         }
         let mut bytes = serde_json::to_vec(&msg).map_err(|e| BackendError::Qmp(e.to_string()))?;
         bytes.push(b'\n');
-        self.writer.write_all(&bytes).map_err(|e| BackendError::io("writing QMP", e))?;
+        self.writer
+            .write_all(&bytes)
+            .map_err(|e| BackendError::io("writing QMP", e))?;
         loop {
             let reply = self.read_message()?;
             if reply.get("event").is_some() {

@@ -1,0 +1,121 @@
+//! Shared helpers for the end-to-end tests: they boot real VMs with the real CLI.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn run_script(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .current_dir(repo_root())
+        .output()
+        .unwrap_or_else(|e| panic!("running {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .lines()
+        .last()
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Directory holding the test OCI layouts (`busybox`, `layered`), built once (cached).
+pub fn images() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| PathBuf::from(run_script(&["python3", "scripts/make-test-images.py"])))
+}
+
+/// The guest kernel (built by kernel-config/build.sh, cached) and the static init.
+pub fn guest() -> &'static (PathBuf, PathBuf) {
+    static G: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    G.get_or_init(|| {
+        let kernel = PathBuf::from(run_script(&["kernel-config/build.sh"]));
+        let init = PathBuf::from(run_script(&["scripts/build-guest.sh"]));
+        (kernel, init)
+    })
+}
+
+pub fn image(name: &str) -> String {
+    format!("oci-layout:{}", images().join(name).display())
+}
+
+/// `supermachine` with the guest kernel/init pinned, so tests may point the cache elsewhere.
+pub fn supermachine() -> Command {
+    let (kernel, init) = guest();
+    let mut c = Command::new(env!("CARGO_BIN_EXE_supermachine"));
+    c.env("SUPERMACHINE_KERNEL", kernel)
+        .env("SUPERMACHINE_INIT", init);
+    c
+}
+
+pub fn boot(args: &[&str]) -> Output {
+    boot_with(supermachine(), args)
+}
+
+pub fn boot_with(mut cmd: Command, args: &[&str]) -> Output {
+    cmd.arg("boot")
+        .args(args)
+        .output()
+        .expect("running supermachine boot")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Asserts the exit code, showing both streams when it differs.
+pub fn assert_code(o: &Output, code: i32) {
+    assert_eq!(
+        o.status.code(),
+        Some(code),
+        "exit status {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        o.status,
+        stdout(o),
+        stderr(o)
+    );
+}
+
+/// Copies an OCI layout so a test can damage it.
+pub fn copy_layout(name: &str, dest: &Path) -> PathBuf {
+    let src = images().join(name);
+    let dst = dest.join(name);
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(&src)
+        .arg(&dst)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    dst
+}
+
+/// Files in `dir` (recursively), for "nothing half-written" checks.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(files_under(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
