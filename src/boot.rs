@@ -3,15 +3,13 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use supermachine_backend::{
-    qemu::QemuBackend, tail_of, Backend, BootSpec, Disk, Machine, MachineExit,
-};
-use supermachine_bake::{initramfs, Cache, ImageRef, Overrides};
-use supermachine_protocol::{ExitStatus, FrameError, FrameReader, GuestEvent, OutputStream};
+use supermachine_bake::{Cache, ImageRef, Overrides};
+use supermachine_protocol::{ExitStatus, OutputStream};
 
-use crate::{guest_artifacts, Error};
+use crate::vm::{OutputSink, Vm};
+use crate::Error;
 
 /// Run directories of VMs in flight, so a signal handler can remove them before exiting.
 static LIVE_RUN_DIRS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
@@ -26,10 +24,10 @@ pub fn remove_live_run_dirs() {
     }
 }
 
-struct LiveRunDir(PathBuf);
+pub(crate) struct LiveRunDir(PathBuf);
 
 impl LiveRunDir {
-    fn register(p: &std::path::Path) -> Self {
+    pub(crate) fn register(p: &std::path::Path) -> Self {
         if let Ok(mut dirs) = LIVE_RUN_DIRS.lock() {
             dirs.push(p.to_path_buf());
         }
@@ -44,9 +42,6 @@ impl Drop for LiveRunDir {
         }
     }
 }
-
-/// How long a VM may take to power off after the workload exited.
-const POWEROFF_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct BootRequest {
@@ -110,167 +105,28 @@ pub struct BootReport {
 /// and returns its exit status. The VM is gone when this returns.
 pub fn run(
     req: &BootRequest,
-    stdout: &mut dyn Write,
-    stderr: &mut dyn Write,
+    stdout: Box<dyn Write + Send>,
+    stderr: Box<dyn Write + Send>,
 ) -> Result<BootReport, Error> {
-    let started = Instant::now();
-    let kernel = guest_artifacts::find_kernel(req.kernel.as_deref(), req.cache.root())?;
-    let init_path = guest_artifacts::find_init(req.init.as_deref())?;
-    let init = std::fs::read(&init_path)
-        .map_err(|e| Error::io(format!("reading {}", init_path.display()), e))?;
-
-    let prepared = supermachine_bake::prepare(&req.image, &req.overrides, &req.cache)?;
-    let mut timings = BootTimings {
-        prepare: started.elapsed(),
-        ..Default::default()
-    };
-
-    let run_dir = tempfile::Builder::new()
-        .prefix("supermachine-")
-        .tempdir()
-        .map_err(|e| Error::io("creating a run directory", e))?;
-    let _live = LiveRunDir::register(run_dir.path());
-    let initramfs_path = run_dir.path().join("initramfs.cpio");
-    let file = std::fs::File::create(&initramfs_path)
-        .map_err(|e| Error::io(format!("creating {}", initramfs_path.display()), e))?;
-    initramfs::write(std::io::BufWriter::new(file), &init, &prepared.run_config)
-        .and_then(|mut w| w.flush())
-        .map_err(|e| Error::io("writing the initramfs", e))?;
-
-    let spec = BootSpec {
-        kernel,
-        initramfs: initramfs_path,
-        extra_cmdline: req.kernel_args.clone(),
-        memory_mib: req.memory_mib,
-        vcpus: req.vcpus,
-        disks: prepared
-            .run_config
-            .layers
-            .iter()
-            .zip(&prepared.layers)
-            .map(|(m, (path, _))| Disk {
-                path: path.clone(),
-                serial: m.serial.clone(),
-                read_only: true,
-            })
-            .collect(),
-        run_dir: run_dir.path().to_path_buf(),
-    };
-    let backend = QemuBackend::new();
-    let backend_name = format!("qemu ({})", backend.accel());
-    let mut machine = backend.boot(&spec)?;
-    let t = machine.timings();
-    timings.backend_start = t.monitor_ready - t.requested;
-
-    let status = supervise(
-        machine.as_mut(),
-        req.boot_timeout,
-        &mut timings,
-        stdout,
-        stderr,
-    );
-    let _ = machine.kill();
-    timings.total = started.elapsed();
-    let status = status?;
+    let vm = Vm::boot(req, output_sink(stdout, stderr))?;
+    let status = vm.wait()?;
     Ok(BootReport {
         status,
-        timings,
-        backend: backend_name,
+        timings: vm.timings(),
+        backend: vm.backend_name().to_string(),
     })
 }
 
-/// Follows the guest's events until the workload's exit, then waits for the VM to stop.
-fn supervise(
-    machine: &mut dyn Machine,
-    boot_timeout: Duration,
-    timings: &mut BootTimings,
-    stdout: &mut dyn Write,
-    stderr: &mut dyn Write,
-) -> Result<ExitStatus, Error> {
-    let monitor_ready = machine.timings().monitor_ready;
-    let channel = machine
-        .take_channel()
-        .ok_or_else(|| Error::Guest("the VM has no control channel".into()))?;
-    // Until init speaks, a silent guest is a hung boot; after that the workload may take
-    // as long as it likes.
-    channel
-        .set_read_timeout(Some(boot_timeout))
-        .map_err(|e| Error::io("setting the boot timeout", e))?;
-    let mut frames = FrameReader::new(channel);
-    let (mut t_init, mut t_workload) = (None, None);
-    let crashed = |machine: &mut dyn Machine, reason: String| {
-        // Let the monitor finish writing the console before reading it.
-        let _ = machine.wait_timeout(Duration::from_secs(2));
-        let console = tail_of(machine.console_log(), 4000);
-        let reason = if console.contains("Kernel panic") {
-            format!("guest kernel panic ({reason})")
-        } else {
-            reason
+/// An output sink writing to two streams; a closed terminal must not stop the VM.
+pub fn output_sink(
+    mut stdout: Box<dyn Write + Send>,
+    mut stderr: Box<dyn Write + Send>,
+) -> OutputSink {
+    Box::new(move |stream, data| {
+        let w: &mut dyn Write = match stream {
+            OutputStream::Stdout => &mut stdout,
+            OutputStream::Stderr => &mut stderr,
         };
-        Error::GuestCrashed { reason, console }
-    };
-    loop {
-        let event = match frames.read::<GuestEvent>() {
-            Ok(Some(ev)) => ev,
-            Ok(None) => {
-                return Err(crashed(
-                    machine,
-                    "the guest closed its control channel".into(),
-                ))
-            }
-            Err(FrameError::Io(e))
-                if t_init.is_none()
-                    && matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-            {
-                let _ = machine.kill();
-                let reason = format!("the guest did not start init within {boot_timeout:?}");
-                return Err(crashed(machine, reason));
-            }
-            Err(e) => {
-                let _ = machine.kill();
-                return Err(crashed(machine, format!("bad message from the guest: {e}")));
-            }
-        };
-        let now = Instant::now();
-        match event {
-            GuestEvent::InitStarted { uptime_ms } => {
-                t_init = Some(now);
-                frames
-                    .get_ref()
-                    .set_read_timeout(None)
-                    .map_err(|e| Error::io("clearing the boot timeout", e))?;
-                timings.kernel = Some(now - monitor_ready);
-                timings.guest_uptime_at_init_ms = Some(uptime_ms);
-            }
-            GuestEvent::WorkloadStarted { .. } => {
-                t_workload = Some(now);
-                timings.init = t_init.map(|t| now - t);
-            }
-            GuestEvent::Output { stream, data } => {
-                let sink: &mut dyn Write = match stream {
-                    OutputStream::Stdout => stdout,
-                    OutputStream::Stderr => stderr,
-                };
-                // A closed terminal must not kill the VM's supervision.
-                let _ = sink.write_all(&data).and_then(|_| sink.flush());
-            }
-            GuestEvent::Exited { status, .. } => {
-                timings.workload = t_workload.map(|t| now - t);
-                match machine.wait_timeout(POWEROFF_GRACE)? {
-                    Some(MachineExit::GuestStopped) | None => {}
-                    Some(MachineExit::MonitorDied { detail }) => {
-                        tracing::warn!(%detail, "VM monitor ended abnormally after the workload exited")
-                    }
-                }
-                return Ok(status);
-            }
-            GuestEvent::Fatal { message } => {
-                let _ = machine.wait_timeout(POWEROFF_GRACE);
-                return Err(Error::Guest(message));
-            }
-        }
-    }
+        let _ = w.write_all(data).and_then(|_| w.flush());
+    })
 }

@@ -23,6 +23,9 @@ pub enum Error {
     /// The VM ended without the workload's exit status (kernel panic, crash, bad protocol).
     #[error("the VM stopped before the workload finished: {reason}\n--- guest console (last lines) ---\n{console}")]
     GuestCrashed { reason: String, console: String },
+    /// An exec session failed (not the command: its exit status is in the outcome).
+    #[error("exec: {0}")]
+    Exec(String),
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -83,6 +83,15 @@ fn is_static_elf(path: &Path) -> bool {
     (0..phnum).all(|i| u32_at(phoff + i * phentsize) != Some(PT_INTERP))
 }
 
+/// The agent binary, next to the init binary (scripts/build-guest.sh builds both);
+/// `$SUPERMACHINE_SHIM` overrides. `None`: the VM runs without an agent.
+pub fn find_shim(init: &Path) -> Option<PathBuf> {
+    let p = std::env::var_os("SUPERMACHINE_SHIM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| init.with_file_name("supermachine-shim"));
+    (p.is_file() && is_static_elf(&p)).then_some(p)
+}
+
 fn first_file(c: &[PathBuf]) -> Option<PathBuf> {
     c.iter().find(|p| p.is_file()).cloned()
 }

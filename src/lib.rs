@@ -6,13 +6,20 @@
 //! `supermachine-backend` (the backend trait and QEMU), `supermachine-protocol` (wire
 //! types shared with the guest), `supermachine-init` (the guest's PID 1).
 
+mod agent;
 pub mod boot;
 pub mod cli;
 mod error;
+mod exec;
+mod forward;
 pub mod guest_artifacts;
+mod vm;
 
 pub use boot::{BootReport, BootRequest, BootTimings};
 pub use error::Error;
+pub use exec::{ExecBuilder, ExecChild, ExecOutcome, ExecStdin, ExecStdinWriter};
+pub use forward::TcpForwarder;
 pub use supermachine_backend::{Accel, BackendKind};
 pub use supermachine_bake::{ImageRef, Overrides};
 pub use supermachine_protocol::ExitStatus;
+pub use vm::{OutputSink, Vm};

@@ -48,6 +48,16 @@ pub struct BootSpec {
     pub disks: Vec<Disk>,
     /// A private directory for the VM's sockets and logs; the caller owns and removes it.
     pub run_dir: PathBuf,
+    /// The guest agent's port; the backend makes it reachable from the host
+    /// ([`Machine::agent_endpoint`]).
+    pub agent_port: Option<u16>,
+}
+
+/// How the host reaches the guest agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentEndpoint {
+    /// A host TCP address forwarded to the agent (QEMU user-mode networking).
+    Tcp(std::net::SocketAddr),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +134,8 @@ pub trait Machine: Send {
     /// The guest console, for humans and error messages.
     fn console_log(&self) -> &Path;
     fn timings(&self) -> StartTimings;
+    /// Where the guest agent can be reached, if the VM has one.
+    fn agent_endpoint(&self) -> Option<AgentEndpoint>;
     /// The host process running the VM (for tests that check nothing is left behind).
     fn pid(&self) -> u32;
     /// Waits for the VM to end, at most `timeout`; `Ok(None)` if still running.

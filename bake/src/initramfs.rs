@@ -80,8 +80,14 @@ impl<W: Write> NewcWriter<W> {
     }
 }
 
-/// Writes the initramfs for one image: `init` (the guest's PID 1) and `config`.
-pub fn write<W: Write>(out: W, init: &[u8], config: &RunConfig) -> io::Result<W> {
+/// Writes the initramfs for one image: `init` (the guest's PID 1), the agent `shim` (when
+/// given) and `config`.
+pub fn write<W: Write>(
+    out: W,
+    init: &[u8],
+    shim: Option<&[u8]>,
+    config: &RunConfig,
+) -> io::Result<W> {
     let config_json = config.to_json();
     let config_path = CONFIG_PATH.trim_start_matches('/');
     let config_dir = config_path
@@ -135,6 +141,13 @@ pub fn write<W: Write>(out: W, init: &[u8], config: &RunConfig) -> io::Result<W>
     for m in &members {
         w.member(m)?;
     }
+    if let Some(shim) = shim {
+        w.member(&Member::File {
+            path: "shim",
+            mode: 0o755,
+            data: shim,
+        })?;
+    }
     w.finish()
 }
 
@@ -152,7 +165,7 @@ mod tests {
             hostname: "h".into(),
             layers: vec![],
         };
-        let buf = write(Vec::new(), b"\x7fELF-ish", &cfg).unwrap();
+        let buf = write(Vec::new(), b"\x7fELF-ish", Some(b"shim"), &cfg).unwrap();
         assert_eq!(buf.len() % 4, 0);
         assert!(buf.starts_with(b"070701"));
         let trailer = b"TRAILER!!!\0";
@@ -180,6 +193,7 @@ mod tests {
         }
         assert_eq!(pos, buf.len());
         assert!(names.contains(&"init".to_string()));
+        assert!(names.contains(&"shim".to_string()));
         assert!(names.contains(&"supermachine/config.json".to_string()));
     }
 }

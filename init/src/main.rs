@@ -10,8 +10,10 @@ mod channel;
 mod mounts;
 mod net;
 mod power;
-mod user;
+mod shim;
 mod workload;
+
+use supermachine_init::user;
 
 use std::time::Duration;
 
@@ -67,6 +69,14 @@ fn run(channel: &Channel) -> Result<supermachine_protocol::ExitStatus, String> {
     }
     if let Err(e) = net::loopback_up() {
         console(&format!("supermachine-init: bringing up lo: {e}"));
+    }
+    if let Err(e) = net::eth0_up() {
+        console(&format!("supermachine-init: configuring eth0: {e}"));
+    }
+    match shim::start(NEW_ROOT) {
+        Ok(Some(port)) => channel.send(&GuestEvent::AgentReady { port }),
+        Ok(None) => {}
+        Err(e) => console(&format!("supermachine-init: the agent did not start: {e}")),
     }
     let identity = user::resolve(&config.user, NEW_ROOT).map_err(|e| e.to_string())?;
     workload::run(

@@ -28,19 +28,77 @@ pub fn loopback_up() -> std::io::Result<()> {
         nix::sys::socket::SockFlag::SOCK_CLOEXEC,
         None,
     )?;
+    set_up(sock.as_raw_fd(), b"lo\0")
+}
+
+/// The guest address on QEMU's user-mode network (its default guest address).
+pub const GUEST_IP: [u8; 4] = [10, 0, 2, 15];
+const NETMASK: [u8; 4] = [255, 255, 255, 0];
+
+/// Configures eth0 statically (no DHCP client in images) when the backend gave one.
+pub fn eth0_up() -> std::io::Result<bool> {
+    if !Path::new("/sys/class/net/eth0").exists() {
+        return Ok(false);
+    }
+    use std::os::fd::AsRawFd;
+    let sock = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    let fd = sock.as_raw_fd();
+    let ifreq_for = |addr: [u8; 4]| {
+        // SAFETY: ifreq is plain old data; all-zero is a valid value.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        for (dst, src) in req.ifr_name.iter_mut().zip(b"eth0\0") {
+            *dst = *src as libc::c_char;
+        }
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(addr),
+            },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: sockaddr_in fits in the sockaddr union member; both are plain data.
+        unsafe {
+            std::ptr::write(
+                &mut req.ifr_ifru.ifru_addr as *mut libc::sockaddr as *mut libc::sockaddr_in,
+                sin,
+            )
+        };
+        req
+    };
+    for (request, addr) in [
+        (libc::SIOCSIFADDR, GUEST_IP),
+        (libc::SIOCSIFNETMASK, NETMASK),
+    ] {
+        let req = ifreq_for(addr);
+        // SAFETY: `req` is a valid ifreq for eth0; the kernel only reads it.
+        if unsafe { libc::ioctl(fd, request, &req) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    set_up(fd, b"eth0\0")?;
+    Ok(true)
+}
+
+fn set_up(fd: i32, name: &[u8]) -> std::io::Result<()> {
     // SAFETY: ifreq is plain old data; all-zero is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+    for (dst, src) in req.ifr_name.iter_mut().zip(name) {
         *dst = *src as libc::c_char;
     }
-    // SAFETY: `req` is a valid ifreq that outlives the call; the fd is an open socket.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) } < 0 {
+    // SAFETY: `req` is a valid ifreq that outlives the call.
+    if unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: SIOCGIFFLAGS filled the flags member of the union.
     unsafe { req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
     // SAFETY: as above; the kernel only reads `req`.
-    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) } < 0 {
+    if unsafe { libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) } < 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())

@@ -1,23 +1,22 @@
 //! Starting and supervising the workload: chroot into the merged root, drop to the image's
 //! user, stream stdout/stderr to the host, forward signals, reap every zombie (we are PID 1).
 
-use std::ffi::CString;
 use std::io::Read;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
+use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use supermachine_protocol::{ExitStatus, GuestEvent, OutputStream, RunConfig};
 
-use crate::channel::Channel;
-use crate::user::Identity;
+use supermachine_init::launch::{command, environment, spawn_failure, Launch};
+use supermachine_init::user::Identity;
 
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+use crate::channel::Channel;
+
 /// Output is sent in chunks no larger than this.
 const CHUNK: usize = 32 * 1024;
 
@@ -37,30 +36,6 @@ pub enum WorkloadError {
     Prepare(String),
     #[error("waiting for the workload: {0}")]
     Wait(nix::Error),
-}
-
-/// The environment docker gives a process: the image's, plus PATH/HOME/HOSTNAME defaults.
-fn environment(config: &RunConfig, identity: &Identity) -> Vec<(String, String)> {
-    let mut env: Vec<(String, String)> = Vec::new();
-    let mut set = |k: &str, v: &str| {
-        if let Some(slot) = env.iter_mut().find(|(key, _)| key == k) {
-            slot.1 = v.to_string();
-        } else {
-            env.push((k.to_string(), v.to_string()));
-        }
-    };
-    set("PATH", DEFAULT_PATH);
-    if !config.hostname.is_empty() {
-        set("HOSTNAME", &config.hostname);
-    }
-    set("HOME", &identity.home);
-    for kv in &config.env {
-        match kv.split_once('=') {
-            Some((k, v)) => set(k, v),
-            None => set(kv, ""),
-        }
-    }
-    env
 }
 
 /// Runs the workload to completion; returns how it ended.
@@ -90,45 +65,23 @@ pub fn run(
         .thread_block()
         .map_err(|e| WorkloadError::Prepare(format!("blocking signals: {e}")))?;
 
-    let c_root = cstring(new_root)?;
-    let c_workdir = cstring(workdir)?;
-    let (uid, gid) = (identity.uid, identity.gid);
-    let groups: Vec<libc::gid_t> = identity.groups.clone();
-
-    let mut cmd = Command::new(&config.argv[0]);
-    cmd.args(&config.argv[1..])
-        .env_clear()
-        .envs(environment(config, identity))
-        .stdin(Stdio::null())
+    let env = environment(&config.env, &[], &config.hostname, identity);
+    let mut cmd = command(&Launch {
+        argv: &config.argv,
+        env,
+        workdir,
+        identity,
+        root: Some(new_root),
+        controlling_tty: false,
+    })
+    .map_err(WorkloadError::Prepare)?;
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // SAFETY: the closure only makes async-signal-safe syscalls on data prepared before fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            let empty = SigSet::empty();
-            nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&empty), None)?;
-            nix::unistd::setsid()?;
-            nix::unistd::chroot(c_root.as_c_str())?;
-            nix::unistd::chdir(c_workdir.as_c_str())?;
-            if libc::setgroups(groups.len(), groups.as_ptr()) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::setgid(gid) != 0 || libc::setuid(uid) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
-            let (code, why) = match e.raw_os_error() {
-                Some(libc::ENOENT) => (127, "executable file not found in $PATH".to_string()),
-                Some(libc::EACCES) | Some(libc::ENOEXEC) => (126, "permission denied".to_string()),
-                _ => (126, e.to_string()),
-            };
-            let msg = format!("supermachine: exec: \"{}\": {why}\n", config.argv[0]);
+            let (code, msg) = spawn_failure(&config.argv[0], &e);
             channel.send(&GuestEvent::Output {
                 stream: OutputStream::Stderr,
                 data: msg.into_bytes(),
@@ -137,6 +90,7 @@ pub fn run(
         }
     };
     let pid = Pid::from_raw(child.id() as i32);
+    crate::shim::record_workload_pid(pid.as_raw());
     channel.send(&GuestEvent::WorkloadStarted {
         pid: pid.as_raw(),
         uptime_ms: crate::uptime_ms(),
@@ -177,10 +131,6 @@ pub fn run(
         }
     }
     Ok(status)
-}
-
-fn cstring(s: &str) -> Result<CString, WorkloadError> {
-    CString::new(s).map_err(|_| WorkloadError::Prepare(format!("{s:?} contains a NUL byte")))
 }
 
 /// Reaps every exited child; returns the workload's status once it is among them.

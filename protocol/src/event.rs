@@ -32,6 +32,10 @@ pub enum GuestEvent {
     InitStarted {
         uptime_ms: u64,
     },
+    /// The agent (shim) listens on `port`.
+    AgentReady {
+        port: u16,
+    },
     /// Layers mounted, the workload process exists.
     WorkloadStarted {
         pid: i32,

@@ -62,7 +62,7 @@ pub fn decode_frame<T: DeserializeOwned>(buf: &[u8]) -> Result<Option<(T, usize)
 }
 
 /// Writes one frame and flushes it.
-pub fn write_frame<W: Write, T: Serialize>(w: &mut W, msg: &T) -> Result<(), FrameError> {
+pub fn write_frame<W: Write + ?Sized, T: Serialize>(w: &mut W, msg: &T) -> Result<(), FrameError> {
     let bytes = encode_frame(msg)?;
     w.write_all(&bytes)?;
     w.flush()?;

@@ -3,6 +3,7 @@
 //! length-prefixed frame codec both ends use. Everything arriving from the guest is hostile,
 //! so decoding is bounded and never panics.
 
+pub mod agent;
 pub mod config;
 pub mod event;
 pub mod frame;

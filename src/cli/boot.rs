@@ -5,9 +5,11 @@ use std::path::PathBuf;
 use clap::Args;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
+use std::net::{IpAddr, SocketAddr};
+
 use crate::boot::{self, BootReport, BootRequest};
-use crate::cli::EXIT_INTERNAL;
-use crate::{ImageRef, Overrides};
+use crate::cli::{registry, EXIT_INTERNAL};
+use crate::{ImageRef, Overrides, Vm};
 
 #[derive(Args)]
 pub struct BootArgs {
@@ -50,6 +52,12 @@ pub struct BootArgs {
     /// Write the boot-time split as JSON to this file.
     #[arg(long, value_name = "FILE")]
     timings_json: Option<PathBuf>,
+    /// Name the VM so `supermachine exec NAME` can reach it.
+    #[arg(long)]
+    name: Option<String>,
+    /// Publish a guest port: [IP:]HOST_PORT:GUEST_PORT (IP defaults to 127.0.0.1); repeatable.
+    #[arg(short = 'p', long = "publish", value_name = "[IP:]HOST:GUEST")]
+    publish: Vec<String>,
     /// The image: oci-layout:DIR or oci-layout:DIR:TAG.
     image: String,
     /// Replaces the image's Cmd.
@@ -64,6 +72,9 @@ pub fn run(args: BootArgs) -> i32 {
         std::thread::spawn(move || {
             if let Some(sig) = signals.forever().next() {
                 boot::remove_live_run_dirs();
+                if let Some(p) = REGISTRATION.get() {
+                    let _ = std::fs::remove_file(p);
+                }
                 eprintln!("supermachine: stopping the VM (signal {sig})");
                 std::process::exit(128 + sig);
             }
@@ -94,9 +105,52 @@ pub fn run(args: BootArgs) -> i32 {
     req.kernel_args = args.kernel_args;
     req.boot_timeout = std::time::Duration::from_secs(args.boot_timeout);
 
-    let mut out = std::io::stdout();
-    let mut err = std::io::stderr();
-    match boot::run(&req, &mut out, &mut err) {
+    let mut publish = Vec::new();
+    for spec in &args.publish {
+        match parse_publish(spec) {
+            Ok(p) => publish.push(p),
+            Err(e) => {
+                eprintln!("supermachine: error: {e}");
+                return EXIT_INTERNAL;
+            }
+        }
+    }
+    let sink = boot::output_sink(Box::new(std::io::stdout()), Box::new(std::io::stderr()));
+    let vm = match Vm::boot(&req, sink) {
+        Ok(vm) => vm,
+        Err(e) => return fail(&e),
+    };
+    let mut forwarders = Vec::new();
+    for (listen, guest_port) in publish {
+        match vm.expose_tcp_on(listen, guest_port) {
+            Ok(f) => forwarders.push(f),
+            Err(e) => return fail(&e),
+        }
+    }
+    let _registration = match (&args.name, vm.agent_addr()) {
+        (Some(name), Some(agent)) => match registry::register(name, agent) {
+            Ok(r) => {
+                let _ = REGISTRATION.set(r.path().to_path_buf());
+                Some(r)
+            }
+            Err(e) => {
+                eprintln!("supermachine: error: {e}");
+                return EXIT_INTERNAL;
+            }
+        },
+        (Some(_), None) => {
+            eprintln!("supermachine: error: --name needs the guest agent (supermachine-shim), which was not found");
+            return EXIT_INTERNAL;
+        }
+        _ => None,
+    };
+    let result = vm.wait().map(|status| BootReport {
+        status,
+        timings: vm.timings(),
+        backend: vm.backend_name().to_string(),
+    });
+    drop(forwarders);
+    match result {
         Ok(report) => {
             if args.timings {
                 eprintln!("{}", timings_text(&report));
@@ -110,6 +164,26 @@ pub fn run(args: BootArgs) -> i32 {
         }
         Err(e) => fail(&e),
     }
+}
+
+/// The registry entry of this process's named VM, for the signal handler to remove.
+static REGISTRATION: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// `[IP:]HOST:GUEST` -> (listen address, guest port).
+fn parse_publish(spec: &str) -> Result<(SocketAddr, u16), String> {
+    let bad = || format!("invalid --publish {spec:?}: expected [IP:]HOST_PORT:GUEST_PORT");
+    let (front, guest) = spec.rsplit_once(':').ok_or_else(bad)?;
+    let guest: u16 = guest.parse().map_err(|_| bad())?;
+    let (ip, host) = match front.rsplit_once(':') {
+        Some((ip, host)) => (ip.trim_start_matches('[').trim_end_matches(']'), host),
+        None => ("127.0.0.1", front),
+    };
+    let ip: IpAddr = ip.parse().map_err(|_| bad())?;
+    let host: u16 = host.parse().map_err(|_| bad())?;
+    if guest == 0 {
+        return Err(bad());
+    }
+    Ok((SocketAddr::new(ip, host), guest))
 }
 
 fn fail(e: &crate::Error) -> i32 {
@@ -149,4 +223,28 @@ fn timings_json(r: &BootReport) -> String {
         "guest_uptime_at_init_ms": t.guest_uptime_at_init_ms,
     });
     format!("{v}\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_publish;
+
+    #[test]
+    fn publish_specs() {
+        assert_eq!(
+            parse_publish("8080:80").unwrap(),
+            ("127.0.0.1:8080".parse().unwrap(), 80)
+        );
+        assert_eq!(
+            parse_publish("0.0.0.0:8080:80").unwrap(),
+            ("0.0.0.0:8080".parse().unwrap(), 80)
+        );
+        assert_eq!(
+            parse_publish("[::1]:9:80").unwrap(),
+            ("[::1]:9".parse().unwrap(), 80)
+        );
+        assert!(parse_publish("80").is_err());
+        assert!(parse_publish("x:80").is_err());
+        assert!(parse_publish("8080:0").is_err());
+    }
 }

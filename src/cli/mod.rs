@@ -3,6 +3,8 @@
 //! be invoked / was not found.
 
 mod boot;
+mod exec;
+mod registry;
 
 use clap::{Parser, Subcommand};
 
@@ -26,7 +28,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot IMAGE in a fresh microVM, run its command, stream its output, exit with its status.
-    Boot(boot::BootArgs),
+    Boot(Box<boot::BootArgs>),
+    /// Run a command in a running VM (one started with `boot --name`), like `docker exec`.
+    Exec(exec::ExecArgs),
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -39,6 +43,7 @@ pub fn main() -> i32 {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Command::Boot(args) => boot::run(args),
+        Command::Boot(args) => boot::run(*args),
+        Command::Exec(args) => exec::run(args),
     }
 }

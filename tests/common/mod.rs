@@ -119,3 +119,50 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// A `BootRequest` for an image of the test set, with the guest kernel/init pinned.
+pub fn request(image_name: &str) -> supermachine::BootRequest {
+    let (kernel, init) = guest();
+    let mut r =
+        supermachine::BootRequest::new(supermachine::ImageRef::parse(&image(image_name)).unwrap());
+    r.kernel = Some(kernel.clone());
+    r.init = Some(init.clone());
+    r
+}
+
+/// Output sink that keeps nothing (tests read output through exec instead).
+pub fn discard() -> supermachine::OutputSink {
+    Box::new(|_, _| {})
+}
+
+/// Minimal HTTP/1.0 GET over an established stream; returns (status line, body).
+pub fn http_get(mut s: impl std::io::Read + std::io::Write, path: &str) -> (String, Vec<u8>) {
+    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).unwrap();
+    let split = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("no header end");
+    let head = String::from_utf8_lossy(&resp[..split]).to_string();
+    let status = head.lines().next().unwrap_or("").to_string();
+    (status, resp[split + 4..].to_vec())
+}
+
+pub fn sha256(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+pub fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    // xorshift: deterministic, fast, incompressible enough.
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}

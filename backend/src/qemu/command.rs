@@ -14,7 +14,15 @@ pub struct QemuCommand {
 }
 
 impl QemuCommand {
-    pub fn new(spec: &BootSpec, accel: Accel, console: &Path, channel: &Path, qmp: &Path) -> Self {
+    /// `agent`: (host port, guest port) to forward to the guest agent over user-mode networking.
+    pub fn new(
+        spec: &BootSpec,
+        accel: Accel,
+        console: &Path,
+        channel: &Path,
+        qmp: &Path,
+        agent: Option<(u16, u16)>,
+    ) -> Self {
         let mut a: Vec<String> = Vec::new();
         let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
         push(&["-M", "microvm,acpi=off,rtc=on"]);
@@ -56,6 +64,18 @@ impl QemuCommand {
             );
             let dev = format!("virtio-blk-device,drive=disk{i},serial={}", d.serial);
             push(&["-drive", &drive, "-device", &dev]);
+        }
+        if let Some((host_port, guest_port)) = agent {
+            // restrict=on: the guest gets no egress; only the forwarded agent port enters.
+            let netdev = format!(
+                "user,id=net0,restrict=on,net=10.0.2.0/24,hostfwd=tcp:127.0.0.1:{host_port}-10.0.2.15:{guest_port}"
+            );
+            push(&[
+                "-netdev",
+                &netdev,
+                "-device",
+                "virtio-net-device,netdev=net0",
+            ]);
         }
         let qmp_arg = format!("unix:{},server=on,wait=off", qmp.display());
         push(&["-qmp", &qmp_arg]);

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use crate::{
     accel::{self, Accel},
-    tail_of, Backend, BackendError, BackendKind, BootSpec, ControlChannel, Machine, MachineExit,
-    StartTimings,
+    tail_of, AgentEndpoint, Backend, BackendError, BackendKind, BootSpec, ControlChannel, Machine,
+    MachineExit, StartTimings,
 };
 
 pub use command::QemuCommand;
@@ -67,6 +67,26 @@ impl Backend for QemuBackend {
     }
 
     fn boot(&self, spec: &BootSpec) -> Result<Box<dyn Machine>, BackendError> {
+        // The agent's host port is picked free just before QEMU binds it; another process
+        // may win that race, so a failed forward is retried with a new port.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.boot_once(spec) {
+                Err(BackendError::EarlyExit { log, .. })
+                    if attempt < 4 && log.contains("host forwarding") =>
+                {
+                    tracing::debug!(attempt, "agent port taken, retrying");
+                    let _ = std::fs::remove_file(spec.run_dir.join("channel.sock"));
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+impl QemuBackend {
+    fn boot_once(&self, spec: &BootSpec) -> Result<Box<dyn Machine>, BackendError> {
         let requested = Instant::now();
         for (what, p) in [
             ("guest kernel", &spec.kernel),
@@ -90,8 +110,19 @@ impl Backend for QemuBackend {
         listener
             .set_nonblocking(true)
             .map_err(|e| BackendError::io("control socket non-blocking", e))?;
+        let agent = match spec.agent_port {
+            Some(guest_port) => Some((free_local_port()?, guest_port)),
+            None => None,
+        };
 
-        let qcmd = QemuCommand::new(spec, self.accel, &paths.console, &paths.channel, &paths.qmp);
+        let qcmd = QemuCommand::new(
+            spec,
+            self.accel,
+            &paths.console,
+            &paths.channel,
+            &paths.qmp,
+            agent,
+        );
         let stderr = std::fs::File::create(&paths.qemu_log)
             .map_err(|e| BackendError::io(format!("creating {}", paths.qemu_log.display()), e))?;
         let mut cmd = std::process::Command::new(&self.binary);
@@ -121,12 +152,24 @@ impl Backend for QemuBackend {
                 requested,
                 monitor_ready: requested,
             },
+            agent: agent.map(|(host_port, _)| {
+                AgentEndpoint::Tcp(std::net::SocketAddr::from(([127, 0, 0, 1], host_port)))
+            }),
         };
         let stream = machine.accept_channel(&listener)?;
         machine.timings.monitor_ready = Instant::now();
         machine.channel = Some(Box::new(stream));
         Ok(Box::new(machine))
     }
+}
+
+/// A currently free TCP port on 127.0.0.1.
+fn free_local_port() -> Result<u16, BackendError> {
+    let l = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .map_err(|e| BackendError::io("picking a free port", e))?;
+    Ok(l.local_addr()
+        .map_err(|e| BackendError::io("picking a free port", e))?
+        .port())
 }
 
 struct RunPaths {
@@ -152,6 +195,7 @@ pub struct QemuMachine {
     channel: Option<Box<dyn ControlChannel>>,
     paths: RunPaths,
     timings: StartTimings,
+    agent: Option<AgentEndpoint>,
 }
 
 impl QemuMachine {
@@ -221,6 +265,10 @@ impl Machine for QemuMachine {
 
     fn timings(&self) -> StartTimings {
         self.timings
+    }
+
+    fn agent_endpoint(&self) -> Option<AgentEndpoint> {
+        self.agent.clone()
     }
 
     fn pid(&self) -> u32 {

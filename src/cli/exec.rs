@@ -1,0 +1,164 @@
+//! `supermachine exec`: run a command in a named running VM, like `docker exec`.
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+
+use clap::Args;
+use supermachine_backend::AgentEndpoint;
+
+use crate::agent::AgentClient;
+use crate::cli::{registry, EXIT_INTERNAL};
+use crate::exec::{ExecBuilder, ExecStdin};
+
+#[derive(Args)]
+pub struct ExecArgs {
+    /// Allocate a pseudo-terminal.
+    #[arg(short = 't', long)]
+    tty: bool,
+    /// Keep stdin open and stream it to the command.
+    #[arg(short = 'i', long)]
+    interactive: bool,
+    /// Set an environment variable (KEY=VALUE); repeatable.
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Working directory inside the VM.
+    #[arg(short = 'w', long = "workdir")]
+    workdir: Option<String>,
+    /// User: name, uid, name:group or uid:gid.
+    #[arg(short = 'u', long)]
+    user: Option<String>,
+    /// What `supermachine boot --name` named.
+    target: String,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+/// Puts the host terminal in raw mode for a `-t -i` session and restores it on drop.
+struct RawTerminal(Option<nix::sys::termios::Termios>);
+
+impl RawTerminal {
+    fn enable() -> Self {
+        let stdin = std::io::stdin();
+        match nix::sys::termios::tcgetattr(&stdin) {
+            Ok(orig) => {
+                let mut raw = orig.clone();
+                nix::sys::termios::cfmakeraw(&mut raw);
+                let _ =
+                    nix::sys::termios::tcsetattr(&stdin, nix::sys::termios::SetArg::TCSANOW, &raw);
+                Self(Some(orig))
+            }
+            Err(_) => Self(None),
+        }
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        if let Some(orig) = &self.0 {
+            let _ = nix::sys::termios::tcsetattr(
+                std::io::stdin(),
+                nix::sys::termios::SetArg::TCSANOW,
+                orig,
+            );
+        }
+    }
+}
+
+fn terminal_size() -> Option<(u16, u16)> {
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes a winsize into `ws`, which outlives the call.
+    let r = unsafe { libc::ioctl(std::io::stdout().as_raw_fd(), libc::TIOCGWINSZ, &mut ws) };
+    (r == 0 && ws.ws_row > 0).then_some((ws.ws_row, ws.ws_col))
+}
+
+pub fn run(args: ExecArgs) -> i32 {
+    let entry = match registry::lookup(&args.target) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("supermachine: error: {e}");
+            return EXIT_INTERNAL;
+        }
+    };
+    let mut b = ExecBuilder::new(AgentClient::new(AgentEndpoint::Tcp(entry.agent)))
+        .argv(args.command.clone())
+        .tty(args.tty)
+        .stdin(if args.interactive {
+            ExecStdin::Piped
+        } else {
+            ExecStdin::Null
+        });
+    for kv in &args.env {
+        let (k, v) = kv.split_once('=').unwrap_or((kv.as_str(), ""));
+        b = b.env(k, v);
+    }
+    if let Some(w) = &args.workdir {
+        b = b.cwd(w);
+    }
+    if let Some(u) = &args.user {
+        b = b.user(u);
+    }
+    if args.tty {
+        // Without a host terminal, the conventional 24x80.
+        let (rows, cols) = terminal_size().unwrap_or((24, 80));
+        b = b.winsize(rows, cols);
+    }
+    let _raw = (args.tty && args.interactive && nix::unistd::isatty(0).unwrap_or(false))
+        .then(RawTerminal::enable);
+    let mut child = match b.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("supermachine: error: {e}");
+            return EXIT_INTERNAL;
+        }
+    };
+    if let Some(mut w) = child.stdin() {
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut stdin = std::io::stdin();
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if w.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            let _ = w.close();
+        });
+    }
+    let out = child.stdout().map(|mut r| {
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut r, &mut std::io::stdout());
+        })
+    });
+    let err = child.stderr().map(|mut r| {
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut r, &mut std::io::stderr());
+        })
+    });
+    let outcome = child.wait();
+    for h in [out, err].into_iter().flatten() {
+        let _ = h.join();
+    }
+    let _ = std::io::stdout().flush();
+    match outcome {
+        Ok(o) => {
+            if o.timed_out {
+                eprintln!("supermachine: exec timed out");
+            }
+            o.code()
+        }
+        Err(e) => {
+            eprintln!("supermachine: error: {e}");
+            EXIT_INTERNAL
+        }
+    }
+}

@@ -1,0 +1,443 @@
+//! [`Vm`]: a running microVM booted from an image, with its workload running, reachable
+//! through the guest agent: exec, files, signals, a byte stream to a guest port, TCP
+//! forwarders. Dropping it kills the VM.
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use supermachine_backend::{
+    qemu::QemuBackend, tail_of, AgentEndpoint, Backend, BootSpec, Disk, Machine,
+};
+use supermachine_bake::initramfs;
+use supermachine_protocol::agent::AGENT_PORT;
+use supermachine_protocol::{ExitStatus, FrameError, FrameReader, GuestEvent, OutputStream};
+
+use crate::agent::AgentClient;
+use crate::boot::{BootRequest, BootTimings, LiveRunDir};
+use crate::exec::ExecBuilder;
+use crate::forward::TcpForwarder;
+use crate::{guest_artifacts, Error};
+
+/// Receives the workload's output as it arrives.
+pub type OutputSink = Box<dyn FnMut(OutputStream, &[u8]) + Send>;
+
+/// How long a VM may take to power off after the workload exited.
+const POWEROFF_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+enum Phase {
+    Booting,
+    Running,
+    Exited(ExitStatus),
+    Failed(String),
+}
+
+struct Shared {
+    phase: Phase,
+    agent_ready: bool,
+    timings: BootTimings,
+}
+
+type State = Arc<(Mutex<Shared>, Condvar)>;
+
+pub struct Vm {
+    machine: Mutex<Box<dyn Machine>>,
+    state: State,
+    agent: Option<AgentClient>,
+    backend_name: String,
+    started: Instant,
+    _live: LiveRunDir,
+    _run_dir: tempfile::TempDir,
+}
+
+impl Vm {
+    /// Boots the image and returns once the workload has started (and the agent answers).
+    pub fn boot(req: &BootRequest, sink: OutputSink) -> Result<Vm, Error> {
+        let started = Instant::now();
+        let kernel = guest_artifacts::find_kernel(req.kernel.as_deref(), req.cache.root())?;
+        let init_path = guest_artifacts::find_init(req.init.as_deref())?;
+        let init = std::fs::read(&init_path)
+            .map_err(|e| Error::io(format!("reading {}", init_path.display()), e))?;
+        let shim = guest_artifacts::find_shim(&init_path)
+            .map(|p| {
+                std::fs::read(&p).map_err(|e| Error::io(format!("reading {}", p.display()), e))
+            })
+            .transpose()?;
+
+        let prepared = supermachine_bake::prepare(&req.image, &req.overrides, &req.cache)?;
+        let mut timings = BootTimings {
+            prepare: started.elapsed(),
+            ..Default::default()
+        };
+
+        let run_dir = tempfile::Builder::new()
+            .prefix("supermachine-")
+            .tempdir()
+            .map_err(|e| Error::io("creating a run directory", e))?;
+        let live = LiveRunDir::register(run_dir.path());
+        let initramfs_path = run_dir.path().join("initramfs.cpio");
+        let file = std::fs::File::create(&initramfs_path)
+            .map_err(|e| Error::io(format!("creating {}", initramfs_path.display()), e))?;
+        use std::io::Write;
+        initramfs::write(
+            std::io::BufWriter::new(file),
+            &init,
+            shim.as_deref(),
+            &prepared.run_config,
+        )
+        .and_then(|mut w| w.flush())
+        .map_err(|e| Error::io("writing the initramfs", e))?;
+
+        let spec = BootSpec {
+            kernel,
+            initramfs: initramfs_path,
+            extra_cmdline: req.kernel_args.clone(),
+            memory_mib: req.memory_mib,
+            vcpus: req.vcpus,
+            disks: prepared
+                .run_config
+                .layers
+                .iter()
+                .zip(&prepared.layers)
+                .map(|(m, (path, _))| Disk {
+                    path: path.clone(),
+                    serial: m.serial.clone(),
+                    read_only: true,
+                })
+                .collect(),
+            run_dir: run_dir.path().to_path_buf(),
+            agent_port: shim.as_ref().map(|_| AGENT_PORT),
+        };
+        let backend = QemuBackend::new();
+        let backend_name = format!("qemu ({})", backend.accel());
+        let mut machine = backend.boot(&spec)?;
+        let t = machine.timings();
+        timings.backend_start = t.monitor_ready - t.requested;
+        let agent = machine.agent_endpoint().map(AgentClient::new);
+        let channel = machine
+            .take_channel()
+            .ok_or_else(|| Error::Guest("the VM has no control channel".into()))?;
+        let state: State = Arc::new((
+            Mutex::new(Shared {
+                phase: Phase::Booting,
+                agent_ready: false,
+                timings,
+            }),
+            Condvar::new(),
+        ));
+        let console = machine.console_log().to_path_buf();
+        {
+            let state = state.clone();
+            let boot_timeout = req.boot_timeout;
+            let monitor_ready = t.monitor_ready;
+            std::thread::spawn(move || {
+                follow_events(channel, sink, state, boot_timeout, monitor_ready, console)
+            });
+        }
+        let vm = Vm {
+            machine: Mutex::new(machine),
+            state,
+            agent,
+            backend_name,
+            started,
+            _live: live,
+            _run_dir: run_dir,
+        };
+        vm.wait_started()?;
+        if let Some(agent) = &vm.agent {
+            // Fresh clock and entropy: the guest has no RTC sync and (later) may be a clone.
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default();
+            agent
+                .set_time(now.as_nanos())
+                .map_err(|e| Error::io("setting the guest clock", e))?;
+            let mut seed = vec![0u8; 64];
+            if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+                use std::io::Read;
+                let _ = f.read_exact(&mut seed);
+            }
+            agent
+                .add_entropy(seed)
+                .map_err(|e| Error::io("seeding the guest RNG", e))?;
+        }
+        Ok(vm)
+    }
+
+    /// Blocks until the workload started (or the boot failed).
+    fn wait_started(&self) -> Result<(), Error> {
+        let (lock, cv) = &*self.state;
+        let mut s = lock
+            .lock()
+            .map_err(|_| Error::Guest("state lock poisoned".into()))?;
+        loop {
+            match &s.phase {
+                Phase::Booting => {}
+                Phase::Running | Phase::Exited(_) => return Ok(()),
+                Phase::Failed(msg) => return Err(self.crash_error(msg.clone())),
+            }
+            s = cv
+                .wait(s)
+                .map_err(|_| Error::Guest("state lock poisoned".into()))?;
+        }
+    }
+
+    fn crash_error(&self, reason: String) -> Error {
+        if let Some(msg) = reason.strip_prefix("fatal: ") {
+            return Error::Guest(msg.to_string());
+        }
+        let mut m = match self.machine.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        let _ = m.wait_timeout(Duration::from_secs(2));
+        let console = tail_of(m.console_log(), 4000);
+        let reason = if console.contains("Kernel panic") {
+            format!("guest kernel panic ({reason})")
+        } else {
+            reason
+        };
+        Error::GuestCrashed { reason, console }
+    }
+
+    /// Waits for the workload to exit; the VM is stopped when this returns.
+    pub fn wait(&self) -> Result<ExitStatus, Error> {
+        let (lock, cv) = &*self.state;
+        let phase = {
+            let mut s = lock
+                .lock()
+                .map_err(|_| Error::Guest("state lock poisoned".into()))?;
+            while matches!(s.phase, Phase::Booting | Phase::Running) {
+                s = cv
+                    .wait(s)
+                    .map_err(|_| Error::Guest("state lock poisoned".into()))?;
+            }
+            s.phase.clone()
+        };
+        match phase {
+            Phase::Exited(status) => {
+                let mut m = self
+                    .machine
+                    .lock()
+                    .map_err(|_| Error::Guest("machine lock poisoned".into()))?;
+                let _ = m.wait_timeout(POWEROFF_GRACE)?;
+                let _ = m.kill();
+                Ok(status)
+            }
+            Phase::Failed(msg) => Err(self.crash_error(msg)),
+            Phase::Booting | Phase::Running => unreachable!("loop above waits for an end phase"),
+        }
+    }
+
+    /// The workload's exit status, if it has exited.
+    pub fn try_status(&self) -> Option<ExitStatus> {
+        let s = self.state.0.lock().ok()?;
+        match s.phase {
+            Phase::Exited(st) => Some(st),
+            _ => None,
+        }
+    }
+
+    /// Stops the VM now.
+    pub fn kill(&self) {
+        if let Ok(mut m) = self.machine.lock() {
+            let _ = m.kill();
+        }
+    }
+
+    pub fn timings(&self) -> BootTimings {
+        let mut t = self
+            .state
+            .0
+            .lock()
+            .map(|s| s.timings.clone())
+            .unwrap_or_default();
+        t.total = self.started.elapsed();
+        t
+    }
+
+    pub fn backend_name(&self) -> &str {
+        &self.backend_name
+    }
+
+    /// The VM monitor's host pid.
+    pub fn pid(&self) -> u32 {
+        self.machine.lock().map(|m| m.pid()).unwrap_or(0)
+    }
+
+    fn agent(&self) -> Result<&AgentClient, Error> {
+        self.agent
+            .as_ref()
+            .ok_or_else(|| Error::Exec("this VM has no guest agent".into()))
+    }
+
+    /// The host address of the guest agent (for `supermachine exec` from other processes).
+    pub fn agent_addr(&self) -> Option<SocketAddr> {
+        match self.agent.as_ref()?.endpoint() {
+            AgentEndpoint::Tcp(a) => Some(*a),
+        }
+    }
+
+    /// A byte stream to TCP `guest_port` on the guest's loopback.
+    pub fn connect(&self, guest_port: u16) -> Result<TcpStream, Error> {
+        self.agent()?
+            .connect(guest_port)
+            .map_err(|e| Error::io(format!("connecting to guest port {guest_port}"), e))
+    }
+
+    /// Listens on 127.0.0.1:`host_port` (0: any free port) and forwards to `guest_port`.
+    pub fn expose_tcp(&self, host_port: u16, guest_port: u16) -> Result<TcpForwarder, Error> {
+        self.expose_tcp_on(SocketAddr::from(([127, 0, 0, 1], host_port)), guest_port)
+    }
+
+    pub fn expose_tcp_on(
+        &self,
+        listen: SocketAddr,
+        guest_port: u16,
+    ) -> Result<TcpForwarder, Error> {
+        TcpForwarder::start(listen, self.agent()?.clone(), guest_port)
+            .map_err(|e| Error::io(format!("listening on {listen}"), e))
+    }
+
+    /// Waits until something in the guest listens on `port`.
+    pub fn wait_listening(&self, port: u16, timeout: Duration) -> Result<(), Error> {
+        self.agent()?
+            .wait_listening(port, timeout)
+            .map_err(|e| Error::io(format!("waiting for guest port {port}"), e))
+    }
+
+    pub fn exec_builder(&self) -> ExecBuilder {
+        ExecBuilder::new(self.agent.clone().unwrap_or_else(|| {
+            AgentClient::new(AgentEndpoint::Tcp(SocketAddr::from(([127, 0, 0, 1], 0))))
+        }))
+    }
+
+    /// Runs `argv` to completion (like `docker exec`).
+    pub fn exec<I: IntoIterator<Item = S>, S: Into<String>>(
+        &self,
+        argv: I,
+    ) -> Result<crate::ExecOutcome, Error> {
+        self.agent()?;
+        self.exec_builder().argv(argv).output()
+    }
+
+    pub fn write_file(&self, path: &str, data: &[u8], mode: u32) -> Result<(), std::io::Error> {
+        self.agent()
+            .map_err(std::io::Error::other)?
+            .write_file(path, data, mode)
+    }
+
+    /// Reads a guest file of at most `max_bytes`; a missing file is `ErrorKind::NotFound`.
+    pub fn read_file(&self, path: &str, max_bytes: u64) -> Result<Vec<u8>, std::io::Error> {
+        self.agent()
+            .map_err(std::io::Error::other)?
+            .read_file(path, max_bytes)
+    }
+
+    /// Sends a signal to the workload.
+    pub fn workload_signal(&self, signum: i32) -> Result<(), Error> {
+        self.agent()?
+            .signal(signum)
+            .map_err(|e| Error::io("signalling the workload", e))
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn set_phase(state: &State, f: impl FnOnce(&mut Shared)) {
+    let (lock, cv) = &**state;
+    if let Ok(mut s) = lock.lock() {
+        f(&mut s);
+        cv.notify_all();
+    }
+}
+
+/// Follows init's events on the control channel for the VM's whole life.
+fn follow_events(
+    channel: Box<dyn supermachine_backend::ControlChannel>,
+    mut sink: OutputSink,
+    state: State,
+    boot_timeout: Duration,
+    monitor_ready: Instant,
+    _console: PathBuf,
+) {
+    // Until init speaks, a silent guest is a hung boot.
+    if channel.set_read_timeout(Some(boot_timeout)).is_err() {
+        set_phase(&state, |s| {
+            s.phase = Phase::Failed("cannot arm the boot timeout".into())
+        });
+        return;
+    }
+    let mut frames = FrameReader::new(channel);
+    let (mut t_init, mut t_workload) = (None, None);
+    loop {
+        let event = match frames.read::<GuestEvent>() {
+            Ok(Some(ev)) => ev,
+            Ok(None) => {
+                set_phase(&state, |s| {
+                    if !matches!(s.phase, Phase::Exited(_)) {
+                        s.phase = Phase::Failed("the guest closed its control channel".into())
+                    }
+                });
+                return;
+            }
+            Err(FrameError::Io(e))
+                if t_init.is_none()
+                    && matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+            {
+                set_phase(&state, |s| {
+                    s.phase = Phase::Failed(format!(
+                        "the guest did not start init within {boot_timeout:?}"
+                    ))
+                });
+                return;
+            }
+            Err(e) => {
+                set_phase(&state, |s| {
+                    s.phase = Phase::Failed(format!("bad message from the guest: {e}"))
+                });
+                return;
+            }
+        };
+        let now = Instant::now();
+        match event {
+            GuestEvent::InitStarted { uptime_ms } => {
+                t_init = Some(now);
+                let _ = frames.get_ref().set_read_timeout(None);
+                set_phase(&state, |s| {
+                    s.timings.kernel = Some(now - monitor_ready);
+                    s.timings.guest_uptime_at_init_ms = Some(uptime_ms);
+                });
+            }
+            GuestEvent::AgentReady { .. } => set_phase(&state, |s| s.agent_ready = true),
+            GuestEvent::WorkloadStarted { .. } => {
+                t_workload = Some(now);
+                set_phase(&state, |s| {
+                    s.timings.init = t_init.map(|t| now - t);
+                    s.phase = Phase::Running;
+                });
+            }
+            GuestEvent::Output { stream, data } => sink(stream, &data),
+            GuestEvent::Exited { status, .. } => {
+                set_phase(&state, |s| {
+                    s.timings.workload = t_workload.map(|t| now - t);
+                    s.phase = Phase::Exited(status);
+                });
+            }
+            GuestEvent::Fatal { message } => {
+                set_phase(&state, |s| {
+                    s.phase = Phase::Failed(format!("fatal: {message}"))
+                });
+            }
+        }
+    }
+}
