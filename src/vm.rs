@@ -148,20 +148,12 @@ impl Vm {
         vm.wait_started()?;
         if let Some(agent) = &vm.agent {
             // Fresh clock and entropy: the guest has no RTC sync and (later) may be a clone.
-            let now = SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap_or_default();
-            agent
-                .set_time(now.as_nanos())
-                .map_err(|e| Error::io("setting the guest clock", e))?;
-            let mut seed = vec![0u8; 64];
-            if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-                use std::io::Read;
-                let _ = f.read_exact(&mut seed);
+            // A workload that already finished may have taken the VM (and agent) with it.
+            if let Err(e) = seed_guest(agent) {
+                if vm.try_status().is_none() {
+                    return Err(e);
+                }
             }
-            agent
-                .add_entropy(seed)
-                .map_err(|e| Error::io("seeding the guest RNG", e))?;
         }
         Ok(vm)
     }
@@ -348,6 +340,23 @@ impl Drop for Vm {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+fn seed_guest(agent: &AgentClient) -> Result<(), Error> {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    agent
+        .set_time(now.as_nanos())
+        .map_err(|e| Error::io("setting the guest clock", e))?;
+    let mut seed = vec![0u8; 64];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut seed);
+    }
+    agent
+        .add_entropy(seed)
+        .map_err(|e| Error::io("seeding the guest RNG", e))
 }
 
 fn set_phase(state: &State, f: impl FnOnce(&mut Shared)) {

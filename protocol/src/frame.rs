@@ -195,7 +195,20 @@ mod tests {
     #[test]
     fn random_and_mutated_frames_never_panic() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
-        let valid: Vec<Vec<u8>> = samples().iter().map(|e| encode_frame(e).unwrap()).collect();
+        let mut valid: Vec<Vec<u8>> = samples().iter().map(|e| encode_frame(e).unwrap()).collect();
+        let exec = crate::agent::AgentRequest::Exec(crate::agent::ExecRequest {
+            argv: vec!["sh".into(), "-c".into(), "true".into()],
+            env: vec!["A=B".into()],
+            cwd: Some("/".into()),
+            user: None,
+            tty: true,
+            winsize: Some((24, 80)),
+            stdin: true,
+            timeout_ms: Some(5),
+        });
+        valid.push(encode_frame(&exec).unwrap());
+        valid.push(encode_frame(&crate::agent::ExecInput::Stdin(vec![1, 2, 3])).unwrap());
+        valid.push(encode_frame(&crate::agent::DataChunk::Data(vec![9; 40])).unwrap());
         for i in 0..100_000 {
             let buf: Vec<u8> = if i % 2 == 0 {
                 let len = rng.gen_range(0..64);
@@ -210,6 +223,13 @@ mod tests {
             };
             let _ = decode_frame::<GuestEvent>(&buf);
             let _ = FrameReader::new(&buf[..]).read::<GuestEvent>();
+            // The agent's messages, both directions.
+            let _ = decode_frame::<crate::agent::AgentRequest>(&buf);
+            let _ = decode_frame::<crate::agent::ExecInput>(&buf);
+            let _ = decode_frame::<crate::agent::ExecOutput>(&buf);
+            let _ = decode_frame::<crate::agent::DataChunk>(&buf);
+            let _ = decode_frame::<crate::agent::Reply>(&buf);
+            let _ = FrameReader::new(&buf[..]).read::<crate::agent::AgentRequest>();
         }
     }
 }
