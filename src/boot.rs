@@ -57,6 +57,8 @@ pub struct BootRequest {
     pub kernel_args: Vec<String>,
     /// How long the guest may take to start init before the boot counts as failed.
     pub boot_timeout: Duration,
+    /// Keep guest RAM in this file (written through), so the VM can be snapshotted.
+    pub memory_file: Option<PathBuf>,
     pub cache: Cache,
 }
 
@@ -71,6 +73,7 @@ impl BootRequest {
             init: None,
             kernel_args: Vec::new(),
             boot_timeout: Duration::from_secs(60),
+            memory_file: None,
             cache: Cache::new(Cache::default_root()),
         }
     }
@@ -89,6 +92,10 @@ pub struct BootTimings {
     pub init: Option<Duration>,
     /// Workload started -> workload exited.
     pub workload: Option<Duration>,
+    /// Restores only: loading the state and resuming the guest.
+    pub restore: Option<Duration>,
+    /// Restores only: the whole restore, hygiene (entropy, clock) included.
+    pub restore_total: Option<Duration>,
     /// Guest uptime reported by init when it started.
     pub guest_uptime_at_init_ms: Option<u64>,
     pub total: Duration,

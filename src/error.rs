@@ -4,6 +4,7 @@ use supermachine_backend::BackendError;
 use supermachine_bake::BakeError;
 
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The image reference, layout, a blob or a layer is bad or unreadable.
     #[error(transparent)]
@@ -26,6 +27,18 @@ pub enum Error {
     /// An exec session failed (not the command: its exit status is in the outcome).
     #[error("exec: {0}")]
     Exec(String),
+    /// No snapshot (or cache entry) for what was asked.
+    #[error("not in the cache: {what}")]
+    CacheMiss { what: String },
+    /// A snapshot or cache entry exists but cannot be used; `reason` says why.
+    #[error("invalid cache entry {path}: {reason}")]
+    CacheInvalid {
+        path: std::path::PathBuf,
+        reason: String,
+    },
+    /// Baking a snapshot failed (the workload never listened, the snapshot failed, ...).
+    #[error("bake failed: {0}")]
+    Bake(String),
     #[error("{context}: {source}")]
     Io {
         context: String,

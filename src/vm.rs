@@ -8,7 +8,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use supermachine_backend::{
-    qemu::QemuBackend, tail_of, AgentEndpoint, Backend, BootSpec, Disk, Machine,
+    qemu::QemuBackend, tail_of, AgentEndpoint, Backend, BootSpec, Disk, Machine, MemoryFile,
+    SnapshotFiles,
 };
 use supermachine_bake::initramfs;
 use supermachine_protocol::agent::AGENT_PORT;
@@ -18,6 +19,7 @@ use crate::agent::AgentClient;
 use crate::boot::{BootRequest, BootTimings, LiveRunDir};
 use crate::exec::ExecBuilder;
 use crate::forward::TcpForwarder;
+use crate::snapshot::Snapshot;
 use crate::{guest_artifacts, Error};
 
 /// Receives the workload's output as it arrives.
@@ -109,20 +111,150 @@ impl Vm {
                 .collect(),
             run_dir: run_dir.path().to_path_buf(),
             agent_port: shim.as_ref().map(|_| AGENT_PORT),
+            memory_file: req
+                .memory_file
+                .clone()
+                .map(|path| MemoryFile { path, shared: true }),
         };
         let backend = QemuBackend::new();
         let backend_name = format!("qemu ({})", backend.accel());
-        let mut machine = backend.boot(&spec)?;
+        let machine = backend.boot(&spec)?;
         let t = machine.timings();
         timings.backend_start = t.monitor_ready - t.requested;
+        let vm = Vm::assemble(
+            machine,
+            backend_name,
+            started,
+            live,
+            run_dir,
+            timings,
+            Phase::Booting,
+            req.boot_timeout,
+            sink,
+        )?;
+        vm.wait_started()?;
+        if let Some(agent) = &vm.agent {
+            // Fresh clock and entropy: the guest has no RTC sync and (later) may be a clone.
+            // A workload that already finished may have taken the VM (and agent) with it.
+            if let Err(e) = seed_guest(agent) {
+                if vm.try_status().is_none() {
+                    return Err(e);
+                }
+            }
+        }
+        Ok(vm)
+    }
+
+    /// Restores a VM from a baked snapshot: guest RAM is the snapshot's file mapped
+    /// copy-on-write, so nothing is copied and every clone shares unchanged pages. The
+    /// guest gets fresh entropy and the current time before this returns.
+    pub fn restore(snapshot: &Snapshot, sink: OutputSink) -> Result<Vm, Error> {
+        let started = Instant::now();
+        let meta = &snapshot.meta;
+        let run_dir = tempfile::Builder::new()
+            .prefix("supermachine-")
+            .tempdir()
+            .map_err(|e| Error::io("creating a run directory", e))?;
+        let live = LiveRunDir::register(run_dir.path());
+        let spec = BootSpec {
+            kernel: meta.kernel.path.clone(),
+            initramfs: snapshot.initramfs_path(),
+            extra_cmdline: meta.kernel_args.clone(),
+            memory_mib: meta.memory_mib,
+            vcpus: meta.vcpus,
+            disks: meta
+                .run_config
+                .layers
+                .iter()
+                .zip(&meta.layers)
+                .map(|(m, l)| Disk {
+                    path: l.path.clone(),
+                    serial: m.serial.clone(),
+                    read_only: true,
+                })
+                .collect(),
+            run_dir: run_dir.path().to_path_buf(),
+            agent_port: Some(AGENT_PORT),
+            memory_file: Some(MemoryFile {
+                path: snapshot.memory_path(),
+                shared: false,
+            }),
+        };
+        let files = SnapshotFiles {
+            state: snapshot.state_path(),
+            memory: snapshot.memory_path(),
+        };
+        let backend = QemuBackend::new();
+        let backend_name = format!("qemu ({})", backend.accel());
+        let (machine, rt) = backend.restore(&spec, &files)?;
+        let timings = BootTimings {
+            backend_start: rt.monitor_start,
+            restore: Some(rt.load_and_resume),
+            ..Default::default()
+        };
+        let vm = Vm::assemble(
+            machine,
+            backend_name,
+            started,
+            live,
+            run_dir,
+            timings,
+            Phase::Running,
+            Duration::from_secs(60),
+            sink,
+        )?;
+        let agent = vm
+            .agent
+            .as_ref()
+            .ok_or_else(|| Error::Guest("restored VM has no agent".into()))?;
+        seed_guest(agent)?;
+        if let Ok(mut s) = vm.state.0.lock() {
+            s.timings.restore_total = Some(started.elapsed());
+        }
+        Ok(vm)
+    }
+
+    /// Pauses the guest and writes its state next to its RAM file (booted with
+    /// `BootRequest::memory_file`). The VM stays paused until killed.
+    pub fn snapshot(&self, state: &std::path::Path, memory: &std::path::Path) -> Result<(), Error> {
+        let mut m = self
+            .machine
+            .lock()
+            .map_err(|_| Error::Guest("machine lock poisoned".into()))?;
+        m.snapshot(&SnapshotFiles {
+            state: state.to_path_buf(),
+            memory: memory.to_path_buf(),
+        })?;
+        Ok(())
+    }
+
+    /// The private directory holding this VM's sockets, console log and initramfs.
+    pub fn run_dir(&self) -> &std::path::Path {
+        self._run_dir.path()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        mut machine: Box<dyn Machine>,
+        backend_name: String,
+        started: Instant,
+        live: LiveRunDir,
+        run_dir: tempfile::TempDir,
+        timings: BootTimings,
+        phase: Phase,
+        boot_timeout: Duration,
+        sink: OutputSink,
+    ) -> Result<Vm, Error> {
+        let t = machine.timings();
         let agent = machine.agent_endpoint().map(AgentClient::new);
         let channel = machine
             .take_channel()
             .ok_or_else(|| Error::Guest("the VM has no control channel".into()))?;
+        let restored = matches!(phase, Phase::Running);
         let state: State = Arc::new((
             Mutex::new(Shared {
-                phase: Phase::Booting,
-                agent_ready: false,
+                phase,
+                agent_ready: restored,
                 timings,
             }),
             Condvar::new(),
@@ -130,10 +262,17 @@ impl Vm {
         let console = machine.console_log().to_path_buf();
         {
             let state = state.clone();
-            let boot_timeout = req.boot_timeout;
             let monitor_ready = t.monitor_ready;
             std::thread::spawn(move || {
-                follow_events(channel, sink, state, boot_timeout, monitor_ready, console)
+                follow_events(
+                    channel,
+                    sink,
+                    state,
+                    boot_timeout,
+                    monitor_ready,
+                    console,
+                    restored,
+                )
             });
         }
         let vm = Vm {
@@ -145,16 +284,6 @@ impl Vm {
             _live: live,
             _run_dir: run_dir,
         };
-        vm.wait_started()?;
-        if let Some(agent) = &vm.agent {
-            // Fresh clock and entropy: the guest has no RTC sync and (later) may be a clone.
-            // A workload that already finished may have taken the VM (and agent) with it.
-            if let Err(e) = seed_guest(agent) {
-                if vm.try_status().is_none() {
-                    return Err(e);
-                }
-            }
-        }
         Ok(vm)
     }
 
@@ -375,16 +504,22 @@ fn follow_events(
     boot_timeout: Duration,
     monitor_ready: Instant,
     _console: PathBuf,
+    restored: bool,
 ) {
-    // Until init speaks, a silent guest is a hung boot.
-    if channel.set_read_timeout(Some(boot_timeout)).is_err() {
+    // Until init speaks, a silent guest is a hung boot. A restored guest spoke long ago.
+    let timeout = if restored { None } else { Some(boot_timeout) };
+    if channel.set_read_timeout(timeout).is_err() {
         set_phase(&state, |s| {
             s.phase = Phase::Failed("cannot arm the boot timeout".into())
         });
         return;
     }
     let mut frames = FrameReader::new(channel);
-    let (mut t_init, mut t_workload) = (None, None);
+    let (mut t_init, mut t_workload) = if restored {
+        (Some(monitor_ready), Some(monitor_ready))
+    } else {
+        (None, None)
+    };
     loop {
         let event = match frames.read::<GuestEvent>() {
             Ok(Some(ev)) => ev,

@@ -51,6 +51,34 @@ pub struct BootSpec {
     /// The guest agent's port; the backend makes it reachable from the host
     /// ([`Machine::agent_endpoint`]).
     pub agent_port: Option<u16>,
+    /// Guest RAM in a file: written through while baking (`shared`), mapped copy-on-write
+    /// (MAP_PRIVATE) when restoring.
+    pub memory_file: Option<MemoryFile>,
+}
+
+#[derive(Debug, Clone)]
+pub struct MemoryFile {
+    pub path: PathBuf,
+    /// true: guest writes land in the file (bake). false: private copy-on-write (restore).
+    pub shared: bool,
+}
+
+/// A snapshot's files as the backend writes and reads them.
+#[derive(Debug, Clone)]
+pub struct SnapshotFiles {
+    /// Device + CPU state (QEMU: the migration stream, RAM excluded).
+    pub state: PathBuf,
+    /// Guest RAM (the `MemoryFile` the VM ran with while baking).
+    pub memory: PathBuf,
+}
+
+/// Host-side milestones of one restore.
+#[derive(Debug, Clone, Copy)]
+pub struct RestoreTimings {
+    /// Monitor process started -> ready to load state.
+    pub monitor_start: Duration,
+    /// State loaded and the guest running again.
+    pub load_and_resume: Duration,
 }
 
 /// How the host reaches the guest agent.
@@ -75,6 +103,10 @@ pub enum BackendError {
     StartTimeout(Duration),
     #[error("QMP: {0}")]
     Qmp(String),
+    #[error("snapshot: {0}")]
+    Snapshot(String),
+    #[error("restore: {0}")]
+    Restore(String),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -142,11 +174,22 @@ pub trait Machine: Send {
     fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<MachineExit>, BackendError>;
     /// Stops the VM now and reaps it.
     fn kill(&mut self) -> Result<(), BackendError>;
+    /// Pauses the guest and writes its device/CPU state to `files.state`; guest RAM must
+    /// already live in `files.memory` (booted with a shared [`MemoryFile`]). The VM stays
+    /// paused; the caller kills it.
+    fn snapshot(&mut self, files: &SnapshotFiles) -> Result<(), BackendError>;
 }
 
 pub trait Backend: Send + Sync {
     fn kind(&self) -> BackendKind;
     fn boot(&self, spec: &BootSpec) -> Result<Box<dyn Machine>, BackendError>;
+    /// Starts a VM from a snapshot: `spec` must describe the same machine that was baked
+    /// (devices, memory, vCPUs) with `memory_file` set to the snapshot's RAM, not shared.
+    fn restore(
+        &self,
+        spec: &BootSpec,
+        files: &SnapshotFiles,
+    ) -> Result<(Box<dyn Machine>, RestoreTimings), BackendError>;
 }
 
 /// Last `max` bytes of a text file, for error messages (missing file: empty).

@@ -4,6 +4,7 @@
 
 mod boot;
 mod exec;
+mod pull;
 mod registry;
 
 use clap::{Parser, Subcommand};
@@ -31,6 +32,12 @@ enum Command {
     Boot(Box<boot::BootArgs>),
     /// Run a command in a running VM (one started with `boot --name`), like `docker exec`.
     Exec(exec::ExecArgs),
+    /// Bake IMAGE: boot it once, wait until it listens on its port, snapshot it.
+    Pull(Box<pull::PullArgs>),
+    /// List baked snapshots.
+    Images(pull::ImagesArgs),
+    /// Remove baked snapshots.
+    Rmi(pull::RmiArgs),
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -45,5 +52,8 @@ pub fn main() -> i32 {
     match cli.command {
         Command::Boot(args) => boot::run(*args),
         Command::Exec(args) => exec::run(args),
+        Command::Pull(args) => pull::run_pull(*args),
+        Command::Images(args) => pull::run_images(args),
+        Command::Rmi(args) => pull::run_rmi(args),
     }
 }

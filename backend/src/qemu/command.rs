@@ -25,7 +25,23 @@ impl QemuCommand {
     ) -> Self {
         let mut a: Vec<String> = Vec::new();
         let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
-        push(&["-M", "microvm,acpi=off,rtc=on"]);
+        match &spec.memory_file {
+            Some(mf) => {
+                let obj = format!(
+                    "memory-backend-file,id=ram,size={}M,mem-path={},share={}",
+                    spec.memory_mib,
+                    mf.path.display(),
+                    if mf.shared { "on" } else { "off" }
+                );
+                push(&[
+                    "-object",
+                    &obj,
+                    "-M",
+                    "microvm,acpi=off,rtc=on,memory-backend=ram",
+                ]);
+            }
+            None => push(&["-M", "microvm,acpi=off,rtc=on"]),
+        }
         match accel {
             Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
             Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
@@ -80,6 +96,13 @@ impl QemuCommand {
         let qmp_arg = format!("unix:{},server=on,wait=off", qmp.display());
         push(&["-qmp", &qmp_arg]);
         Self { args: a }
+    }
+
+    /// Starts QEMU waiting for a migration stream (`migrate-incoming` over QMP).
+    pub fn incoming_deferred(mut self) -> Self {
+        self.args
+            .extend(["-incoming".to_string(), "defer".to_string()]);
+        self
     }
 
     pub fn args(&self) -> &[String] {

@@ -9,6 +9,7 @@
 
 mod command;
 pub mod qmp;
+mod snapshot;
 
 use std::os::unix::net::UnixListener;
 use std::os::unix::process::CommandExt;
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant};
 use crate::{
     accel::{self, Accel},
     tail_of, AgentEndpoint, Backend, BackendError, BackendKind, BootSpec, ControlChannel, Machine,
-    MachineExit, StartTimings,
+    MachineExit, RestoreTimings, SnapshotFiles, StartTimings,
 };
 
 pub use command::QemuCommand;
@@ -67,12 +68,43 @@ impl Backend for QemuBackend {
     }
 
     fn boot(&self, spec: &BootSpec) -> Result<Box<dyn Machine>, BackendError> {
+        Ok(Box::new(self.start(spec, false)?))
+    }
+
+    fn restore(
+        &self,
+        spec: &BootSpec,
+        files: &SnapshotFiles,
+    ) -> Result<(Box<dyn Machine>, RestoreTimings), BackendError> {
+        let started = Instant::now();
+        let mut machine = self.start(spec, true)?;
+        let monitor_start = started.elapsed();
+        let loading = Instant::now();
+        if let Err(e) = snapshot::load(&machine.paths.qmp, files) {
+            let _ = machine.kill();
+            let log = tail_of(&machine.paths.qemu_log, 2000);
+            return Err(BackendError::Restore(format!(
+                "{e}; qemu log: {}",
+                log.trim()
+            )));
+        }
+        let timings = RestoreTimings {
+            monitor_start,
+            load_and_resume: loading.elapsed(),
+        };
+        Ok((Box::new(machine), timings))
+    }
+}
+
+impl QemuBackend {
+    /// Starts QEMU (booting, or waiting for a migration stream when `incoming`).
+    fn start(&self, spec: &BootSpec, incoming: bool) -> Result<QemuMachine, BackendError> {
         // The agent's host port is picked free just before QEMU binds it; another process
         // may win that race, so a failed forward is retried with a new port.
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.boot_once(spec) {
+            match self.boot_once(spec, incoming) {
                 Err(BackendError::EarlyExit { log, .. })
                     if attempt < 4 && log.contains("host forwarding") =>
                 {
@@ -83,10 +115,8 @@ impl Backend for QemuBackend {
             }
         }
     }
-}
 
-impl QemuBackend {
-    fn boot_once(&self, spec: &BootSpec) -> Result<Box<dyn Machine>, BackendError> {
+    fn boot_once(&self, spec: &BootSpec, incoming: bool) -> Result<QemuMachine, BackendError> {
         let requested = Instant::now();
         for (what, p) in [
             ("guest kernel", &spec.kernel),
@@ -123,6 +153,11 @@ impl QemuBackend {
             &paths.qmp,
             agent,
         );
+        let qcmd = if incoming {
+            qcmd.incoming_deferred()
+        } else {
+            qcmd
+        };
         let stderr = std::fs::File::create(&paths.qemu_log)
             .map_err(|e| BackendError::io(format!("creating {}", paths.qemu_log.display()), e))?;
         let mut cmd = std::process::Command::new(&self.binary);
@@ -159,7 +194,7 @@ impl QemuBackend {
         let stream = machine.accept_channel(&listener)?;
         machine.timings.monitor_ready = Instant::now();
         machine.channel = Some(Box::new(stream));
-        Ok(Box::new(machine))
+        Ok(machine)
     }
 }
 
@@ -295,6 +330,10 @@ impl Machine for QemuMachine {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    fn snapshot(&mut self, files: &SnapshotFiles) -> Result<(), BackendError> {
+        snapshot::save(&self.paths.qmp, files)
     }
 
     fn kill(&mut self) -> Result<(), BackendError> {

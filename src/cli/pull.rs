@@ -1,0 +1,156 @@
+//! `supermachine pull`, `images`, `rmi`: bake snapshots and manage them.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::boot::BootRequest;
+use crate::cli::EXIT_INTERNAL;
+use crate::pull::{self, PullRequest};
+use crate::snapshot;
+use crate::{ImageRef, Overrides};
+
+#[derive(Args)]
+pub struct PullArgs {
+    /// Snapshot name (default: derived from the image reference).
+    #[arg(long)]
+    name: Option<String>,
+    /// The port the workload listens on; the snapshot is taken when it does.
+    #[arg(long, default_value_t = 80)]
+    port: u16,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(64..=65536))]
+    memory: u32,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=32))]
+    vcpus: u32,
+    /// Environment for the workload (KEY=VALUE); repeatable.
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Replace the image's Cmd, as a JSON array: --cmd '["httpd","-f"]'.
+    #[arg(long, value_name = "JSON")]
+    cmd: Option<String>,
+    /// Replace the image's Entrypoint.
+    #[arg(long)]
+    entrypoint: Option<String>,
+    /// Seconds to wait for the workload to listen.
+    #[arg(long, default_value_t = 120)]
+    ready_timeout: u64,
+    /// Where snapshots live (default: $SUPERMACHINE_SNAPSHOTS or ~/.local/share/supermachine/snapshots).
+    #[arg(long)]
+    snapshots_dir: Option<PathBuf>,
+    /// The image: oci-layout:DIR or oci-layout:DIR:TAG.
+    image: String,
+}
+
+#[derive(Args)]
+pub struct ImagesArgs {
+    #[arg(long)]
+    snapshots_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct RmiArgs {
+    #[arg(long)]
+    snapshots_dir: Option<PathBuf>,
+    /// Snapshot names to remove.
+    #[arg(required = true)]
+    names: Vec<String>,
+}
+
+fn err(msg: impl std::fmt::Display) -> i32 {
+    eprintln!("supermachine: error: {msg}");
+    EXIT_INTERNAL
+}
+
+pub fn run_pull(a: PullArgs) -> i32 {
+    let image = match ImageRef::parse(&a.image) {
+        Ok(i) => i,
+        Err(e) => return err(e),
+    };
+    let cmd = match a.cmd.as_deref().map(serde_json::from_str::<Vec<String>>) {
+        None => None,
+        Some(Ok(v)) => Some(v),
+        Some(Err(e)) => return err(format!("--cmd must be a JSON array of strings: {e}")),
+    };
+    let mut boot = BootRequest::new(image);
+    boot.overrides = Overrides {
+        entrypoint: a.entrypoint,
+        cmd,
+        env: a.env,
+        ..Default::default()
+    };
+    boot.memory_mib = a.memory;
+    boot.vcpus = a.vcpus;
+    let req = PullRequest {
+        name: a.name.unwrap_or_else(|| pull::default_name(&a.image)),
+        port: a.port,
+        ready_timeout: Duration::from_secs(a.ready_timeout),
+        snapshots_dir: a.snapshots_dir.unwrap_or_else(snapshot::default_root),
+        boot,
+    };
+    eprintln!(
+        "supermachine: baking {} as {:?} (waiting for port {})",
+        a.image, req.name, req.port
+    );
+    match pull::pull(&req) {
+        Ok(o) => {
+            let m = &o.snapshot.meta;
+            eprintln!(
+                "supermachine: {} {} ({}, {} MiB, {} vCPU)",
+                if o.cached { "up to date:" } else { "baked" },
+                o.snapshot.dir.display(),
+                m.manifest_digest,
+                m.memory_mib,
+                m.vcpus
+            );
+            println!("{}", m.name);
+            0
+        }
+        Err(e) => err(e),
+    }
+}
+
+pub fn run_images(a: ImagesArgs) -> i32 {
+    let root = a.snapshots_dir.unwrap_or_else(snapshot::default_root);
+    println!(
+        "{:<24} {:<48} {:<20} {:>9} {:>8}",
+        "NAME", "IMAGE", "DIGEST", "MEMORY", "CREATED"
+    );
+    for (name, snap) in snapshot::list(&root) {
+        match snap {
+            Ok(s) => {
+                let m = &s.meta;
+                let digest = m.manifest_digest.trim_start_matches("sha256:");
+                println!(
+                    "{:<24} {:<48} {:<20} {:>6} MiB {:>8}",
+                    name,
+                    m.image_ref,
+                    &digest[..digest.len().min(12)],
+                    m.memory_mib,
+                    m.created_unix
+                );
+            }
+            Err(e) => println!("{name:<24} (unusable: {e})"),
+        }
+    }
+    0
+}
+
+pub fn run_rmi(a: RmiArgs) -> i32 {
+    let root = a.snapshots_dir.unwrap_or_else(snapshot::default_root);
+    let mut code = 0;
+    for name in &a.names {
+        let dir = root.join(name);
+        if name.contains('/') || name.starts_with('.') || !dir.is_dir() {
+            code = err(format!("no snapshot named {name:?} in {}", root.display()));
+            continue;
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => println!("{name}"),
+            Err(e) => code = err(format!("removing {}: {e}", dir.display())),
+        }
+    }
+    code
+}

@@ -1,0 +1,211 @@
+//! Baking: boot an image once, wait until its workload listens on its port, snapshot it.
+//! The same inputs again are a cache hit (no boot).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use sha2::Digest as _;
+
+use crate::boot::BootRequest;
+use crate::snapshot::{self, FileRecord, LayerRecord, Metadata, Snapshot, FORMAT_VERSION};
+use crate::vm::Vm;
+use crate::{guest_artifacts, Error};
+
+#[derive(Debug, Clone)]
+pub struct PullRequest {
+    /// Image, overrides, memory, vCPUs, kernel, init, cache.
+    pub boot: BootRequest,
+    /// Snapshot name (a directory under `snapshots_dir`).
+    pub name: String,
+    /// The port the workload listens on; the snapshot is taken the moment it does.
+    pub port: u16,
+    pub ready_timeout: Duration,
+    pub snapshots_dir: PathBuf,
+}
+
+/// What `pull` did.
+#[derive(Debug, Clone)]
+pub struct PullOutcome {
+    pub snapshot: Snapshot,
+    /// True when an existing snapshot with the same inputs was reused.
+    pub cached: bool,
+}
+
+/// A name for an image reference: the layout dir's name plus the tag.
+pub fn default_name(reference: &str) -> String {
+    let r = reference
+        .trim_start_matches("oci-layout:")
+        .trim_end_matches('/');
+    let last = r.rsplit('/').next().unwrap_or(r);
+    last.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect()
+}
+
+fn file_record(path: &Path) -> Result<FileRecord, Error> {
+    let size = std::fs::metadata(path)
+        .map_err(|e| Error::io(format!("reading {}", path.display()), e))?
+        .len();
+    let sha256 = snapshot::sha256_file(path)
+        .map_err(|e| Error::io(format!("hashing {}", path.display()), e))?;
+    Ok(FileRecord {
+        path: path.to_path_buf(),
+        size,
+        sha256,
+    })
+}
+
+pub fn pull(req: &PullRequest) -> Result<PullOutcome, Error> {
+    let b = &req.boot;
+    let kernel = guest_artifacts::find_kernel(b.kernel.as_deref(), b.cache.root())?;
+    let init = guest_artifacts::find_init(b.init.as_deref())?;
+    let shim = guest_artifacts::find_shim(&init).ok_or_else(|| {
+        Error::Bake("the guest agent (supermachine-shim) was not found next to init".into())
+    })?;
+    let prepared = supermachine_bake::prepare(&b.image, &b.overrides, &b.cache)?;
+    let kernel_rec = file_record(&kernel)?;
+
+    // Everything that shapes the snapshot goes into the inputs hash.
+    let mut h = sha2::Sha256::new();
+    h.update(FORMAT_VERSION.to_le_bytes());
+    h.update(prepared.manifest_digest.to_string());
+    h.update(prepared.run_config.to_json());
+    h.update(format!(
+        "{}|{}|{}|{:?}",
+        b.memory_mib, b.vcpus, req.port, b.kernel_args
+    ));
+    h.update(&kernel_rec.sha256);
+    for p in [&init, &shim] {
+        h.update(
+            snapshot::sha256_file(p)
+                .map_err(|e| Error::io(format!("hashing {}", p.display()), e))?,
+        );
+    }
+    let inputs = hex::encode(h.finalize());
+
+    let dest = req.snapshots_dir.join(&req.name);
+    if let Ok(existing) = Snapshot::open(&dest) {
+        if existing.meta.bake_inputs == inputs {
+            return Ok(PullOutcome {
+                snapshot: existing,
+                cached: true,
+            });
+        }
+    }
+    std::fs::create_dir_all(&req.snapshots_dir)
+        .map_err(|e| Error::io(format!("creating {}", req.snapshots_dir.display()), e))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".tmp-{}-", req.name))
+        .tempdir_in(&req.snapshots_dir)
+        .map_err(|e| Error::io("creating a temp snapshot dir", e))?;
+    let memory = tmp.path().join(snapshot::MEMORY_FILE);
+    let state = tmp.path().join(snapshot::STATE_FILE);
+
+    let mut boot = b.clone();
+    boot.kernel = Some(kernel.clone());
+    boot.init = Some(init.clone());
+    boot.memory_file = Some(memory.clone());
+    let log_path = tmp.path().join(snapshot::BAKE_LOG);
+    let vm = Vm::boot(
+        &boot,
+        crate::boot::output_sink(Box::new(std::io::sink()), Box::new(std::io::sink())),
+    )?;
+    let save_log = |vm: &Vm| {
+        let _ = std::fs::copy(vm.run_dir().join("console.log"), &log_path);
+    };
+    if let Err(e) = vm.wait_listening(req.port, req.ready_timeout) {
+        save_log(&vm);
+        let kept = req.snapshots_dir.join(format!("{}.bake.log", req.name));
+        let _ = std::fs::copy(&log_path, &kept);
+        return Err(Error::Bake(format!(
+            "the workload did not listen on port {} within {:?} ({e}); guest console: {}",
+            req.port,
+            req.ready_timeout,
+            kept.display()
+        )));
+    }
+    vm.snapshot(&state, &memory)?;
+    save_log(&vm);
+    std::fs::copy(
+        vm.run_dir().join("initramfs.cpio"),
+        tmp.path().join(snapshot::INITRAMFS_FILE),
+    )
+    .map_err(|e| Error::io("keeping the initramfs", e))?;
+    let backend = vm.backend_name().to_string();
+    vm.kill();
+    drop(vm);
+
+    for f in [&memory, &state] {
+        std::fs::File::open(f)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::io(format!("fsync {}", f.display()), e))?;
+    }
+    let state_rec = file_record(&state)?;
+    let meta = Metadata {
+        format_version: FORMAT_VERSION,
+        backend: "qemu".into(),
+        accel: backend,
+        name: req.name.clone(),
+        image_ref: prepared.reference.clone(),
+        manifest_digest: prepared.manifest_digest.to_string(),
+        layers: prepared
+            .layers
+            .iter()
+            .map(|(p, d)| {
+                let m =
+                    std::fs::metadata(p).map_err(|e| Error::io(format!("{}", p.display()), e))?;
+                Ok(LayerRecord {
+                    path: p.clone(),
+                    diff_id: d.to_string(),
+                    size: m.len(),
+                    mtime_ns: snapshot::mtime_ns(&m),
+                })
+            })
+            .collect::<Result<_, Error>>()?,
+        memory_mib: b.memory_mib,
+        vcpus: b.vcpus,
+        guest_port: req.port,
+        kernel: kernel_rec,
+        kernel_args: b.kernel_args.clone(),
+        state_sha256: state_rec.sha256,
+        state_size: state_rec.size,
+        memory_size: std::fs::metadata(&memory)
+            .map_err(|e| Error::io("memory file", e))?
+            .len(),
+        bake_inputs: inputs,
+        created_unix: SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        run_config: prepared.run_config.clone(),
+    };
+    let json = serde_json::to_vec_pretty(&meta).map_err(|e| Error::Bake(e.to_string()))?;
+    snapshot::write_atomic(&tmp.path().join(snapshot::METADATA), &json)
+        .map_err(|e| Error::io("writing metadata.json", e))?;
+
+    // Replace any old snapshot of this name: move it aside, move the new one in.
+    let tmp_path = tmp.keep();
+    if dest.exists() {
+        let old = req
+            .snapshots_dir
+            .join(format!(".old-{}-{}", req.name, std::process::id()));
+        std::fs::rename(&dest, &old)
+            .map_err(|e| Error::io(format!("moving aside {}", dest.display()), e))?;
+        let _ = std::fs::remove_dir_all(&old);
+    }
+    std::fs::rename(&tmp_path, &dest)
+        .map_err(|e| Error::io(format!("renaming into {}", dest.display()), e))?;
+    if let Ok(d) = std::fs::File::open(&req.snapshots_dir) {
+        let _ = d.sync_all();
+    }
+    Ok(PullOutcome {
+        snapshot: Snapshot::open(&dest)?,
+        cached: false,
+    })
+}

@@ -1,0 +1,222 @@
+//! Bake and restore on real guests: snapshots of the QEMU backend, copy-on-write restore.
+
+mod common;
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime};
+
+use common::*;
+use supermachine::{Error, Image, PullRequest, VmConfig};
+
+const INDEX: &[u8] = b"<h1>hello from supermachine</h1>\n";
+
+fn pull_request(dir: &Path, name: &str) -> PullRequest {
+    let mut boot = request("busybox");
+    boot.overrides.cmd = Some(
+        ["httpd", "-f", "-p", "80", "-h", "/var/www"]
+            .map(String::from)
+            .to_vec(),
+    );
+    PullRequest {
+        boot,
+        name: name.into(),
+        port: 80,
+        ready_timeout: Duration::from_secs(60),
+        snapshots_dir: dir.to_path_buf(),
+    }
+}
+
+/// One baked httpd snapshot shared by the tests that only restore from it.
+fn shared_snapshot() -> &'static PathBuf {
+    static S: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &S.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let out = supermachine::pull::pull(&pull_request(dir.path(), "httpd")).expect("bake");
+        assert!(!out.cached);
+        let p = out.snapshot.dir.clone();
+        (dir, p)
+    })
+    .1
+}
+
+fn get(vm: &supermachine::Vm) -> Vec<u8> {
+    let (status, body) = http_get(vm.connect(80).unwrap(), "/");
+    assert!(status.contains("200"), "{status}");
+    body
+}
+
+#[test]
+fn restores_in_sequence_and_in_parallel_and_isolates_writes() {
+    let image = Image::from_snapshot(shared_snapshot()).unwrap();
+    for i in 0..20 {
+        let vm = image.start(&VmConfig::default()).unwrap();
+        assert_eq!(get(&vm), INDEX, "restore {i}");
+        // Writes stay private to the VM that made them.
+        let probe = vm
+            .exec(["sh", "-c", "cat /tmp/mark 2>/dev/null; echo x > /tmp/mark"])
+            .unwrap();
+        assert_eq!(probe.stdout, b"", "restore {i} sees an earlier VM's file");
+    }
+    let vms: Vec<_> = (0..8)
+        .map(|_| image.start(&VmConfig::default()).unwrap())
+        .collect();
+    vms[0].write_file("/tmp/only-here", b"0", 0o644).unwrap();
+    for (i, vm) in vms.iter().enumerate() {
+        assert_eq!(get(vm), INDEX, "parallel VM {i}");
+        if i > 0 {
+            assert_eq!(
+                vm.read_file("/tmp/only-here", 10).unwrap_err().kind(),
+                std::io::ErrorKind::NotFound
+            );
+        }
+    }
+}
+
+#[test]
+fn clones_get_fresh_entropy_and_clock() {
+    let image = Image::from_snapshot(shared_snapshot()).unwrap();
+    let a = image.start(&VmConfig::default()).unwrap();
+    let b = image.start(&VmConfig::default()).unwrap();
+    let read = |vm: &supermachine::Vm| {
+        vm.exec([
+            "sh",
+            "-c",
+            "head -c 32 /dev/urandom | od -An -tx1; date +%s",
+        ])
+        .unwrap()
+        .stdout
+    };
+    let (ra, rb) = (read(&a), read(&b));
+    let (ra, rb) = (
+        String::from_utf8_lossy(&ra).to_string(),
+        String::from_utf8_lossy(&rb).to_string(),
+    );
+    let rand = |s: &str| s.lines().take(2).collect::<String>();
+    assert_ne!(
+        rand(&ra),
+        rand(&rb),
+        "two clones produced the same random bytes"
+    );
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    for out in [&ra, &rb] {
+        let t: i64 = out.lines().last().unwrap().trim().parse().unwrap();
+        assert!((t - now).abs() <= 2, "guest clock {t} vs host {now}");
+    }
+}
+
+#[test]
+fn same_inputs_are_a_cache_hit_and_damage_is_named_and_rebaked() {
+    let dir = tempfile::tempdir().unwrap();
+    let req = pull_request(dir.path(), "web");
+    let first = supermachine::pull::pull(&req).unwrap();
+    assert!(!first.cached);
+    let again = supermachine::pull::pull(&req).unwrap();
+    assert!(again.cached, "same inputs must not re-bake");
+    let snap = first.snapshot.dir.clone();
+
+    let expect_invalid = |what: &str| match Image::from_snapshot(&snap) {
+        Err(Error::CacheInvalid { reason, .. }) => {
+            assert!(reason.contains(what), "{what}: {reason}")
+        }
+        other => panic!("{what}: expected CacheInvalid, got {:?}", other.map(|_| ())),
+    };
+    let rebake = || {
+        let o = supermachine::pull::pull(&req).unwrap();
+        assert!(!o.cached, "a damaged snapshot must be re-baked");
+        assert_eq!(
+            get(&Image::from_snapshot(&snap)
+                .unwrap()
+                .start(&VmConfig::default())
+                .unwrap()),
+            INDEX
+        );
+    };
+
+    // Corrupt the state file.
+    let state = snap.join("state.bin");
+    let mut bytes = std::fs::read(&state).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&state, bytes).unwrap();
+    expect_invalid("corrupt");
+    rebake();
+
+    // Truncate the RAM file.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(snap.join("memory.ram"))
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    expect_invalid("truncated");
+    rebake();
+
+    // Bump the format version.
+    let meta_path = snap.join("metadata.json");
+    let mut meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&meta_path).unwrap()).unwrap();
+    meta["format_version"] = serde_json::json!(999);
+    std::fs::write(&meta_path, serde_json::to_vec(&meta).unwrap()).unwrap();
+    expect_invalid("format version 999");
+    rebake();
+}
+
+#[test]
+fn deleted_layer_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let mut req = pull_request(tmp.path(), "own-cache");
+    req.boot.cache = supermachine_bake_cache(&cache);
+    let out = supermachine::pull::pull(&req).unwrap();
+    let layer = out.snapshot.meta.layers[0].path.clone();
+    std::fs::remove_file(&layer).unwrap();
+    match Image::from_snapshot(&out.snapshot.dir) {
+        Err(Error::CacheInvalid { reason, .. }) => assert!(reason.contains("layer"), "{reason}"),
+        other => panic!("expected CacheInvalid, got {:?}", other.map(|_| ())),
+    }
+    // pull re-converts the layer and re-bakes.
+    let again = supermachine::pull::pull(&req).unwrap();
+    assert!(!again.cached);
+    assert!(layer.is_file());
+}
+
+fn supermachine_bake_cache(p: &Path) -> supermachine::Cache {
+    supermachine::Cache::new(p)
+}
+
+#[test]
+fn bake_timeout_names_the_port_and_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut req = pull_request(dir.path(), "never");
+    req.port = 8099;
+    req.ready_timeout = Duration::from_secs(3);
+    match supermachine::pull::pull(&req) {
+        Err(Error::Bake(msg)) => assert!(msg.contains("8099") && msg.contains("bake.log"), "{msg}"),
+        other => panic!("expected Error::Bake, got {:?}", other.map(|_| ())),
+    }
+    assert!(
+        !dir.path().join("never").exists(),
+        "a failed bake left a snapshot behind"
+    );
+}
+
+#[test]
+fn killed_vm_does_not_disturb_others() {
+    let image = Image::from_snapshot(shared_snapshot()).unwrap();
+    let a = image.start(&VmConfig::default()).unwrap();
+    let b = image.start(&VmConfig::default()).unwrap();
+    let pid = a.pid();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert_eq!(get(&b), INDEX);
+    assert!(a.connect(80).is_err());
+    let _ = TcpStream::connect("127.0.0.1:1");
+}
