@@ -13,7 +13,9 @@ use supermachine_backend::{
 };
 use supermachine_bake::initramfs;
 use supermachine_protocol::agent::AGENT_PORT;
-use supermachine_protocol::{ExitStatus, FrameError, FrameReader, GuestEvent, OutputStream};
+use supermachine_protocol::{
+    ExitStatus, FrameError, FrameReader, GuestEvent, HostCommand, OutputStream,
+};
 
 use crate::agent::AgentClient;
 use crate::boot::{BootRequest, BootTimings, LiveRunDir};
@@ -24,6 +26,9 @@ use crate::{guest_artifacts, Error};
 
 /// Receives the workload's output as it arrives.
 pub type OutputSink = Box<dyn FnMut(OutputStream, &[u8]) + Send>;
+
+/// How long a restored guest may take to take its new clock and entropy.
+const REFRESH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a VM may take to power off after the workload exited.
 const POWEROFF_GRACE: Duration = Duration::from_secs(10);
@@ -38,6 +43,8 @@ enum Phase {
 
 struct Shared {
     phase: Phase,
+    /// init's answer to the post-restore refresh (empty: success).
+    refreshed: Option<String>,
     agent_ready: bool,
     timings: BootTimings,
 }
@@ -46,6 +53,8 @@ type State = Arc<(Mutex<Shared>, Condvar)>;
 
 pub struct Vm {
     machine: Mutex<Box<dyn Machine>>,
+    /// Write half of the control channel (host -> init commands).
+    control: Mutex<Option<Box<dyn supermachine_backend::ControlChannel>>>,
     state: State,
     agent: Option<AgentClient>,
     backend_name: String,
@@ -133,15 +142,6 @@ impl Vm {
             sink,
         )?;
         vm.wait_started()?;
-        if let Some(agent) = &vm.agent {
-            // Fresh clock and entropy: the guest has no RTC sync and (later) may be a clone.
-            // A workload that already finished may have taken the VM (and agent) with it.
-            if let Err(e) = seed_guest(agent) {
-                if vm.try_status().is_none() {
-                    return Err(e);
-                }
-            }
-        }
         Ok(vm)
     }
 
@@ -203,11 +203,7 @@ impl Vm {
             Duration::from_secs(60),
             sink,
         )?;
-        let agent = vm
-            .agent
-            .as_ref()
-            .ok_or_else(|| Error::Guest("restored VM has no agent".into()))?;
-        seed_guest(agent)?;
+        vm.refresh_guest()?;
         if let Ok(mut s) = vm.state.0.lock() {
             s.timings.restore_total = Some(started.elapsed());
         }
@@ -226,6 +222,55 @@ impl Vm {
             memory: memory.to_path_buf(),
         })?;
         Ok(())
+    }
+
+    /// Fresh wall clock and entropy for a restored guest (through init, over the control
+    /// channel: no network round trip), waiting for init's answer.
+    fn refresh_guest(&self) -> Result<(), Error> {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let mut entropy = vec![0u8; 64];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut entropy))
+            .map_err(|e| Error::io("reading host entropy", e))?;
+        self.send_command(&HostCommand::Refresh {
+            unix_nanos: now.as_nanos(),
+            entropy,
+        })?;
+        let (lock, cv) = &*self.state;
+        let guard = lock
+            .lock()
+            .map_err(|_| Error::Guest("state lock poisoned".into()))?;
+        let (guard, _) = cv
+            .wait_timeout_while(guard, REFRESH_TIMEOUT, |s| {
+                s.refreshed.is_none() && !matches!(s.phase, Phase::Failed(_))
+            })
+            .map_err(|_| Error::Guest("state lock poisoned".into()))?;
+        match (&guard.refreshed, &guard.phase) {
+            (Some(e), _) if e.is_empty() => Ok(()),
+            (Some(e), _) => Err(Error::Guest(format!("refreshing the restored guest: {e}"))),
+            (None, Phase::Failed(msg)) => {
+                let msg = msg.clone();
+                drop(guard);
+                Err(self.crash_error(msg))
+            }
+            (None, _) => Err(Error::Guest(format!(
+                "the restored guest did not answer within {REFRESH_TIMEOUT:?}"
+            ))),
+        }
+    }
+
+    fn send_command(&self, cmd: &HostCommand) -> Result<(), Error> {
+        let mut c = self
+            .control
+            .lock()
+            .map_err(|_| Error::Guest("control lock poisoned".into()))?;
+        let w = c
+            .as_mut()
+            .ok_or_else(|| Error::Guest("the VM has no control channel".into()))?;
+        supermachine_protocol::write_frame(w, cmd)
+            .map_err(|e| Error::Guest(format!("control channel: {e}")))
     }
 
     /// The private directory holding this VM's sockets, console log and initramfs.
@@ -251,9 +296,11 @@ impl Vm {
             .take_channel()
             .ok_or_else(|| Error::Guest("the VM has no control channel".into()))?;
         let restored = matches!(phase, Phase::Running);
+        let control = channel.try_clone_box().ok();
         let state: State = Arc::new((
             Mutex::new(Shared {
                 phase,
+                refreshed: None,
                 agent_ready: restored,
                 timings,
             }),
@@ -276,6 +323,7 @@ impl Vm {
             });
         }
         let vm = Vm {
+            control: Mutex::new(control),
             machine: Mutex::new(machine),
             state,
             agent,
@@ -457,6 +505,23 @@ impl Vm {
             .read_file(path, max_bytes)
     }
 
+    /// Sets the guest's wall clock to the host's, through the agent.
+    pub fn sync_clock(&self) -> Result<(), Error> {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        self.agent()?
+            .set_time(now.as_nanos())
+            .map_err(|e| Error::io("setting the guest clock", e))
+    }
+
+    /// Credits `bytes` (at most 4096) to the guest kernel's entropy pool, through the agent.
+    pub fn add_entropy(&self, bytes: &[u8]) -> Result<(), Error> {
+        self.agent()?
+            .add_entropy(bytes.to_vec())
+            .map_err(|e| Error::io("adding guest entropy", e))
+    }
+
     /// Sends a signal to the workload.
     pub fn workload_signal(&self, signum: i32) -> Result<(), Error> {
         self.agent()?
@@ -469,23 +534,6 @@ impl Drop for Vm {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-fn seed_guest(agent: &AgentClient) -> Result<(), Error> {
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
-    agent
-        .set_time(now.as_nanos())
-        .map_err(|e| Error::io("setting the guest clock", e))?;
-    let mut seed = vec![0u8; 64];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        use std::io::Read;
-        let _ = f.read_exact(&mut seed);
-    }
-    agent
-        .add_entropy(seed)
-        .map_err(|e| Error::io("seeding the guest RNG", e))
 }
 
 fn set_phase(state: &State, f: impl FnOnce(&mut Shared)) {
@@ -563,6 +611,7 @@ fn follow_events(
                 });
             }
             GuestEvent::AgentReady { .. } => set_phase(&state, |s| s.agent_ready = true),
+            GuestEvent::Refreshed { error } => set_phase(&state, |s| s.refreshed = Some(error)),
             GuestEvent::WorkloadStarted { .. } => {
                 t_workload = Some(now);
                 set_phase(&state, |s| {

@@ -52,6 +52,15 @@ impl Channel {
         }
     }
 
+    /// A second handle for reading the host's commands.
+    pub fn reader(&self) -> std::io::Result<File> {
+        let port = match self.port.lock() {
+            Ok(p) => p,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        port.try_clone()
+    }
+
     /// Waits until everything written has left the port: the VM powers off right after.
     pub fn drain(&self) {
         let port = match self.port.lock() {

@@ -3,4 +3,5 @@
 //! given identity, working directory and session.
 
 pub mod launch;
+pub mod system;
 pub mod user;

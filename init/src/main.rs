@@ -38,6 +38,15 @@ fn main() {
     channel.send(&GuestEvent::InitStarted {
         uptime_ms: uptime_ms(),
     });
+    match channel.reader() {
+        Ok(r) => {
+            let c = channel.clone();
+            std::thread::spawn(move || follow_host(r, c));
+        }
+        Err(e) => console(&format!(
+            "supermachine-init: no reader on the control channel: {e}"
+        )),
+    }
 
     match run(&channel) {
         Ok(status) => {
@@ -87,6 +96,38 @@ fn run(channel: &Channel) -> Result<supermachine_protocol::ExitStatus, String> {
         Duration::from_secs(2),
     )
     .map_err(|e| e.to_string())
+}
+
+/// Acts on the host's commands for the life of the VM.
+fn follow_host(port: std::fs::File, channel: Channel) {
+    use supermachine_init::system;
+    use supermachine_protocol::{FrameReader, HostCommand};
+    let mut frames = FrameReader::new(port);
+    loop {
+        match frames.read::<HostCommand>() {
+            Ok(Some(HostCommand::Refresh {
+                unix_nanos,
+                entropy,
+            })) => {
+                let mut errors = Vec::new();
+                if let Err(e) = system::set_time(unix_nanos) {
+                    errors.push(format!("setting the clock: {e}"));
+                }
+                if let Err(e) = system::add_entropy(&entropy) {
+                    errors.push(format!("adding entropy: {e}"));
+                }
+                channel.send(&GuestEvent::Refreshed {
+                    error: errors.join("; "),
+                });
+                if let Err(e) = net::announce() {
+                    console(&format!("supermachine-init: announcing after restore: {e}"));
+                }
+            }
+            Ok(None) => return,
+            // Garbage on the line (a restore can cut a frame): resynchronise by waiting.
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
+        }
+    }
 }
 
 /// Writes a diagnostic line to the console (the host keeps it as the VM's console log).

@@ -103,3 +103,43 @@ fn set_up(fd: i32, name: &[u8]) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// The gateway of QEMU's user-mode network.
+const GATEWAY_IP: [u8; 4] = [10, 0, 2, 2];
+
+/// Makes the guest ARP for the gateway, which teaches a freshly started user-mode network
+/// our MAC (it learns from ARP requests); without it the first inbound connection after a
+/// restore waits on the network's own ARP retry (50-170 ms measured).
+pub fn announce() -> std::io::Result<()> {
+    if !Path::new("/sys/class/net/eth0").exists() {
+        return Ok(());
+    }
+    use std::os::fd::AsRawFd;
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    // SAFETY: arpreq is plain old data; all-zero is a valid value.
+    let mut req: libc::arpreq = unsafe { std::mem::zeroed() };
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(GATEWAY_IP),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in fits in sockaddr; both are plain data.
+    unsafe {
+        std::ptr::write(
+            &mut req.arp_pa as *mut libc::sockaddr as *mut libc::sockaddr_in,
+            sin,
+        )
+    };
+    for (dst, src) in req.arp_dev.iter_mut().zip(b"eth0\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: `req` is a valid arpreq; the kernel only reads it. A missing entry (ENXIO) is fine.
+    unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCDARP, &req) };
+    // Any datagram to the gateway now needs a fresh ARP request (the datagram itself is
+    // dropped by the restricted network; it only serves to trigger the request).
+    let _ = sock.send_to(&[0], (std::net::Ipv4Addr::from(GATEWAY_IP), 9));
+    Ok(())
+}

@@ -50,8 +50,22 @@ pub enum GuestEvent {
         status: ExitStatus,
         uptime_ms: u64,
     },
+    /// Answer to `HostCommand::Refresh`; `error` is empty on success.
+    Refreshed {
+        error: String,
+    },
     /// init could not start the workload (bad layer, bad user, bad config); the VM stops.
     Fatal {
         message: String,
     },
+}
+
+/// Messages the host sends to init over the control channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HostCommand {
+    /// The VM was just restored: set the wall clock, add entropy (clones of one snapshot
+    /// must not share RNG state), and make the guest's network presence known again (the
+    /// new VM monitor's user-mode network has an empty neighbour table). Answered with
+    /// `GuestEvent::Refreshed`.
+    Refresh { unix_nanos: u128, entropy: Vec<u8> },
 }

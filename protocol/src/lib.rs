@@ -9,5 +9,5 @@ pub mod event;
 pub mod frame;
 
 pub use config::{LayerMount, RunConfig, CONFIG_PATH, LAYER_SERIAL_PREFIX};
-pub use event::{ExitStatus, GuestEvent, OutputStream};
+pub use event::{ExitStatus, GuestEvent, HostCommand, OutputStream};
 pub use frame::{decode_frame, encode_frame, write_frame, FrameError, FrameReader, MAX_FRAME_LEN};

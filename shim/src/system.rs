@@ -37,35 +37,4 @@ pub fn signal_workload(ctx: &Context, signum: i32) -> io::Result<()> {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).map_err(io_err)
 }
 
-pub fn set_time(unix_nanos: u128) -> io::Result<()> {
-    let ts = nix::sys::time::TimeSpec::new(
-        (unix_nanos / 1_000_000_000) as i64,
-        (unix_nanos % 1_000_000_000) as i64,
-    );
-    nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts).map_err(io_err)
-}
-
-/// Credits `bytes` to the kernel's entropy pool (RNDADDENTROPY), so VMs cloned from one
-/// snapshot diverge.
-pub fn add_entropy(bytes: &[u8]) -> io::Result<()> {
-    if bytes.len() > 4096 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "at most 4096 bytes of entropy at once",
-        ));
-    }
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open("/dev/urandom")?;
-    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
-    let mut req = Vec::with_capacity(8 + bytes.len());
-    req.extend_from_slice(&((bytes.len() * 8) as i32).to_ne_bytes());
-    req.extend_from_slice(&(bytes.len() as i32).to_ne_bytes());
-    req.extend_from_slice(bytes);
-    const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
-    // SAFETY: `req` is a valid rand_pool_info of the length it declares and outlives the call.
-    if unsafe { libc::ioctl(f.as_raw_fd(), RNDADDENTROPY, req.as_ptr()) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
+pub use supermachine_init::system::{add_entropy, set_time};

@@ -2,6 +2,7 @@
 //! when it ran, 125 when supermachine itself failed, 126/127 when the command could not
 //! be invoked / was not found.
 
+mod bench;
 mod boot;
 mod exec;
 mod pull;
@@ -38,6 +39,8 @@ enum Command {
     Images(pull::ImagesArgs),
     /// Remove baked snapshots.
     Rmi(pull::RmiArgs),
+    /// Load tests and measurements.
+    Bench(bench::BenchArgs),
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -55,5 +58,6 @@ pub fn main() -> i32 {
         Command::Pull(args) => pull::run_pull(*args),
         Command::Images(args) => pull::run_images(args),
         Command::Rmi(args) => pull::run_rmi(args),
+        Command::Bench(args) => bench::run(args),
     }
 }
