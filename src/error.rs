@@ -39,6 +39,9 @@ pub enum Error {
     /// Baking a snapshot failed (the workload never listened, the snapshot failed, ...).
     #[error("bake failed: {0}")]
     Bake(String),
+    /// A worker process failed or broke the worker protocol.
+    #[error("worker: {0}")]
+    Worker(String),
     #[error("{context}: {source}")]
     Io {
         context: String,

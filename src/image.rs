@@ -2,7 +2,9 @@
 //! VM from it.
 
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 
+use crate::pool::{Pool, PooledVm};
 use crate::snapshot::Snapshot;
 use crate::vm::{OutputSink, Vm};
 use crate::Error;
@@ -12,9 +14,18 @@ use crate::Error;
 #[non_exhaustive]
 pub struct VmConfig {}
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Image {
     snapshot: Snapshot,
+    pool: Arc<OnceLock<Arc<Pool>>>,
+}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Image")
+            .field("snapshot", &self.snapshot.dir)
+            .finish()
+    }
 }
 
 impl Image {
@@ -22,6 +33,7 @@ impl Image {
     pub fn from_snapshot(dir: impl AsRef<Path>) -> Result<Image, Error> {
         Ok(Image {
             snapshot: Snapshot::open(dir.as_ref())?,
+            pool: Arc::new(OnceLock::new()),
         })
     }
 
@@ -34,7 +46,16 @@ impl Image {
         self.snapshot.meta.guest_port
     }
 
-    /// Restores a VM; its workload's output is discarded.
+    /// A VM from this image's pool of prepared workers (one spare kept ready). The VM is
+    /// discarded when the `PooledVm` drops.
+    pub fn acquire(&self) -> Result<PooledVm, Error> {
+        self.pool
+            .get_or_init(|| Pool::new(self.snapshot.dir.clone(), 1))
+            .acquire()
+    }
+
+    /// Restores a VM in this process (its VM monitor is still a separate process);
+    /// its workload's output is discarded.
     pub fn start(&self, _config: &VmConfig) -> Result<Vm, Error> {
         Vm::restore(&self.snapshot, Box::new(|_, _| {}))
     }

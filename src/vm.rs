@@ -149,7 +149,12 @@ impl Vm {
     /// copy-on-write, so nothing is copied and every clone shares unchanged pages. The
     /// guest gets fresh entropy and the current time before this returns.
     pub fn restore(snapshot: &Snapshot, sink: OutputSink) -> Result<Vm, Error> {
-        let started = Instant::now();
+        Vm::prepare_restore(snapshot)?.resume(sink)
+    }
+
+    /// Does the restore work that does not depend on the snapshot's state: the VM monitor
+    /// is started and waiting, so [`PreparedRestore::resume`] only loads and continues.
+    pub fn prepare_restore(snapshot: &Snapshot) -> Result<PreparedRestore, Error> {
         let meta = &snapshot.meta;
         let run_dir = tempfile::Builder::new()
             .prefix("supermachine-")
@@ -186,7 +191,44 @@ impl Vm {
         };
         let backend = QemuBackend::new();
         let backend_name = format!("qemu ({})", backend.accel());
-        let (machine, rt) = backend.restore(&spec, &files)?;
+        let pending = backend.prepare_restore(&spec)?;
+        Ok(PreparedRestore {
+            pending,
+            files,
+            backend_name,
+            live,
+            run_dir,
+        })
+    }
+}
+
+/// A VM monitor started and waiting for its snapshot (see [`Vm::prepare_restore`]).
+pub struct PreparedRestore {
+    pending: Box<dyn supermachine_backend::PendingRestore>,
+    files: SnapshotFiles,
+    backend_name: String,
+    live: LiveRunDir,
+    run_dir: tempfile::TempDir,
+}
+
+impl PreparedRestore {
+    /// The waiting monitor's host pid.
+    pub fn monitor_pid(&self) -> u32 {
+        self.pending.monitor_pid()
+    }
+
+    /// Loads the snapshot and runs the VM; returns once the guest has a fresh clock and
+    /// fresh entropy.
+    pub fn resume(self, sink: OutputSink) -> Result<Vm, Error> {
+        let started = Instant::now();
+        let PreparedRestore {
+            pending,
+            files,
+            backend_name,
+            live,
+            run_dir,
+        } = self;
+        let (machine, rt) = pending.resume(&files)?;
         let timings = BootTimings {
             backend_start: rt.monitor_start,
             restore: Some(rt.load_and_resume),
@@ -209,7 +251,9 @@ impl Vm {
         }
         Ok(vm)
     }
+}
 
+impl Vm {
     /// Pauses the guest and writes its state next to its RAM file (booted with
     /// `BootRequest::memory_file`). The VM stays paused until killed.
     pub fn snapshot(&self, state: &std::path::Path, memory: &std::path::Path) -> Result<(), Error> {

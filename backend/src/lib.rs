@@ -183,13 +183,30 @@ pub trait Machine: Send {
 pub trait Backend: Send + Sync {
     fn kind(&self) -> BackendKind;
     fn boot(&self, spec: &BootSpec) -> Result<Box<dyn Machine>, BackendError>;
-    /// Starts a VM from a snapshot: `spec` must describe the same machine that was baked
-    /// (devices, memory, vCPUs) with `memory_file` set to the snapshot's RAM, not shared.
+    /// Does everything a restore needs that does not depend on the snapshot's contents
+    /// (start the monitor, open its control sockets). `spec` must describe the machine that
+    /// was baked (devices, memory, vCPUs) with `memory_file` = the snapshot's RAM, not shared.
+    fn prepare_restore(&self, spec: &BootSpec) -> Result<Box<dyn PendingRestore>, BackendError>;
+
+    /// Starts a VM from a snapshot: [`Backend::prepare_restore`] then
+    /// [`PendingRestore::resume`].
     fn restore(
         &self,
         spec: &BootSpec,
         files: &SnapshotFiles,
+    ) -> Result<(Box<dyn Machine>, RestoreTimings), BackendError> {
+        self.prepare_restore(spec)?.resume(files)
+    }
+}
+
+/// A VM monitor waiting for a snapshot's state. Dropping it kills the monitor.
+pub trait PendingRestore: Send {
+    /// Loads the state and runs the guest.
+    fn resume(
+        self: Box<Self>,
+        files: &SnapshotFiles,
     ) -> Result<(Box<dyn Machine>, RestoreTimings), BackendError>;
+    fn monitor_pid(&self) -> u32;
 }
 
 /// Last `max` bytes of a text file, for error messages (missing file: empty).

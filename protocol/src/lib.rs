@@ -7,6 +7,7 @@ pub mod agent;
 pub mod config;
 pub mod event;
 pub mod frame;
+pub mod worker;
 
 pub use config::{LayerMount, RunConfig, CONFIG_PATH, LAYER_SERIAL_PREFIX};
 pub use event::{ExitStatus, GuestEvent, HostCommand, OutputStream};

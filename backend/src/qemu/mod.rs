@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use crate::{
     accel::{self, Accel},
     tail_of, AgentEndpoint, Backend, BackendError, BackendKind, BootSpec, ControlChannel, Machine,
-    MachineExit, RestoreTimings, SnapshotFiles, StartTimings,
+    MachineExit, PendingRestore, RestoreTimings, SnapshotFiles, StartTimings,
 };
 
 pub use command::QemuCommand;
@@ -71,16 +71,44 @@ impl Backend for QemuBackend {
         Ok(Box::new(self.start(spec, false)?))
     }
 
-    fn restore(
-        &self,
-        spec: &BootSpec,
-        files: &SnapshotFiles,
-    ) -> Result<(Box<dyn Machine>, RestoreTimings), BackendError> {
+    fn prepare_restore(&self, spec: &BootSpec) -> Result<Box<dyn PendingRestore>, BackendError> {
         let started = Instant::now();
         let mut machine = self.start(spec, true)?;
-        let monitor_start = started.elapsed();
+        let qmp = match snapshot::prepare_incoming(&machine.paths.qmp) {
+            Ok(q) => q,
+            Err(e) => {
+                let _ = machine.kill();
+                return Err(e);
+            }
+        };
+        Ok(Box::new(QemuPendingRestore {
+            machine,
+            qmp,
+            monitor_start: started.elapsed(),
+        }))
+    }
+}
+
+/// A QEMU started with `-incoming defer`, its QMP session open and `x-ignore-shared` set:
+/// a restore is now only "load the state, continue".
+struct QemuPendingRestore {
+    machine: QemuMachine,
+    qmp: qmp::QmpClient,
+    monitor_start: Duration,
+}
+
+impl PendingRestore for QemuPendingRestore {
+    fn resume(
+        self: Box<Self>,
+        files: &SnapshotFiles,
+    ) -> Result<(Box<dyn Machine>, RestoreTimings), BackendError> {
+        let QemuPendingRestore {
+            mut machine,
+            mut qmp,
+            monitor_start,
+        } = *self;
         let loading = Instant::now();
-        if let Err(e) = snapshot::load(&machine.paths.qmp, files) {
+        if let Err(e) = snapshot::load(&mut qmp, files) {
             let _ = machine.kill();
             let log = tail_of(&machine.paths.qemu_log, 2000);
             return Err(BackendError::Restore(format!(
@@ -93,6 +121,10 @@ impl Backend for QemuBackend {
             load_and_resume: loading.elapsed(),
         };
         Ok((Box::new(machine), timings))
+    }
+
+    fn monitor_pid(&self) -> u32 {
+        self.machine.pid()
     }
 }
 

@@ -74,13 +74,18 @@ pub fn save(qmp: &Path, files: &SnapshotFiles) -> Result<(), BackendError> {
     Ok(())
 }
 
-/// Loads `files.state` into a QEMU started with `-incoming defer` and resumes the guest.
-pub fn load(qmp: &Path, files: &SnapshotFiles) -> Result<(), BackendError> {
+/// Opens QMP on a QEMU started with `-incoming defer` and readies it for the stream.
+pub fn prepare_incoming(qmp: &Path) -> Result<QmpClient, BackendError> {
     let mut c = connect(qmp)?;
     ignore_shared(&mut c)?;
+    Ok(c)
+}
+
+/// Loads `files.state` (RAM excluded) and resumes the guest.
+pub fn load(c: &mut QmpClient, files: &SnapshotFiles) -> Result<(), BackendError> {
     let uri = format!("exec:cat {}", shell_quote(&files.state));
     c.execute("migrate-incoming", Some(json!({ "uri": uri })))?;
-    wait_migration(&mut c, "loading the VM state")?;
+    wait_migration(c, "loading the VM state")?;
     let status = c.execute("query-status", None)?;
     if status.get("running").and_then(|r| r.as_bool()) != Some(true) {
         c.execute("cont", None)?;

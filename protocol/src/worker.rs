@@ -1,0 +1,46 @@
+//! The worker control protocol: the host (router, pool, library) and one
+//! `supermachine-worker` process (one VM) over an inherited SOCK_SEQPACKET socketpair.
+//! Every message is one frame in one packet; `Handoff` carries the client socket as
+//! SCM_RIGHTS ancillary data on the same packet.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ExitStatus;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WorkerRequest {
+    /// Load the snapshot into the waiting VM monitor and run the guest.
+    Restore,
+    /// Bridge the attached client socket to `guest_port`, sending `prefix` (bytes the
+    /// router already read from the client) first.
+    Handoff { guest_port: u16, prefix: Vec<u8> },
+    /// Stop the VM and exit.
+    Stop,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum WorkerReply {
+    /// The snapshot is verified and a VM monitor waits for it (sent once, unprompted).
+    Prepared {
+        monitor_pid: u32,
+    },
+    /// The guest runs and has a fresh clock and entropy.
+    Ready {
+        agent: String,
+        restore_ms: f64,
+        ready_ms: f64,
+    },
+    /// A handed-off connection is being served.
+    HandedOff,
+    Error {
+        message: String,
+    },
+    /// The VM ended; the worker exits next.
+    Exited {
+        status: Option<ExitStatus>,
+        detail: String,
+    },
+}
+
+/// Largest worker message (one packet).
+pub const MAX_WORKER_MESSAGE: usize = 256 * 1024;

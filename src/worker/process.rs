@@ -1,0 +1,171 @@
+//! The worker process: `supermachine-worker --snapshot DIR --control-fd N`. It dies with
+//! its parent (PR_SET_PDEATHSIG), and its VM monitor dies with it.
+
+use std::net::TcpStream;
+use std::os::fd::FromRawFd;
+use std::os::unix::net::UnixDatagram;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use supermachine_protocol::worker::{WorkerReply, WorkerRequest};
+
+use super::channel;
+use crate::agent::pump;
+use crate::snapshot::Snapshot;
+use crate::vm::Vm;
+
+fn parse_args() -> Result<(PathBuf, i32), String> {
+    let args: Vec<String> = std::env::args().collect();
+    let mut snapshot = None;
+    let mut fd = None;
+    let mut i = 1;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--snapshot" => snapshot = args.get(i + 1).map(PathBuf::from),
+            "--control-fd" => fd = args.get(i + 1).and_then(|v| v.parse().ok()),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+        i += 2;
+    }
+    Ok((
+        snapshot.ok_or("missing --snapshot DIR")?,
+        fd.ok_or("missing --control-fd N")?,
+    ))
+}
+
+pub fn main() -> i32 {
+    let (dir, fd) = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("supermachine-worker: {e}\nusage: supermachine-worker --snapshot DIR --control-fd N");
+            return 2;
+        }
+    };
+    // SAFETY: prctl only changes this process's own death signal.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    // SAFETY: the parent passed us this socket for exactly this use; we own it now.
+    let control = unsafe { UnixDatagram::from_raw_fd(fd) };
+    let reply = |m: &WorkerReply| {
+        let _ = channel::send(&control, m, None);
+    };
+    let snapshot = match Snapshot::open(&dir) {
+        Ok(s) => s,
+        Err(e) => {
+            reply(&WorkerReply::Error {
+                message: e.to_string(),
+            });
+            return 1;
+        }
+    };
+    let prepared = match Vm::prepare_restore(&snapshot) {
+        Ok(p) => p,
+        Err(e) => {
+            reply(&WorkerReply::Error {
+                message: e.to_string(),
+            });
+            return 1;
+        }
+    };
+    reply(&WorkerReply::Prepared {
+        monitor_pid: prepared.monitor_pid(),
+    });
+
+    let mut prepared = Some(prepared);
+    let mut vm: Option<Arc<Vm>> = None;
+    loop {
+        let (req, fd) = match channel::recv::<WorkerRequest>(&control) {
+            Ok(Some(m)) => m,
+            // The host is gone (or spoke nonsense): nothing more to serve.
+            Ok(None) | Err(_) => return 0,
+        };
+        match req {
+            WorkerRequest::Restore => {
+                let Some(p) = prepared.take() else {
+                    reply(&WorkerReply::Error {
+                        message: "already restored".into(),
+                    });
+                    continue;
+                };
+                let t = Instant::now();
+                match p.resume(Box::new(|_, _| {})) {
+                    Ok(v) => {
+                        let tm = v.timings();
+                        let restore = tm.restore.unwrap_or_default();
+                        let agent = v.agent_addr().map(|a| a.to_string()).unwrap_or_default();
+                        let v = Arc::new(v);
+                        watch_exit(v.clone(), control.try_clone().ok());
+                        vm = Some(v);
+                        reply(&WorkerReply::Ready {
+                            agent,
+                            restore_ms: restore.as_secs_f64() * 1000.0,
+                            ready_ms: t.elapsed().as_secs_f64() * 1000.0,
+                        });
+                    }
+                    Err(e) => {
+                        reply(&WorkerReply::Error {
+                            message: e.to_string(),
+                        });
+                        return 1;
+                    }
+                }
+            }
+            WorkerRequest::Handoff { guest_port, prefix } => {
+                let (Some(v), Some(fd)) = (vm.clone(), fd) else {
+                    reply(&WorkerReply::Error {
+                        message: "handoff needs a restored VM and a socket".into(),
+                    });
+                    continue;
+                };
+                let client = TcpStream::from(fd);
+                std::thread::spawn(move || serve_connection(&v, client, guest_port, &prefix));
+                reply(&WorkerReply::HandedOff);
+            }
+            WorkerRequest::Stop => {
+                if let Some(v) = vm.take() {
+                    v.kill();
+                }
+                return 0;
+            }
+        }
+    }
+}
+
+/// Client <-> guest port, after sending what the router already read.
+fn serve_connection(vm: &Vm, client: TcpStream, guest_port: u16, prefix: &[u8]) {
+    use std::io::Write;
+    let mut guest = match vm.connect(guest_port) {
+        Ok(g) => g,
+        Err(_) => {
+            // The connection cannot be served: tell an HTTP client so rather than hang up.
+            let mut c = client;
+            let _ = c.write_all(
+                b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            );
+            return;
+        }
+    };
+    if !prefix.is_empty() && guest.write_all(prefix).is_err() {
+        return;
+    }
+    let (Ok(c2), Ok(g2)) = (client.try_clone(), guest.try_clone()) else {
+        return;
+    };
+    let up = std::thread::spawn(move || pump(client, guest));
+    pump(g2, c2);
+    let _ = up.join();
+}
+
+/// When the VM ends, report it and end the worker (one VM per process).
+fn watch_exit(vm: Arc<Vm>, control: Option<UnixDatagram>) {
+    std::thread::spawn(move || {
+        let (status, detail) = match vm.wait() {
+            Ok(s) => (Some(s), "the workload exited".to_string()),
+            Err(e) => (None, e.to_string()),
+        };
+        if let Some(c) = control {
+            let _ = channel::send(&c, &WorkerReply::Exited { status, detail }, None);
+        }
+        std::process::exit(0);
+    });
+}
