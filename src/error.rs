@@ -9,15 +9,19 @@ pub enum Error {
     /// The image reference, layout, a blob or a layer is bad or unreadable.
     #[error(transparent)]
     Image(#[from] BakeError),
-    /// No guest kernel where we looked.
-    #[error("guest kernel not found (looked at: {looked}); build it with kernel-config/build.sh or pass --kernel / SUPERMACHINE_KERNEL")]
-    KernelNotFound { looked: String },
-    /// No guest init binary where we looked.
-    #[error("guest init (supermachine-init) not found (looked at: {looked}); build it with scripts/build-guest.sh or set SUPERMACHINE_INIT")]
-    InitNotFound { looked: String },
-    /// The VM could not be started or controlled.
+    /// A file supermachine needs is missing: the guest kernel, init, the agent, the worker.
+    #[error("{what} not found (looked at: {looked}); {hint}")]
+    Assets {
+        what: String,
+        looked: String,
+        hint: String,
+    },
+    /// The VM could not be started, restored or controlled.
     #[error(transparent)]
-    Backend(#[from] BackendError),
+    Vm(#[from] BackendError),
+    /// Reaching the guest over the network failed (agent, published port).
+    #[error("network: {0}")]
+    Network(String),
     /// The guest's init reported that it could not start the workload.
     #[error("the guest could not start the workload: {0}")]
     Guest(String),

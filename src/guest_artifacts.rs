@@ -14,8 +14,10 @@ pub fn find_kernel(explicit: Option<&Path>, cache_root: &Path) -> Result<PathBuf
     } else {
         vec![cache_root.join("kernel/current/vmlinux")]
     };
-    first_file(&candidates).ok_or_else(|| Error::KernelNotFound {
+    first_file(&candidates).ok_or_else(|| Error::Assets {
+        what: "guest kernel".into(),
         looked: list(&candidates),
+        hint: "build it with kernel-config/build.sh or pass --kernel / SUPERMACHINE_KERNEL".into(),
     })
 }
 
@@ -47,8 +49,10 @@ pub fn find_init(explicit: Option<&Path>) -> Result<PathBuf, Error> {
         .iter()
         .find(|p| p.is_file() && is_static_elf(p))
         .cloned()
-        .ok_or_else(|| Error::InitNotFound {
+        .ok_or_else(|| Error::Assets {
+            what: "guest init (supermachine-init)".into(),
             looked: format!("{} (a static build is needed)", list(&candidates)),
+            hint: "build it with scripts/build-guest.sh or set SUPERMACHINE_INIT".into(),
         })
 }
 

@@ -9,10 +9,48 @@ use crate::snapshot::Snapshot;
 use crate::vm::{OutputSink, Vm};
 use crate::Error;
 
-/// Per-VM settings for a restore. Memory and vCPUs are the snapshot's.
-#[derive(Debug, Clone, Default)]
+/// Per-VM settings for a restore.
+#[derive(Debug, Clone)]
 #[non_exhaustive]
-pub struct VmConfig {}
+pub struct VmConfig {
+    /// Must match the snapshot's when given (a restored VM keeps its baked size).
+    pub memory_mib: Option<u32>,
+    /// Must match the snapshot's when given.
+    pub vcpus: Option<u32>,
+    /// How long a restore may take before it fails.
+    pub restore_timeout: std::time::Duration,
+    /// Where the VM's sockets and logs go (default: the system temp dir).
+    pub socket_dir: Option<std::path::PathBuf>,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            memory_mib: None,
+            vcpus: None,
+            restore_timeout: std::time::Duration::from_secs(30),
+            socket_dir: None,
+        }
+    }
+}
+
+impl VmConfig {
+    fn check(&self, snapshot: &Snapshot) -> Result<(), Error> {
+        let m = &snapshot.meta;
+        if self.memory_mib.is_some_and(|v| v != m.memory_mib)
+            || self.vcpus.is_some_and(|v| v != m.vcpus)
+        {
+            return Err(Error::Image(supermachine_bake::BakeError::Layout {
+                path: snapshot.dir.clone(),
+                reason: format!(
+                    "the snapshot was baked with {} MiB and {} vCPUs; a restore cannot change them (re-bake with `supermachine pull --memory/--vcpus`)",
+                    m.memory_mib, m.vcpus
+                ),
+            }));
+        }
+        Ok(())
+    }
+}
 
 #[derive(Clone)]
 pub struct Image {
@@ -56,12 +94,14 @@ impl Image {
 
     /// Restores a VM in this process (its VM monitor is still a separate process);
     /// its workload's output is discarded.
-    pub fn start(&self, _config: &VmConfig) -> Result<Vm, Error> {
-        Vm::restore(&self.snapshot, Box::new(|_, _| {}))
+    pub fn start(&self, config: &VmConfig) -> Result<Vm, Error> {
+        self.start_with_output(config, Box::new(|_, _| {}))
     }
 
     /// Restores a VM, sending its workload's output to `sink`.
-    pub fn start_with_output(&self, _config: &VmConfig, sink: OutputSink) -> Result<Vm, Error> {
-        Vm::restore(&self.snapshot, sink)
+    pub fn start_with_output(&self, config: &VmConfig, sink: OutputSink) -> Result<Vm, Error> {
+        config.check(&self.snapshot)?;
+        Vm::prepare_restore_in(&self.snapshot, config.socket_dir.as_deref())?
+            .resume_within(sink, config.restore_timeout)
     }
 }

@@ -182,20 +182,14 @@ impl Snapshot {
                 }
             }
         }
-        match size_of(&meta.kernel.path) {
-            Ok(n) if n == meta.kernel.size => {}
-            Ok(_) => {
-                return Err(invalid(format!(
-                    "guest kernel {} changed since the bake",
-                    meta.kernel.path.display()
-                )))
-            }
-            Err(e) => {
-                return Err(invalid(format!(
-                    "guest kernel {}: {e}",
-                    meta.kernel.path.display()
-                )))
-            }
+        // A restored guest must find the very kernel it was baked with in memory.
+        let kernel_digest = sha256_file(&meta.kernel.path)
+            .map_err(|e| invalid(format!("guest kernel {}: {e}", meta.kernel.path.display())))?;
+        if kernel_digest != meta.kernel.sha256 {
+            return Err(invalid(format!(
+                "guest kernel {} changed since the bake",
+                meta.kernel.path.display()
+            )));
         }
         Ok(Snapshot {
             dir: dir.to_path_buf(),

@@ -155,11 +155,22 @@ impl Vm {
     /// Does the restore work that does not depend on the snapshot's state: the VM monitor
     /// is started and waiting, so [`PreparedRestore::resume`] only loads and continues.
     pub fn prepare_restore(snapshot: &Snapshot) -> Result<PreparedRestore, Error> {
+        Vm::prepare_restore_in(snapshot, None)
+    }
+
+    /// [`Vm::prepare_restore`] with the VM's sockets and logs under `socket_dir`.
+    pub fn prepare_restore_in(
+        snapshot: &Snapshot,
+        socket_dir: Option<&std::path::Path>,
+    ) -> Result<PreparedRestore, Error> {
         let meta = &snapshot.meta;
-        let run_dir = tempfile::Builder::new()
-            .prefix("supermachine-")
-            .tempdir()
-            .map_err(|e| Error::io("creating a run directory", e))?;
+        let mut b = tempfile::Builder::new();
+        b.prefix("supermachine-");
+        let run_dir = match socket_dir {
+            Some(d) => b.tempdir_in(d),
+            None => b.tempdir(),
+        }
+        .map_err(|e| Error::io("creating a run directory", e))?;
         let live = LiveRunDir::register(run_dir.path());
         let spec = BootSpec {
             kernel: meta.kernel.path.clone(),
@@ -220,6 +231,11 @@ impl PreparedRestore {
     /// Loads the snapshot and runs the VM; returns once the guest has a fresh clock and
     /// fresh entropy.
     pub fn resume(self, sink: OutputSink) -> Result<Vm, Error> {
+        self.resume_within(sink, REFRESH_TIMEOUT)
+    }
+
+    /// [`PreparedRestore::resume`], failing if the guest is not ready within `timeout`.
+    pub fn resume_within(self, sink: OutputSink, timeout: Duration) -> Result<Vm, Error> {
         let started = Instant::now();
         let PreparedRestore {
             pending,
@@ -245,7 +261,7 @@ impl PreparedRestore {
             Duration::from_secs(60),
             sink,
         )?;
-        vm.refresh_guest()?;
+        vm.refresh_guest(timeout.saturating_sub(started.elapsed()))?;
         if let Ok(mut s) = vm.state.0.lock() {
             s.timings.restore_total = Some(started.elapsed());
         }
@@ -270,7 +286,7 @@ impl Vm {
 
     /// Fresh wall clock and entropy for a restored guest (through init, over the control
     /// channel: no network round trip), waiting for init's answer.
-    fn refresh_guest(&self) -> Result<(), Error> {
+    fn refresh_guest(&self, timeout: Duration) -> Result<(), Error> {
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default();
@@ -287,7 +303,7 @@ impl Vm {
             .lock()
             .map_err(|_| Error::Guest("state lock poisoned".into()))?;
         let (guard, _) = cv
-            .wait_timeout_while(guard, REFRESH_TIMEOUT, |s| {
+            .wait_timeout_while(guard, timeout, |s| {
                 s.refreshed.is_none() && !matches!(s.phase, Phase::Failed(_))
             })
             .map_err(|_| Error::Guest("state lock poisoned".into()))?;
@@ -300,7 +316,7 @@ impl Vm {
                 Err(self.crash_error(msg))
             }
             (None, _) => Err(Error::Guest(format!(
-                "the restored guest did not answer within {REFRESH_TIMEOUT:?}"
+                "the restored guest did not answer within {timeout:?}"
             ))),
         }
     }
@@ -453,6 +469,28 @@ impl Vm {
         }
     }
 
+    /// Stops the VM gracefully: SIGTERM to the workload, then up to `grace` for it to exit
+    /// (init powers the VM off when it does), then a kill.
+    pub fn stop(&self, grace: Duration) -> Result<Option<ExitStatus>, Error> {
+        if self.try_status().is_none() {
+            let _ = self.workload_signal(15);
+            let (lock, cv) = &*self.state;
+            if let Ok(s) = lock.lock() {
+                let _ = cv.wait_timeout_while(s, grace, |s| {
+                    matches!(s.phase, Phase::Booting | Phase::Running)
+                });
+            }
+        }
+        let status = self.try_status();
+        if status.is_some() {
+            if let Ok(mut m) = self.machine.lock() {
+                let _ = m.wait_timeout(Duration::from_secs(5));
+            }
+        }
+        self.kill();
+        Ok(status)
+    }
+
     /// Stops the VM now.
     pub fn kill(&self) {
         if let Ok(mut m) = self.machine.lock() {
@@ -497,7 +535,7 @@ impl Vm {
     pub fn connect(&self, guest_port: u16) -> Result<TcpStream, Error> {
         self.agent()?
             .connect(guest_port)
-            .map_err(|e| Error::io(format!("connecting to guest port {guest_port}"), e))
+            .map_err(|e| Error::Network(format!("connecting to guest port {guest_port}: {e}")))
     }
 
     /// Listens on 127.0.0.1:`host_port` (0: any free port) and forwards to `guest_port`.

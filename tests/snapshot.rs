@@ -220,3 +220,27 @@ fn killed_vm_does_not_disturb_others() {
     assert!(a.connect(80).is_err());
     let _ = TcpStream::connect("127.0.0.1:1");
 }
+
+#[test]
+fn stop_is_graceful_and_config_must_match_the_snapshot() {
+    let image = Image::from_snapshot(shared_snapshot()).unwrap();
+    let vm = image.start(&VmConfig::default()).unwrap();
+    let qemu = vm.pid();
+    assert_eq!(
+        vm.stop(Duration::from_secs(10)).unwrap(),
+        Some(supermachine::ExitStatus::Signal(15))
+    );
+    assert!(
+        !Path::new(&format!("/proc/{qemu}/cmdline")).exists()
+            || std::fs::read(format!("/proc/{qemu}/cmdline"))
+                .unwrap()
+                .is_empty()
+    );
+
+    let mut cfg = VmConfig::default();
+    cfg.memory_mib = Some(512);
+    match image.start(&cfg) {
+        Err(Error::Image(e)) => assert!(e.to_string().contains("256 MiB"), "{e}"),
+        other => panic!("expected Error::Image, got {:?}", other.map(|_| ())),
+    }
+}

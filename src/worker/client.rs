@@ -190,7 +190,7 @@ impl Worker {
     pub fn connect(&self, guest_port: u16) -> Result<std::net::TcpStream, Error> {
         self.agent()?
             .connect(guest_port)
-            .map_err(|e| Error::io(format!("connecting to guest port {guest_port}"), e))
+            .map_err(|e| Error::Network(format!("connecting to guest port {guest_port}: {e}")))
     }
 
     pub fn exec_builder(&self) -> Result<ExecBuilder, Error> {
