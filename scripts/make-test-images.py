@@ -100,6 +100,16 @@ def base_layer():
     l.file("etc/passwd", "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n")
     l.file("etc/group", "root:x:0:\napp:x:1000:\nstaff:x:50:app\n")
     l.file("var/www/index.html", "<h1>hello from supermachine</h1>\n")
+    # CGI endpoints for busybox httpd: echo the request body; write/read a marker file.
+    l.dir("var/www/cgi-bin")
+    l.file("var/www/cgi-bin/echo", "#!/bin/sh\nprintf 'Content-Type: application/octet-stream\\r\\n\\r\\n'\nhead -c \"$CONTENT_LENGTH\"\n", 0o755)
+    l.file(
+        "var/www/cgi-bin/mark",
+        "#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n'\n"
+        "if [ -n \"$QUERY_STRING\" ]; then echo \"$QUERY_STRING\" > /tmp/mark; fi\n"
+        "cat /tmp/mark 2>/dev/null || echo none\n",
+        0o755,
+    )
     return l.bytes()
 
 

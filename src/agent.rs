@@ -193,9 +193,10 @@ impl AgentClient {
     }
 }
 
-/// Copies until EOF, then half-closes the destination.
-pub(crate) fn pump(mut from: TcpStream, mut to: TcpStream) {
+/// Copies until EOF, then half-closes the destination; returns the bytes copied.
+pub(crate) fn pump(mut from: TcpStream, mut to: TcpStream) -> u64 {
     let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
     loop {
         match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
@@ -203,8 +204,10 @@ pub(crate) fn pump(mut from: TcpStream, mut to: TcpStream) {
                 if to.write_all(&buf[..n]).is_err() {
                     break;
                 }
+                total += n as u64;
             }
         }
     }
     let _ = to.shutdown(std::net::Shutdown::Write);
+    total
 }

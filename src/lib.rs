@@ -16,6 +16,7 @@ pub mod guest_artifacts;
 mod image;
 pub mod pool;
 pub mod pull;
+pub mod router;
 pub mod snapshot;
 mod vm;
 pub mod worker;

@@ -121,6 +121,10 @@ pub fn pull(req: &PullRequest) -> Result<PullOutcome, Error> {
     };
     if let Err(e) = vm.wait_listening(req.port, req.ready_timeout) {
         save_log(&vm);
+        let e = match vm.try_status() {
+            Some(status) => format!("the workload exited ({status:?}) before it listened"),
+            None => e.to_string(),
+        };
         let kept = req.snapshots_dir.join(format!("{}.bake.log", req.name));
         let _ = std::fs::copy(&log_path, &kept);
         return Err(Error::Bake(format!(

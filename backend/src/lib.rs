@@ -4,6 +4,7 @@
 
 pub mod accel;
 pub mod qemu;
+pub mod spawn;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};

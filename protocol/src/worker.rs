@@ -12,8 +12,13 @@ pub enum WorkerRequest {
     /// Load the snapshot into the waiting VM monitor and run the guest.
     Restore,
     /// Bridge the attached client socket to `guest_port`, sending `prefix` (bytes the
-    /// router already read from the client) first.
-    Handoff { guest_port: u16, prefix: Vec<u8> },
+    /// router already read from the client) first. `last`: stop the VM and exit once this
+    /// connection closes (fresh-VM-per-connection isolation).
+    Handoff {
+        guest_port: u16,
+        prefix: Vec<u8>,
+        last: bool,
+    },
     /// Stop the VM and exit.
     Stop,
 }
@@ -32,6 +37,10 @@ pub enum WorkerReply {
     },
     /// A handed-off connection is being served.
     HandedOff,
+    /// A handed-off connection closed (unprompted); `bytes_to_client` were sent to it.
+    Closed {
+        bytes_to_client: u64,
+    },
     Error {
         message: String,
     },

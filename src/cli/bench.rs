@@ -20,6 +20,8 @@ pub struct BenchArgs {
 enum BenchCommand {
     /// Restore a baked snapshot N times; report latency percentiles and PSS per VM.
     Restore(RestoreArgs),
+    /// HTTP load against a URL for a bounded time.
+    Http(crate::cli::bench_http::HttpArgs),
 }
 
 #[derive(Args)]
@@ -67,7 +69,10 @@ fn first_byte(w: &Worker, port: u16) -> std::io::Result<()> {
 }
 
 pub fn run(a: BenchArgs) -> i32 {
-    let BenchCommand::Restore(a) = a.what;
+    let a = match a.what {
+        BenchCommand::Restore(a) => a,
+        BenchCommand::Http(h) => return crate::cli::bench_http::run(h),
+    };
     let dir = {
         let p = PathBuf::from(&a.name);
         if p.is_dir() {

@@ -3,10 +3,12 @@
 //! be invoked / was not found.
 
 mod bench;
+mod bench_http;
 mod boot;
 mod exec;
 mod pull;
 mod registry;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -41,6 +43,8 @@ enum Command {
     Rmi(pull::RmiArgs),
     /// Load tests and measurements.
     Bench(bench::BenchArgs),
+    /// The HTTP ingress: route requests to pools of VMs restored from snapshots.
+    Serve(Box<serve::ServeArgs>),
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -59,5 +63,6 @@ pub fn main() -> i32 {
         Command::Images(args) => pull::run_images(args),
         Command::Rmi(args) => pull::run_rmi(args),
         Command::Bench(args) => bench::run(args),
+        Command::Serve(args) => serve::run(*args),
     }
 }

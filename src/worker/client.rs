@@ -6,6 +6,8 @@ use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use supermachine_backend::AgentEndpoint;
@@ -30,6 +32,21 @@ pub struct Worker {
     control: UnixDatagram,
     monitor_pid: u32,
     agent: Option<AgentClient>,
+    /// After the restore a reader thread owns the socket's incoming side: replies to our
+    /// requests arrive here, unprompted news (`Closed`, `Exited`) updates `state`.
+    replies: Option<mpsc::Receiver<WorkerReply>>,
+    state: Arc<WorkerState>,
+}
+
+/// What the host knows about a running worker without asking it.
+#[derive(Debug, Default)]
+pub struct WorkerState {
+    /// Handed-off connections not yet closed.
+    pub active: AtomicUsize,
+    /// Connections served to completion.
+    pub served: AtomicU64,
+    /// The worker (or its VM) is gone.
+    pub exited: AtomicBool,
 }
 
 /// `supermachine-worker`: `$SUPERMACHINE_WORKER`, else next to the running executable
@@ -64,6 +81,9 @@ pub fn find_worker_binary() -> Result<PathBuf, Error> {
         })
 }
 
+/// How long a worker may take to answer a request after its restore.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
 fn protocol_error(what: &str, got: impl std::fmt::Debug) -> Error {
     Error::Worker(format!("{what}: unexpected reply {got:?}"))
 }
@@ -93,8 +113,7 @@ impl Worker {
                 Ok(())
             });
         }
-        let child = cmd
-            .spawn()
+        let child = supermachine_backend::spawn::spawn_tied(cmd)
             .map_err(|e| Error::io(format!("starting {}", exe.display()), e))?;
         drop(worker);
         let mut w = Worker {
@@ -102,6 +121,8 @@ impl Worker {
             control: host,
             monitor_pid: 0,
             agent: None,
+            replies: None,
+            state: Arc::new(WorkerState::default()),
         };
         match w.recv()? {
             WorkerReply::Prepared { monitor_pid } => w.monitor_pid = monitor_pid,
@@ -112,6 +133,11 @@ impl Worker {
     }
 
     fn recv(&mut self) -> Result<WorkerReply, Error> {
+        if let Some(rx) = &self.replies {
+            return rx
+                .recv_timeout(REPLY_TIMEOUT)
+                .map_err(|_| Error::Worker(format!("worker {} did not answer", self.child.id())));
+        }
         match channel::recv::<WorkerReply>(&self.control) {
             Ok(Some((m, _))) => Ok(m),
             Ok(None) => Err(Error::Worker(format!("worker {} exited", self.child.id()))),
@@ -137,6 +163,7 @@ impl Worker {
                     .parse()
                     .map_err(|_| Error::Worker(format!("bad agent address {agent:?}")))?;
                 self.agent = Some(AgentClient::new(AgentEndpoint::Tcp(addr)));
+                self.start_reader()?;
                 Ok(WorkerTimings {
                     restore: Duration::from_secs_f64(restore_ms / 1000.0),
                     ready: Duration::from_secs_f64(ready_ms / 1000.0),
@@ -147,6 +174,34 @@ impl Worker {
         }
     }
 
+    fn start_reader(&mut self) -> Result<(), Error> {
+        let sock = self
+            .control
+            .try_clone()
+            .map_err(|e| Error::io("worker socket", e))?;
+        let (tx, rx) = mpsc::channel();
+        let state = self.state.clone();
+        std::thread::spawn(move || loop {
+            match channel::recv::<WorkerReply>(&sock) {
+                Ok(Some((WorkerReply::Closed { .. }, _))) => {
+                    state.active.fetch_sub(1, Ordering::SeqCst);
+                    state.served.fetch_add(1, Ordering::SeqCst);
+                }
+                Ok(Some((WorkerReply::Exited { .. }, _))) | Ok(None) | Err(_) => {
+                    state.exited.store(true, Ordering::SeqCst);
+                    return;
+                }
+                Ok(Some((other, _))) => {
+                    if tx.send(other).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        self.replies = Some(rx);
+        Ok(())
+    }
+
     /// Passes `client` to the worker (SCM_RIGHTS), which bridges it to `guest_port` after
     /// sending `prefix`. Our copy of the socket is closed when this returns.
     pub fn handoff(
@@ -155,19 +210,45 @@ impl Worker {
         guest_port: u16,
         prefix: &[u8],
     ) -> Result<(), Error> {
-        self.send(
-            &WorkerRequest::Handoff {
-                guest_port,
-                prefix: prefix.to_vec(),
-            },
-            Some(client.as_raw_fd()),
-        )?;
+        self.handoff_with(client, guest_port, prefix, false)
+    }
+
+    /// [`Worker::handoff`]; with `last`, the worker stops its VM and exits when this
+    /// connection closes (a fresh VM per connection).
+    pub fn handoff_with(
+        &mut self,
+        client: impl AsRawFd,
+        guest_port: u16,
+        prefix: &[u8],
+        last: bool,
+    ) -> Result<(), Error> {
+        let req = WorkerRequest::Handoff {
+            guest_port,
+            prefix: prefix.to_vec(),
+            last,
+        };
+        self.state.active.fetch_add(1, Ordering::SeqCst);
+        let sent = self.send(&req, Some(client.as_raw_fd()));
         drop(client);
-        match self.recv()? {
+        let result = sent.and_then(|_| match self.recv()? {
             WorkerReply::HandedOff => Ok(()),
             WorkerReply::Error { message } => Err(Error::Worker(message)),
             other => Err(protocol_error("handing off a connection", other)),
+        });
+        if result.is_err() {
+            self.state.active.fetch_sub(1, Ordering::SeqCst);
         }
+        result
+    }
+
+    /// Live counters (connections in flight, served, exited).
+    pub fn state(&self) -> &Arc<WorkerState> {
+        &self.state
+    }
+
+    /// False once the worker or its VM is gone.
+    pub fn is_alive(&mut self) -> bool {
+        !self.state.exited.load(Ordering::SeqCst) && matches!(self.child.try_wait(), Ok(None))
     }
 
     /// The worker process id.

@@ -7,4 +7,4 @@ mod channel;
 mod client;
 pub mod process;
 
-pub use client::{Worker, WorkerTimings};
+pub use client::{Worker, WorkerState, WorkerTimings};

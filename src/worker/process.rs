@@ -77,7 +77,13 @@ pub fn main() -> i32 {
         let (req, fd) = match channel::recv::<WorkerRequest>(&control) {
             Ok(Some(m)) => m,
             // The host is gone (or spoke nonsense): nothing more to serve.
-            Ok(None) | Err(_) => return 0,
+            Ok(None) | Err(_) => {
+                if let Some(v) = vm.take() {
+                    v.kill();
+                }
+                crate::boot::remove_live_run_dirs();
+                return 0;
+            }
         };
         match req {
             WorkerRequest::Restore => {
@@ -110,7 +116,11 @@ pub fn main() -> i32 {
                     }
                 }
             }
-            WorkerRequest::Handoff { guest_port, prefix } => {
+            WorkerRequest::Handoff {
+                guest_port,
+                prefix,
+                last,
+            } => {
                 let (Some(v), Some(fd)) = (vm.clone(), fd) else {
                     reply(&WorkerReply::Error {
                         message: "handoff needs a restored VM and a socket".into(),
@@ -118,13 +128,32 @@ pub fn main() -> i32 {
                     continue;
                 };
                 let client = TcpStream::from(fd);
-                std::thread::spawn(move || serve_connection(&v, client, guest_port, &prefix));
+                let notify = control.try_clone().ok();
+                std::thread::spawn(move || {
+                    let sent = serve_connection(&v, client, guest_port, &prefix);
+                    if let Some(c) = &notify {
+                        let _ = channel::send(
+                            c,
+                            &WorkerReply::Closed {
+                                bytes_to_client: sent,
+                            },
+                            None,
+                        );
+                    }
+                    if last {
+                        v.kill();
+                        crate::boot::remove_live_run_dirs();
+                        std::process::exit(0);
+                    }
+                });
                 reply(&WorkerReply::HandedOff);
             }
             WorkerRequest::Stop => {
                 if let Some(v) = vm.take() {
                     v.kill();
                 }
+                // Other threads may still hold the VM; its run directory goes now.
+                crate::boot::remove_live_run_dirs();
                 return 0;
             }
         }
@@ -132,29 +161,31 @@ pub fn main() -> i32 {
 }
 
 /// Client <-> guest port, after sending what the router already read.
-fn serve_connection(vm: &Vm, client: TcpStream, guest_port: u16, prefix: &[u8]) {
+fn serve_connection(vm: &Vm, client: TcpStream, guest_port: u16, prefix: &[u8]) -> u64 {
     use std::io::Write;
     let mut guest = match vm.connect(guest_port) {
         Ok(g) => g,
         Err(_) => {
             // The connection cannot be served: tell an HTTP client so rather than hang up.
             let mut c = client;
-            let _ = c.write_all(
-                b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
-            );
-            return;
+            let _ = c.write_all(BAD_GATEWAY);
+            return 0;
         }
     };
     if !prefix.is_empty() && guest.write_all(prefix).is_err() {
-        return;
+        return 0;
     }
     let (Ok(c2), Ok(g2)) = (client.try_clone(), guest.try_clone()) else {
-        return;
+        return 0;
     };
     let up = std::thread::spawn(move || pump(client, guest));
-    pump(g2, c2);
+    let sent = pump(g2, c2);
     let _ = up.join();
+    sent
 }
+
+const BAD_GATEWAY: &[u8] =
+    b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 
 /// When the VM ends, report it and end the worker (one VM per process).
 fn watch_exit(vm: Arc<Vm>, control: Option<UnixDatagram>) {
@@ -166,6 +197,8 @@ fn watch_exit(vm: Arc<Vm>, control: Option<UnixDatagram>) {
         if let Some(c) = control {
             let _ = channel::send(&c, &WorkerReply::Exited { status, detail }, None);
         }
+        vm.kill();
+        crate::boot::remove_live_run_dirs();
         std::process::exit(0);
     });
 }

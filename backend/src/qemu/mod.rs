@@ -12,7 +12,6 @@ pub mod qmp;
 mod snapshot;
 
 use std::os::unix::net::UnixListener;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -197,16 +196,7 @@ impl QemuBackend {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr);
-        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd.spawn().map_err(|source| BackendError::Spawn {
+        let child = crate::spawn::spawn_tied(cmd).map_err(|source| BackendError::Spawn {
             program: self.binary.display().to_string(),
             source,
         })?;

@@ -1,0 +1,169 @@
+//! `supermachine serve`: the multi-VM HTTP ingress.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+use crate::boot::BootRequest;
+use crate::cli::EXIT_INTERNAL;
+use crate::pull::{self, PullRequest};
+use crate::router::{self, Isolation, PoolConfig, Route, RouterConfig};
+use crate::snapshot;
+use crate::ImageRef;
+
+#[derive(Clone, Copy, ValueEnum)]
+enum IsolationArg {
+    /// Long-lived VMs serve many connections, least-loaded first.
+    Shared,
+    /// Every connection gets a freshly restored VM, destroyed when it closes.
+    Fresh,
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Where clients connect.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Serve /_supermachine/health and /_supermachine/metrics here.
+    #[arg(long)]
+    admin: Option<SocketAddr>,
+    /// The image for every request: a snapshot name, a snapshot dir, or oci-layout:DIR[:TAG]
+    /// (baked first, with --port).
+    #[arg(long)]
+    image: Option<String>,
+    /// Route a Host header to an image: HOST=IMAGE; repeatable.
+    #[arg(long = "route", value_name = "HOST=IMAGE")]
+    routes: Vec<String>,
+    /// Guest port of images baked here.
+    #[arg(long, default_value_t = 80)]
+    port: u16,
+    /// VMs kept per image (fresh: restored and waiting).
+    #[arg(long, default_value_t = 1)]
+    min: usize,
+    /// Most VMs per image (shared).
+    #[arg(long, default_value_t = 4)]
+    max: usize,
+    /// Seconds an extra idle VM lives (shared).
+    #[arg(long, default_value_t = 60)]
+    idle_timeout: u64,
+    #[arg(long, value_enum, default_value_t = IsolationArg::Shared)]
+    isolation: IsolationArg,
+    /// Seconds SIGTERM waits for connections to finish.
+    #[arg(long, default_value_t = 10)]
+    grace: u64,
+    #[arg(long)]
+    snapshots_dir: Option<PathBuf>,
+}
+
+/// A snapshot dir for IMAGE: an existing snapshot (dir or name), or a fresh bake.
+fn resolve_image(image: &str, port: u16, root: &Path) -> Result<PathBuf, String> {
+    let as_dir = PathBuf::from(image);
+    if as_dir.join(snapshot::METADATA).is_file() {
+        return Ok(as_dir);
+    }
+    if !image.contains(':') && root.join(image).join(snapshot::METADATA).is_file() {
+        return Ok(root.join(image));
+    }
+    let reference = ImageRef::parse(image).map_err(|e| e.to_string())?;
+    let req = PullRequest {
+        boot: BootRequest::new(reference),
+        name: pull::default_name(image),
+        port,
+        ready_timeout: Duration::from_secs(120),
+        snapshots_dir: root.to_path_buf(),
+    };
+    eprintln!("supermachine: baking {image} (port {port})");
+    pull::pull(&req)
+        .map(|o| o.snapshot.dir)
+        .map_err(|e| e.to_string())
+}
+
+pub fn run(a: ServeArgs) -> i32 {
+    let root = a
+        .snapshots_dir
+        .clone()
+        .unwrap_or_else(snapshot::default_root);
+    let mut routes = Vec::new();
+    let mut specs: Vec<(Option<String>, String)> =
+        a.image.iter().map(|i| (None, i.clone())).collect();
+    for r in &a.routes {
+        match r.split_once('=') {
+            Some((h, i)) if !h.is_empty() && !i.is_empty() => {
+                specs.push((Some(h.to_string()), i.to_string()))
+            }
+            _ => {
+                eprintln!("supermachine: error: invalid --route {r:?}: expected HOST=IMAGE");
+                return EXIT_INTERNAL;
+            }
+        }
+    }
+    if specs.is_empty() {
+        eprintln!(
+            "supermachine: error: nothing to serve: give --image IMAGE or --route HOST=IMAGE"
+        );
+        return EXIT_INTERNAL;
+    }
+    for (host, image) in specs {
+        match resolve_image(&image, a.port, &root) {
+            Ok(dir) => routes.push(Route {
+                host,
+                snapshot: dir,
+            }),
+            Err(e) => {
+                eprintln!("supermachine: error: {image}: {e}");
+                return EXIT_INTERNAL;
+            }
+        }
+    }
+    let config = RouterConfig {
+        listen: a.listen,
+        admin: a.admin,
+        routes,
+        pool: PoolConfig {
+            min: a.min,
+            max: a.max.max(a.min).max(1),
+            idle_timeout: Duration::from_secs(a.idle_timeout),
+            isolation: match a.isolation {
+                IsolationArg::Shared => Isolation::Shared,
+                IsolationArg::Fresh => Isolation::Fresh,
+            },
+        },
+        grace: Duration::from_secs(a.grace),
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("supermachine: error: starting the runtime: {e}");
+            return EXIT_INTERNAL;
+        }
+    };
+    let result = rt.block_on(async move {
+        let shutdown = async {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                return std::future::pending::<()>().await;
+            };
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+        };
+        eprintln!("supermachine: serving on http://{}", config.listen);
+        router::serve(config, shutdown).await
+    });
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("supermachine: error: {e}");
+            EXIT_INTERNAL
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! Workers for one image. `shared`: long-lived VMs serve many connections, least-loaded
+//! first, between `min` and `max` of them, idle extras stopped after `idle_timeout`.
+//! `fresh`: every connection gets a VM restored just for it and destroyed when it closes;
+//! `min` restored VMs wait ready so a client never waits for a restore. A background thread
+//! replaces dead workers (counted as crashes) and refills.
+
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use super::metrics::Metrics;
+use crate::snapshot::Snapshot;
+use crate::worker::Worker;
+use crate::Error;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    Shared,
+    Fresh,
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub min: usize,
+    pub max: usize,
+    pub idle_timeout: Duration,
+    pub isolation: Isolation,
+}
+
+struct Slot {
+    worker: Worker,
+    last_busy: Instant,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Shared: VMs serving connections. Fresh: unused.
+    serving: Vec<Slot>,
+    /// Fresh: restored VMs waiting for their one connection.
+    ready: Vec<Worker>,
+    /// Fresh: VMs serving their one connection; they exit when it closes.
+    draining: Vec<Worker>,
+    /// Restores in flight by the maintainer.
+    starting: usize,
+    /// Shared: every VM was busy at a handoff; add one if below `max`.
+    grow: bool,
+}
+
+pub struct ImagePool {
+    dir: PathBuf,
+    guest_port: u16,
+    config: PoolConfig,
+    metrics: Arc<Metrics>,
+    inner: Mutex<Inner>,
+    wake: Condvar,
+    stopping: AtomicBool,
+}
+
+type HandoffError = (Error, Option<TcpStream>);
+
+impl ImagePool {
+    pub fn start(
+        dir: PathBuf,
+        config: PoolConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<ImagePool>, Error> {
+        let snapshot = Snapshot::open(&dir)?;
+        let pool = Arc::new(ImagePool {
+            dir,
+            guest_port: snapshot.meta.guest_port,
+            config,
+            metrics,
+            inner: Mutex::new(Inner::default()),
+            wake: Condvar::new(),
+            stopping: AtomicBool::new(false),
+        });
+        let weak = Arc::downgrade(&pool);
+        std::thread::spawn(move || maintain(weak));
+        Ok(pool)
+    }
+
+    fn restore_one(&self) -> Result<Worker, Error> {
+        let t = Instant::now();
+        let mut w = Worker::spawn(&self.dir)?;
+        w.restore()?;
+        self.metrics.restored(t.elapsed());
+        Ok(w)
+    }
+
+    /// Hands `stream` (with `prefix` already read from it) to a worker.
+    pub fn handoff(&self, stream: TcpStream, prefix: &[u8]) -> Result<(), HandoffError> {
+        match self.config.isolation {
+            Isolation::Shared => self.handoff_shared(stream, prefix),
+            Isolation::Fresh => self.handoff_fresh(stream, prefix),
+        }
+    }
+
+    fn handoff_shared(&self, stream: TcpStream, prefix: &[u8]) -> Result<(), HandoffError> {
+        let lock_err = || Error::Worker("pool lock poisoned".into());
+        let mut inner = match self.inner.lock() {
+            Ok(i) => i,
+            Err(_) => return Err((lock_err(), Some(stream))),
+        };
+        // Least-loaded live worker; a new one if all are busy and there is room.
+        let pick = inner
+            .serving
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.worker.state().exited.load(Ordering::SeqCst))
+            .min_by_key(|(_, s)| s.worker.state().active.load(Ordering::SeqCst))
+            .map(|(i, s)| (i, s.worker.state().active.load(Ordering::SeqCst)));
+        let grow = match pick {
+            None => true,
+            Some((_, active)) => {
+                active > 0 && inner.serving.len() + inner.starting < self.config.max
+            }
+        };
+        let index = if grow && pick.is_none() {
+            drop(inner);
+            let w = match self.restore_one() {
+                Ok(w) => w,
+                Err(e) => return Err((e, Some(stream))),
+            };
+            inner = match self.inner.lock() {
+                Ok(i) => i,
+                Err(_) => return Err((lock_err(), Some(stream))),
+            };
+            inner.serving.push(Slot {
+                worker: w,
+                last_busy: Instant::now(),
+            });
+            inner.serving.len() - 1
+        } else {
+            if grow {
+                // Serve now on the least-loaded VM; add capacity in the background.
+                inner.grow = true;
+                self.wake.notify_all();
+            }
+            pick.map(|(i, _)| i).unwrap_or(0)
+        };
+        let slot = &mut inner.serving[index];
+        slot.last_busy = Instant::now();
+        let clone = stream.try_clone().ok();
+        slot.worker
+            .handoff(stream, self.guest_port, prefix)
+            .map_err(|e| (e, clone))
+    }
+
+    fn handoff_fresh(&self, stream: TcpStream, prefix: &[u8]) -> Result<(), HandoffError> {
+        let ready = self.inner.lock().ok().and_then(|mut i| i.ready.pop());
+        self.wake.notify_all();
+        let mut w = match ready {
+            Some(w) => w,
+            None => match self.restore_one() {
+                Ok(w) => w,
+                Err(e) => return Err((e, Some(stream))),
+            },
+        };
+        let clone = stream.try_clone().ok();
+        w.handoff_with(stream, self.guest_port, prefix, true)
+            .map_err(|e| (e, clone))?;
+        if let Ok(mut i) = self.inner.lock() {
+            i.draining.push(w);
+        }
+        Ok(())
+    }
+
+    /// Connections being served by this pool's workers.
+    pub fn active_connections(&self) -> usize {
+        let Ok(i) = self.inner.lock() else { return 0 };
+        i.serving
+            .iter()
+            .map(|s| s.worker.state().active.load(Ordering::SeqCst))
+            .sum::<usize>()
+            + i.draining
+                .iter()
+                .map(|w| w.state().active.load(Ordering::SeqCst))
+                .sum::<usize>()
+    }
+
+    /// (state, count) for the metrics.
+    pub fn worker_states(&self) -> Vec<(&'static str, usize)> {
+        let Ok(i) = self.inner.lock() else {
+            return vec![];
+        };
+        vec![
+            ("serving", i.serving.len()),
+            ("ready", i.ready.len()),
+            ("draining", i.draining.len()),
+            ("starting", i.starting),
+        ]
+    }
+
+    /// Worker process ids (for tests and operators).
+    pub fn worker_pids(&self) -> Vec<u32> {
+        let Ok(i) = self.inner.lock() else {
+            return vec![];
+        };
+        i.serving
+            .iter()
+            .map(|s| s.worker.pid())
+            .chain(i.ready.iter().map(|w| w.pid()))
+            .chain(i.draining.iter().map(|w| w.pid()))
+            .collect()
+    }
+
+    /// Stops every worker.
+    pub fn shutdown(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.wake.notify_all();
+        let workers: Vec<Worker> = match self.inner.lock() {
+            Ok(mut i) => {
+                let mut v: Vec<Worker> = i.serving.drain(..).map(|s| s.worker).collect();
+                v.append(&mut i.ready);
+                v.append(&mut i.draining);
+                v
+            }
+            Err(_) => vec![],
+        };
+        for w in workers {
+            w.stop();
+        }
+    }
+}
+
+/// Replaces dead workers, refills to `min`, retires idle extras.
+fn maintain(pool: Weak<ImagePool>) {
+    loop {
+        let Some(p) = pool.upgrade() else { return };
+        if p.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut to_stop = Vec::new();
+        let need = {
+            let Ok(mut i) = p.inner.lock() else { return };
+            // Dead workers: crashes, except fresh VMs that finished their connection.
+            let before = i.serving.len() + i.ready.len();
+            i.serving.retain_mut(|s| s.worker.is_alive());
+            i.ready.retain_mut(|w| w.is_alive());
+            let crashed = before - (i.serving.len() + i.ready.len());
+            if crashed > 0 {
+                p.metrics
+                    .worker_crashes
+                    .fetch_add(crashed as u64, Ordering::Relaxed);
+                tracing::warn!(crashed, "workers died; replacing them");
+            }
+            i.draining.retain_mut(|w| w.is_alive());
+            let now = Instant::now();
+            for s in i.serving.iter_mut() {
+                if s.worker.state().active.load(Ordering::SeqCst) > 0 {
+                    s.last_busy = now;
+                }
+            }
+            if p.config.isolation == Isolation::Shared {
+                let min = p.config.min;
+                while i.serving.len() > min {
+                    let idle = i.serving.iter().position(|s| {
+                        s.worker.state().active.load(Ordering::SeqCst) == 0
+                            && now - s.last_busy > p.config.idle_timeout
+                    });
+                    match idle {
+                        Some(pos) => to_stop.push(i.serving.swap_remove(pos).worker),
+                        None => break,
+                    }
+                }
+                let have = i.serving.len() + i.starting;
+                let want = have < p.config.min || (i.grow && have < p.config.max);
+                i.grow = false;
+                if want {
+                    i.starting += 1;
+                }
+                want
+            } else {
+                let want = i.ready.len() + i.starting < p.config.min;
+                if want {
+                    i.starting += 1;
+                }
+                want
+            }
+        };
+        for w in to_stop {
+            w.stop();
+        }
+        if need {
+            let result = p.restore_one();
+            if let Ok(mut i) = p.inner.lock() {
+                i.starting = i.starting.saturating_sub(1);
+                match result {
+                    Ok(w) if p.config.isolation == Isolation::Shared => i.serving.push(Slot {
+                        worker: w,
+                        last_busy: Instant::now(),
+                    }),
+                    Ok(w) => i.ready.push(w),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "restoring a worker failed");
+                        drop(i);
+                        std::thread::sleep(Duration::from_millis(500));
+                    }
+                }
+            }
+            continue;
+        }
+        let Ok(i) = p.inner.lock() else { return };
+        let _ = p.wake.wait_timeout(i, Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,388 @@
+//! The router: real `supermachine serve` pools of worker processes restored from snapshots.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+use supermachine::router::{self, Isolation, PoolConfig, Route, RouterConfig};
+use supermachine::PullRequest;
+
+const INDEX: &[u8] = b"<h1>hello from supermachine</h1>\n";
+
+fn bake(
+    dir: &Path,
+    name: &str,
+    image_name: &str,
+    entrypoint: Option<&str>,
+    cmd: &[&str],
+) -> PathBuf {
+    let mut boot = request(image_name);
+    // Port 80 needs root; the layered image's default user is not.
+    boot.overrides.user = Some("0".into());
+    boot.overrides.entrypoint = entrypoint.map(String::from);
+    boot.overrides.cmd = Some(cmd.iter().map(|s| s.to_string()).collect());
+    let req = PullRequest {
+        boot,
+        name: name.into(),
+        port: 80,
+        ready_timeout: Duration::from_secs(60),
+        snapshots_dir: dir.to_path_buf(),
+    };
+    supermachine::pull::pull(&req).unwrap().snapshot.dir
+}
+
+fn bake_web(dir: &Path) -> PathBuf {
+    bake(
+        dir,
+        "web",
+        "busybox",
+        None,
+        &["httpd", "-f", "-p", "80", "-h", "/var/www"],
+    )
+}
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+struct Running {
+    addr: SocketAddr,
+    admin: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn start(routes: Vec<Route>, isolation: Isolation, min: usize, max: usize) -> Running {
+    let (addr, admin) = (free_addr(), free_addr());
+    let config = RouterConfig {
+        listen: addr,
+        admin: Some(admin),
+        routes,
+        pool: PoolConfig {
+            min,
+            max,
+            idle_timeout: Duration::from_secs(60),
+            isolation,
+        },
+        grace: Duration::from_secs(5),
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(router::serve(config, async {
+            let _ = rx.await;
+        }))
+        .unwrap();
+    });
+    // Ready when the admin endpoint reports enough workers.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(s) = TcpStream::connect(admin) {
+            let (_, body) = http_get(s, "/_supermachine/health");
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            if v["workers"].as_u64().unwrap_or(0) >= min as u64 {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "router did not get {min} workers ready"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Running {
+        addr,
+        admin,
+        stop: Some(tx),
+        thread: Some(thread),
+    }
+}
+
+fn request_with_host(addr: SocketAddr, host: &str, path: &str) -> (String, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").unwrap();
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).unwrap();
+    let split = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("no header end");
+    (
+        String::from_utf8_lossy(&resp[..split])
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string(),
+        resp[split + 4..].to_vec(),
+    )
+}
+
+fn metric(admin: SocketAddr, name: &str) -> u64 {
+    let (_, body) = http_get(TcpStream::connect(admin).unwrap(), "/_supermachine/metrics");
+    String::from_utf8_lossy(&body)
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn shared_pool_serves_concurrent_requests_and_large_bodies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let snap = bake_web(tmp.path());
+    let r = start(
+        vec![Route {
+            host: None,
+            snapshot: snap,
+        }],
+        Isolation::Shared,
+        2,
+        4,
+    );
+    let addr = r.addr;
+    let threads: Vec<_> = (0..20)
+        .map(|_| {
+            std::thread::spawn(move || {
+                for _ in 0..10 {
+                    let (status, body) = http_get(TcpStream::connect(addr).unwrap(), "/");
+                    assert!(status.contains("200"), "{status}");
+                    assert_eq!(body, INDEX);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert!(metric(r.admin, "supermachine_connections_total") >= 200);
+
+    // A 10 MiB POST body arrives byte-exact (echoed back by a CGI script in the guest).
+    let body = random_bytes(10 << 20, 3);
+    let mut s = TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "POST /cgi-bin/echo HTTP/1.0\r\nHost: t\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    let writer = {
+        let mut s2 = s.try_clone().unwrap();
+        let body = body.clone();
+        std::thread::spawn(move || s2.write_all(&body).unwrap())
+    };
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).unwrap();
+    writer.join().unwrap();
+    let split = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    assert!(resp.starts_with(b"HTTP/1.0 200") || resp.starts_with(b"HTTP/1.1 200"));
+    assert_eq!(sha256(&resp[split + 4..]), sha256(&body));
+}
+
+#[test]
+fn fresh_isolation_gives_every_connection_a_new_vm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let snap = bake_web(tmp.path());
+    let r = start(
+        vec![Route {
+            host: None,
+            snapshot: snap,
+        }],
+        Isolation::Fresh,
+        2,
+        2,
+    );
+    for i in 0..3 {
+        let (_, body) = http_get(
+            TcpStream::connect(r.addr).unwrap(),
+            &format!("/cgi-bin/mark?secret{i}"),
+        );
+        assert_eq!(body, format!("secret{i}\n").as_bytes());
+        let (_, body) = http_get(TcpStream::connect(r.addr).unwrap(), "/cgi-bin/mark");
+        assert_eq!(
+            body, b"none\n",
+            "a later client saw an earlier client's file"
+        );
+    }
+    assert!(metric(r.admin, "supermachine_restores_total") >= 6);
+}
+
+#[test]
+fn host_routes_reach_different_images() {
+    let tmp = tempfile::tempdir().unwrap();
+    let web = bake_web(tmp.path());
+    let data = bake(
+        tmp.path(),
+        "data",
+        "layered",
+        Some(""),
+        &["httpd", "-f", "-p", "80", "-h", "/data"],
+    );
+    let r = start(
+        vec![
+            Route {
+                host: Some("a.test".into()),
+                snapshot: web,
+            },
+            Route {
+                host: Some("b.test".into()),
+                snapshot: data,
+            },
+        ],
+        Isolation::Shared,
+        1,
+        2,
+    );
+    let (status, body) = request_with_host(r.addr, "b.test:8080", "/keep.txt");
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(body, b"kept\n");
+    let (status, body) = request_with_host(r.addr, "a.test", "/");
+    assert!(status.contains("200"));
+    assert_eq!(body, INDEX);
+    let (status, _) = request_with_host(r.addr, "a.test", "/keep.txt");
+    assert!(status.contains("404"), "{status}");
+    let (status, _) = request_with_host(r.addr, "unknown.test", "/");
+    assert!(status.contains("404"), "no route: {status}");
+}
+
+fn pids_with(needle: &str, program: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() {
+            if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+                let cmd = String::from_utf8_lossy(&cmd);
+                if cmd.contains(needle) && cmd.contains(program) {
+                    out.push(pid);
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_killed_worker_is_replaced_and_counted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let snap = bake_web(tmp.path());
+    let r = start(
+        vec![Route {
+            host: None,
+            snapshot: snap.clone(),
+        }],
+        Isolation::Shared,
+        2,
+        2,
+    );
+    let needle = snap.display().to_string();
+    let workers = pids_with(&needle, "supermachine-worker");
+    assert_eq!(workers.len(), 2, "{workers:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(workers[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // Requests keep succeeding (the surviving worker, then the replacement).
+    let mut failures = 0;
+    for _ in 0..20 {
+        match std::panic::catch_unwind(|| http_get(TcpStream::connect(r.addr).unwrap(), "/")) {
+            Ok((status, body)) if status.contains("200") && body == INDEX => {}
+            _ => failures += 1,
+        }
+    }
+    assert!(
+        failures <= 2,
+        "{failures} requests failed after one worker died"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(r.admin, "supermachine_worker_crashes_total") < 1
+        || pids_with(&needle, "supermachine-worker").len() < 2
+    {
+        assert!(Instant::now() < deadline, "the pool did not recover");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for _ in 0..10 {
+        let (status, body) = http_get(TcpStream::connect(r.addr).unwrap(), "/");
+        assert!(status.contains("200") && body == INDEX);
+    }
+}
+
+#[test]
+fn sigterm_leaves_no_workers_vms_or_run_dirs() {
+    let tmp = tempfile::tempdir().unwrap();
+    let snap = bake_web(tmp.path());
+    let addr = free_addr();
+    let mut child = supermachine()
+        .args(["serve", "--image"])
+        .arg(&snap)
+        .args(["--listen", &addr.to_string(), "--min", "2"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let needle = snap.display().to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut served = false;
+    while Instant::now() < deadline && !served {
+        if let Ok(s) = TcpStream::connect(addr) {
+            let (status, body) = http_get(s, "/");
+            served = status.contains("200") && body == INDEX;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(served, "serve never answered");
+    while pids_with(&needle, "qemu-system").len() < 2 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The VMs' run directories, from QEMU's command lines.
+    let run_dirs: Vec<PathBuf> = pids_with(&needle, "qemu-system")
+        .iter()
+        .filter_map(|pid| {
+            let cmd = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).ok()?)
+                .to_string();
+            let p = cmd
+                .split(['\0', ',', '='])
+                .find(|a| a.ends_with("console.log"))?
+                .to_string();
+            Path::new(&p).parent().map(Path::to_path_buf)
+        })
+        .collect();
+    assert!(!run_dirs.is_empty());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(pids_with(&needle, "supermachine-worker").is_empty()
+        && pids_with(&needle, "qemu-system").is_empty())
+    {
+        assert!(Instant::now() < deadline, "workers or VMs outlived serve");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for d in run_dirs {
+        assert!(!d.exists(), "run dir {} left behind", d.display());
+    }
+    assert!(
+        TcpStream::connect(addr).is_err(),
+        "the listener outlived serve"
+    );
+}
