@@ -128,7 +128,13 @@ pub fn run(args: BootArgs) -> i32 {
         }
     }
     let _registration = match (&args.name, vm.agent_addr()) {
-        (Some(name), Some(agent)) => match registry::register(name, agent) {
+        (Some(name), Some(agent)) => match registry::register(&registry::Entry {
+            name: name.clone(),
+            pid: std::process::id() as i32,
+            agent: Some(agent),
+            image: args.image.clone(),
+            ..Default::default()
+        }) {
             Ok(r) => {
                 let _ = REGISTRATION.set(r.path().to_path_buf());
                 Some(r)

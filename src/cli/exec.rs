@@ -85,7 +85,14 @@ pub fn run(args: ExecArgs) -> i32 {
             return EXIT_INTERNAL;
         }
     };
-    let mut b = ExecBuilder::new(AgentClient::new(AgentEndpoint::Tcp(entry.agent)))
+    let agent = match entry.agent.map(Ok).unwrap_or_else(|| daemon_agent(&entry)) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("supermachine: error: {e}");
+            return EXIT_INTERNAL;
+        }
+    };
+    let mut b = ExecBuilder::new(AgentClient::new(AgentEndpoint::Tcp(agent)))
         .argv(args.command.clone())
         .tty(args.tty)
         .stdin(if args.interactive {
@@ -161,4 +168,34 @@ pub fn run(args: ExecArgs) -> i32 {
             EXIT_INTERNAL
         }
     }
+}
+
+/// A `run` daemon's VM: ask its admin endpoint for a worker's agent.
+fn daemon_agent(entry: &registry::Entry) -> Result<std::net::SocketAddr, String> {
+    use std::io::{Read, Write};
+    let admin = entry.admin.ok_or_else(|| {
+        format!(
+            "{:?} has neither an agent nor an admin endpoint",
+            entry.name
+        )
+    })?;
+    let mut s = std::net::TcpStream::connect(admin)
+        .map_err(|e| format!("reaching {}'s admin endpoint: {e}", entry.name))?;
+    s.write_all(b"GET /_supermachine/agents HTTP/1.0\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).map_err(|e| e.to_string())?;
+    let body = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| &resp[p + 4..])
+        .unwrap_or(&[]);
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("bad agents answer: {e}"))?;
+    v["agents"]
+        .as_array()
+        .and_then(|a| a.first())
+        .and_then(|a| a.as_str())
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| format!("{} has no running VM right now", entry.name))
 }

@@ -5,6 +5,7 @@
 mod bench;
 mod bench_http;
 mod boot;
+mod daemon;
 mod exec;
 mod pull;
 mod registry;
@@ -45,6 +46,14 @@ enum Command {
     Bench(bench::BenchArgs),
     /// The HTTP ingress: route requests to pools of VMs restored from snapshots.
     Serve(Box<serve::ServeArgs>),
+    /// Bake IMAGE if needed and serve it, like `docker run` (`-d` runs it in the background).
+    Run(Box<daemon::RunArgs>),
+    /// List running VMs and daemons.
+    Ps(daemon::PsArgs),
+    /// Stop running daemons (SIGTERM, then SIGKILL after --time).
+    Stop(daemon::StopArgs),
+    /// Print a daemon's output.
+    Logs(daemon::LogsArgs),
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -64,5 +73,9 @@ pub fn main() -> i32 {
         Command::Rmi(args) => pull::run_rmi(args),
         Command::Bench(args) => bench::run(args),
         Command::Serve(args) => serve::run(*args),
+        Command::Run(args) => daemon::run(*args),
+        Command::Ps(args) => daemon::ps(args),
+        Command::Stop(args) => daemon::stop(args),
+        Command::Logs(args) => daemon::logs(args),
     }
 }

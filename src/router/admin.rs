@@ -62,6 +62,18 @@ fn route(path: &str, metrics: &Metrics, pools: &[Arc<ImagePool>]) -> Response<Fu
             "text/plain; version=0.0.4",
             metrics.render(&states),
         ),
+        "/_supermachine/agents" => {
+            let agents: Vec<String> = pools
+                .iter()
+                .flat_map(|p| p.agent_addrs())
+                .map(|a| a.to_string())
+                .collect();
+            (
+                StatusCode::OK,
+                "application/json",
+                serde_json::json!({ "agents": agents }).to_string(),
+            )
+        }
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",

@@ -193,6 +193,18 @@ impl ImagePool {
         ]
     }
 
+    /// Host addresses of the guest agents of live workers (for `exec` into a daemon).
+    pub fn agent_addrs(&self) -> Vec<std::net::SocketAddr> {
+        let Ok(i) = self.inner.lock() else {
+            return vec![];
+        };
+        i.serving
+            .iter()
+            .filter_map(|s| s.worker.agent_addr())
+            .chain(i.ready.iter().filter_map(|w| w.agent_addr()))
+            .collect()
+    }
+
     /// Worker process ids (for tests and operators).
     pub fn worker_pids(&self) -> Vec<u32> {
         let Ok(i) = self.inner.lock() else {

@@ -251,6 +251,13 @@ impl Worker {
         !self.state.exited.load(Ordering::SeqCst) && matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// The guest agent's host address, once restored.
+    pub fn agent_addr(&self) -> Option<SocketAddr> {
+        match self.agent.as_ref()?.endpoint() {
+            AgentEndpoint::Tcp(a) => Some(*a),
+        }
+    }
+
     /// The worker process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

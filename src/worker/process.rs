@@ -94,7 +94,12 @@ pub fn main() -> i32 {
                     continue;
                 };
                 let t = Instant::now();
-                match p.resume(Box::new(|_, _| {})) {
+                // The workload's output goes to the worker's own stdout/stderr (a daemon's log).
+                let sink = crate::boot::output_sink(
+                    Box::new(std::io::stdout()),
+                    Box::new(std::io::stderr()),
+                );
+                match p.resume(sink) {
                     Ok(v) => {
                         let tm = v.timings();
                         let restore = tm.restore.unwrap_or_default();
