@@ -102,7 +102,13 @@ def base_layer():
     l.file("var/www/index.html", "<h1>hello from supermachine</h1>\n")
     # CGI endpoints for busybox httpd: echo the request body; write/read a marker file.
     l.dir("var/www/cgi-bin")
-    l.file("var/www/cgi-bin/echo", "#!/bin/sh\nprintf 'Content-Type: application/octet-stream\\r\\n\\r\\n'\nhead -c \"$CONTENT_LENGTH\"\n", 0o755)
+    # (the body is read in full before the response starts)
+    l.file(
+        "var/www/cgi-bin/echo",
+        "#!/bin/sh\nhead -c \"$CONTENT_LENGTH\" > /tmp/body.$$\n"
+        "printf 'Content-Type: application/octet-stream\\r\\n\\r\\n'\ncat /tmp/body.$$\nrm -f /tmp/body.$$\n",
+        0o755,
+    )
     l.file(
         "var/www/cgi-bin/mark",
         "#!/bin/sh\nprintf 'Content-Type: text/plain\\r\\n\\r\\n'\n"

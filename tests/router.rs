@@ -386,3 +386,62 @@ fn sigterm_leaves_no_workers_vms_or_run_dirs() {
         "the listener outlived serve"
     );
 }
+
+#[test]
+fn in_flight_connections_of_a_dead_worker_get_502() {
+    let tmp = tempfile::tempdir().unwrap();
+    let snap = bake_web(tmp.path());
+    let r = start(
+        vec![Route {
+            host: None,
+            snapshot: snap.clone(),
+        }],
+        Isolation::Shared,
+        1,
+        1,
+    );
+    // A request the guest holds open: the CGI waits for a body that never comes.
+    let mut stalled = TcpStream::connect(r.addr).unwrap();
+    write!(
+        stalled,
+        "POST /cgi-bin/echo HTTP/1.0\r\nHost: t\r\nContent-Length: 100\r\n\r\n"
+    )
+    .unwrap();
+    let needle = snap.display().to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(r.admin, "supermachine_connections_total") < 1 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let workers = pids_with(&needle, "supermachine-worker");
+    assert_eq!(workers.len(), 1);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(workers[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut resp = Vec::new();
+    let _ = stalled.read_to_end(&mut resp);
+    assert!(
+        resp.starts_with(b"HTTP/1.1 502"),
+        "got {:?}",
+        String::from_utf8_lossy(&resp)
+    );
+    // The pool replaces the worker and serves again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(s) = TcpStream::connect(r.addr) {
+            let (status, body) = http_get(s, "/");
+            if status.contains("200") && body == INDEX {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "the pool did not recover");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(metric(r.admin, "supermachine_worker_crashes_total") >= 1);
+}

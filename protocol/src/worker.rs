@@ -18,6 +18,8 @@ pub enum WorkerRequest {
         guest_port: u16,
         prefix: Vec<u8>,
         last: bool,
+        /// Names the connection in the `Closed` report.
+        id: u64,
     },
     /// Stop the VM and exit.
     Stop,
@@ -39,6 +41,7 @@ pub enum WorkerReply {
     HandedOff,
     /// A handed-off connection closed (unprompted); `bytes_to_client` were sent to it.
     Closed {
+        id: u64,
         bytes_to_client: u64,
     },
     Error {

@@ -1,5 +1,6 @@
 //! The host's handle on one worker process.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixDatagram;
@@ -7,7 +8,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use supermachine_backend::AgentEndpoint;
@@ -36,6 +37,47 @@ pub struct Worker {
     /// requests arrive here, unprompted news (`Closed`, `Exited`) updates `state`.
     replies: Option<mpsc::Receiver<WorkerReply>>,
     state: Arc<WorkerState>,
+    /// Our copies of handed-off client sockets, by connection id, until `Closed`.
+    inflight: Arc<Mutex<HashMap<u64, std::net::TcpStream>>>,
+    next_id: u64,
+}
+
+/// Whether any data went out on this connection (the kernel's TCP_INFO of the socket the
+/// worker wrote to: we share it). The router itself writes nothing before a handoff.
+fn response_started(c: &std::net::TcpStream) -> bool {
+    // SAFETY: tcp_info is plain old data; all-zero is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` and `len` are valid for writes of the sizes given; the fd is open.
+    let r = unsafe {
+        libc::getsockopt(
+            c.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            &mut info as *mut libc::tcp_info as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    r != 0 || info.tcpi_data_segs_out > 0
+}
+
+/// The worker died: answer every connection it still held with a 502.
+fn fail_inflight(inflight: &Mutex<HashMap<u64, std::net::TcpStream>>) {
+    use std::io::Write;
+    let conns: Vec<std::net::TcpStream> = match inflight.lock() {
+        Ok(mut m) => m.drain().map(|(_, s)| s).collect(),
+        Err(_) => return,
+    };
+    for mut c in conns {
+        // Only a client that has seen no response yet can be told 502; one whose response
+        // was under way just sees the connection end.
+        if !response_started(&c) {
+            let _ = c.write_all(
+                b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            );
+        }
+        let _ = c.shutdown(std::net::Shutdown::Both);
+    }
 }
 
 /// What the host knows about a running worker without asking it.
@@ -123,6 +165,8 @@ impl Worker {
             agent: None,
             replies: None,
             state: Arc::new(WorkerState::default()),
+            inflight: Arc::default(),
+            next_id: 0,
         };
         match w.recv()? {
             WorkerReply::Prepared { monitor_pid } => w.monitor_pid = monitor_pid,
@@ -181,14 +225,19 @@ impl Worker {
             .map_err(|e| Error::io("worker socket", e))?;
         let (tx, rx) = mpsc::channel();
         let state = self.state.clone();
+        let inflight = self.inflight.clone();
         std::thread::spawn(move || loop {
             match channel::recv::<WorkerReply>(&sock) {
-                Ok(Some((WorkerReply::Closed { .. }, _))) => {
+                Ok(Some((WorkerReply::Closed { id, .. }, _))) => {
+                    if let Ok(mut m) = inflight.lock() {
+                        m.remove(&id);
+                    }
                     state.active.fetch_sub(1, Ordering::SeqCst);
                     state.served.fetch_add(1, Ordering::SeqCst);
                 }
                 Ok(Some((WorkerReply::Exited { .. }, _))) | Ok(None) | Err(_) => {
                     state.exited.store(true, Ordering::SeqCst);
+                    fail_inflight(&inflight);
                     return;
                 }
                 Ok(Some((other, _))) => {
@@ -222,11 +271,23 @@ impl Worker {
         prefix: &[u8],
         last: bool,
     ) -> Result<(), Error> {
+        let id = self.next_id;
+        self.next_id += 1;
         let req = WorkerRequest::Handoff {
             guest_port,
             prefix: prefix.to_vec(),
             last,
+            id,
         };
+        // Keep our own handle until the worker reports the connection closed: if the
+        // worker dies first, the client gets a 502 from us instead of a reset.
+        if let Ok(dup) = nix::unistd::dup(client.as_raw_fd()) {
+            // SAFETY: dup just returned this descriptor; nothing else owns it.
+            let dup = unsafe { <std::net::TcpStream as std::os::fd::FromRawFd>::from_raw_fd(dup) };
+            if let Ok(mut m) = self.inflight.lock() {
+                m.insert(id, dup);
+            }
+        }
         self.state.active.fetch_add(1, Ordering::SeqCst);
         let sent = self.send(&req, Some(client.as_raw_fd()));
         drop(client);
@@ -237,6 +298,9 @@ impl Worker {
         });
         if result.is_err() {
             self.state.active.fetch_sub(1, Ordering::SeqCst);
+            if let Ok(mut m) = self.inflight.lock() {
+                m.remove(&id);
+            }
         }
         result
     }

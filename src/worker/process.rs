@@ -125,6 +125,7 @@ pub fn main() -> i32 {
                 guest_port,
                 prefix,
                 last,
+                id,
             } => {
                 let (Some(v), Some(fd)) = (vm.clone(), fd) else {
                     reply(&WorkerReply::Error {
@@ -140,6 +141,7 @@ pub fn main() -> i32 {
                         let _ = channel::send(
                             c,
                             &WorkerReply::Closed {
+                                id,
                                 bytes_to_client: sent,
                             },
                             None,
