@@ -2,6 +2,7 @@
 # Router overhead, one run: `supermachine bench http` (C connections, D seconds) against
 #   1. serve --isolation shared, 1 VM and 4 VMs (router -> worker handoff -> VM)
 #   2. serve --isolation fresh, 4 spares (a restored VM per connection)
+#   2b. serve --accept-in-workers, 1 VM (the worker accepts on the listener itself)
 #   3. one VM directly: boot -p   (Vm::expose_tcp forwarder, no router)
 #   4. the same busybox httpd natively on the host (no VM)
 # Prints a markdown table. Usage: scripts/bench-router.sh [C] [D]
@@ -40,6 +41,11 @@ for cfg in "shared 1" "shared 4" "fresh 4"; do
   run "serve --isolation $1 ($2 VMs)" "$p"
   kill -TERM "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true
 done
+p="$(free_port)"
+"$sm" serve --image web --listen "127.0.0.1:$p" --accept-in-workers --min 1 --max 1 2>/dev/null & pids+=($!)
+wait_up "$p"; sleep 2
+run "serve --accept-in-workers (1 VM)" "$p"
+kill -TERM "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true
 p="$(free_port)"
 "$sm" boot -p "$p:80" "oci-layout:$images/busybox" -- httpd -f -p 80 -h /var/www >/dev/null 2>&1 & pids+=($!)
 wait_up "$p"

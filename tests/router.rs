@@ -71,6 +71,16 @@ impl Drop for Running {
 }
 
 fn start(routes: Vec<Route>, isolation: Isolation, min: usize, max: usize) -> Running {
+    start_with(routes, isolation, min, max, false)
+}
+
+fn start_with(
+    routes: Vec<Route>,
+    isolation: Isolation,
+    min: usize,
+    max: usize,
+    accept_in_workers: bool,
+) -> Running {
     let (addr, admin) = (free_addr(), free_addr());
     let config = RouterConfig {
         listen: addr,
@@ -83,6 +93,7 @@ fn start(routes: Vec<Route>, isolation: Isolation, min: usize, max: usize) -> Ru
             isolation,
         },
         grace: Duration::from_secs(5),
+        accept_in_workers,
     };
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let thread = std::thread::spawn(move || {
@@ -444,4 +455,58 @@ fn in_flight_connections_of_a_dead_worker_get_502() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(metric(r.admin, "supermachine_worker_crashes_total") >= 1);
+}
+
+#[test]
+fn status_codes_are_counted_and_workers_can_accept_themselves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let snap = bake_web(tmp.path());
+    {
+        let r = start(
+            vec![Route {
+                host: None,
+                snapshot: snap.clone(),
+            }],
+            Isolation::Shared,
+            1,
+            1,
+        );
+        for _ in 0..3 {
+            assert!(http_get(TcpStream::connect(r.addr).unwrap(), "/")
+                .0
+                .contains("200"));
+        }
+        assert!(http_get(TcpStream::connect(r.addr).unwrap(), "/missing")
+            .0
+            .contains("404"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while metric(r.admin, "supermachine_responses_total{code=\"404\"}") < 1
+            || metric(r.admin, "supermachine_responses_total{code=\"200\"}") < 3
+        {
+            assert!(Instant::now() < deadline, "status codes not counted");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    // --accept-in-workers: two workers accept on the one listener; the router is not in
+    // the data path at all.
+    let r = start_with(
+        vec![Route {
+            host: None,
+            snapshot: snap,
+        }],
+        Isolation::Shared,
+        2,
+        2,
+        true,
+    );
+    for _ in 0..10 {
+        let (status, body) = http_get(TcpStream::connect(r.addr).unwrap(), "/");
+        assert!(status.contains("200"), "{status}");
+        assert_eq!(body, INDEX);
+    }
+    assert_eq!(
+        metric(r.admin, "supermachine_connections_total"),
+        0,
+        "the router handed off nothing"
+    );
 }

@@ -21,6 +21,9 @@ pub enum WorkerRequest {
         /// Names the connection in the `Closed` report.
         id: u64,
     },
+    /// Accept connections on the attached listening socket yourself (single-image
+    /// `--accept-in-workers` mode) and bridge each to `guest_port`.
+    Listen { guest_port: u16 },
     /// Stop the VM and exit.
     Stop,
 }
@@ -43,6 +46,8 @@ pub enum WorkerReply {
     Closed {
         id: u64,
         bytes_to_client: u64,
+        /// Status code of the connection's first HTTP response, if it looked like one.
+        status: Option<u16>,
     },
     Error {
         message: String,

@@ -183,6 +183,7 @@ pub fn run(a: RunArgs) -> i32 {
             isolation: Isolation::Shared,
         },
         grace: Duration::from_secs(10),
+        accept_in_workers: false,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

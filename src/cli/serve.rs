@@ -55,6 +55,9 @@ pub struct ServeArgs {
     grace: u64,
     #[arg(long)]
     snapshots_dir: Option<PathBuf>,
+    /// Single image: every worker accepts on the listening socket itself.
+    #[arg(long)]
+    accept_in_workers: bool,
 }
 
 /// A snapshot dir for IMAGE: an existing snapshot (dir or name), or a fresh bake.
@@ -131,6 +134,7 @@ pub fn run(a: ServeArgs) -> i32 {
             },
         },
         grace: Duration::from_secs(a.grace),
+        accept_in_workers: a.accept_in_workers,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -59,6 +59,8 @@ pub struct Metrics {
     pub handoff_latency: Histogram,
     pub restore_latency: Histogram,
     rejected: Mutex<BTreeMap<String, u64>>,
+    /// First-response status codes of closed connections, as the workers saw them.
+    responses: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Metrics {
@@ -70,6 +72,13 @@ impl Metrics {
     pub fn rejected(&self, reason: &str) {
         if let Ok(mut m) = self.rejected.lock() {
             *m.entry(reason.to_string()).or_default() += 1;
+        }
+    }
+
+    pub fn response(&self, status: Option<u16>) {
+        let key = status.map_or("none".to_string(), |s| s.to_string());
+        if let Ok(mut m) = self.responses.lock() {
+            *m.entry(key).or_default() += 1;
         }
     }
 
@@ -103,6 +112,12 @@ impl Metrics {
         if let Ok(m) = self.rejected.lock() {
             for (k, v) in m.iter() {
                 let _ = writeln!(o, "supermachine_rejected_total{{reason=\"{k}\"}} {v}");
+            }
+        }
+        let _ = writeln!(o, "# HELP supermachine_responses_total Closed connections by the status code of their first response.\n# TYPE supermachine_responses_total counter");
+        if let Ok(m) = self.responses.lock() {
+            for (k, v) in m.iter() {
+                let _ = writeln!(o, "supermachine_responses_total{{code=\"{k}\"}} {v}");
             }
         }
         let _ = writeln!(

@@ -47,6 +47,9 @@ pub struct RouterConfig {
     pub pool: PoolConfig,
     /// How long SIGTERM waits for connections to finish.
     pub grace: Duration,
+    /// Single image only: hand the listening socket to every worker, which accept on it
+    /// themselves (no head parsing, no routing, no per-connection handoff).
+    pub accept_in_workers: bool,
 }
 
 pub struct Router {
@@ -166,6 +169,31 @@ pub async fn serve(
 ) -> Result<(), Error> {
     let metrics = Arc::new(Metrics::default());
     let mut pools = Vec::new();
+    if config.accept_in_workers {
+        if config.routes.len() != 1 || config.pool.isolation != Isolation::Shared {
+            return Err(Error::Worker(
+                "--accept-in-workers needs exactly one image and shared isolation".into(),
+            ));
+        }
+        let listener = std::net::TcpListener::bind(config.listen)
+            .map_err(|e| Error::io(format!("listening on {}", config.listen), e))?;
+        let pool = ImagePool::start_accepting(
+            config.routes[0].snapshot.clone(),
+            config.pool.clone(),
+            metrics.clone(),
+            listener,
+        )?;
+        let admin_task = config
+            .admin
+            .map(|addr| tokio::spawn(admin::serve(addr, metrics.clone(), vec![pool.clone()])));
+        tracing::info!(listen = %config.listen, "workers accept on the shared listener");
+        shutdown.await;
+        pool.shutdown();
+        if let Some(t) = admin_task {
+            t.abort();
+        }
+        return Ok(());
+    }
     for r in &config.routes {
         let pool = ImagePool::start(r.snapshot.clone(), config.pool.clone(), metrics.clone())?;
         pools.push((r.host.clone().map(|h| h.to_ascii_lowercase()), pool));

@@ -56,6 +56,8 @@ pub struct ImagePool {
     inner: Mutex<Inner>,
     wake: Condvar,
     stopping: AtomicBool,
+    /// `--accept-in-workers`: the listening socket every worker accepts on.
+    listener: Option<std::net::TcpListener>,
 }
 
 type HandoffError = (Error, Option<TcpStream>);
@@ -66,6 +68,15 @@ impl ImagePool {
         config: PoolConfig,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<ImagePool>, Error> {
+        Self::start_with(dir, config, metrics, None)
+    }
+
+    fn start_with(
+        dir: PathBuf,
+        config: PoolConfig,
+        metrics: Arc<Metrics>,
+        listener: Option<std::net::TcpListener>,
+    ) -> Result<Arc<ImagePool>, Error> {
         let snapshot = Snapshot::open(&dir)?;
         let pool = Arc::new(ImagePool {
             dir,
@@ -75,6 +86,7 @@ impl ImagePool {
             inner: Mutex::new(Inner::default()),
             wake: Condvar::new(),
             stopping: AtomicBool::new(false),
+            listener,
         });
         let weak = Arc::downgrade(&pool);
         std::thread::spawn(move || maintain(weak));
@@ -84,9 +96,25 @@ impl ImagePool {
     fn restore_one(&self) -> Result<Worker, Error> {
         let t = Instant::now();
         let mut w = Worker::spawn(&self.dir)?;
+        let metrics = self.metrics.clone();
+        w.on_closed(Arc::new(move |status| metrics.response(status)));
         w.restore()?;
         self.metrics.restored(t.elapsed());
+        if let Some(l) = &self.listener {
+            w.listen_on(l, self.guest_port)?;
+        }
         Ok(w)
+    }
+
+    /// Every worker of this pool accepts on `listener` itself (the router stays out of the
+    /// data path entirely). Call before the first worker starts.
+    pub fn start_accepting(
+        dir: PathBuf,
+        config: PoolConfig,
+        metrics: Arc<Metrics>,
+        listener: std::net::TcpListener,
+    ) -> Result<Arc<ImagePool>, Error> {
+        Self::start_with(dir, config, metrics, Some(listener))
     }
 
     /// Hands `stream` (with `prefix` already read from it) to a worker.

@@ -40,6 +40,8 @@ pub struct Worker {
     /// Our copies of handed-off client sockets, by connection id, until `Closed`.
     inflight: Arc<Mutex<HashMap<u64, std::net::TcpStream>>>,
     next_id: u64,
+    /// Called with the first response's status code of every closed connection.
+    on_closed: Option<Arc<dyn Fn(Option<u16>) + Send + Sync>>,
 }
 
 /// Whether any data went out on this connection (the kernel's TCP_INFO of the socket the
@@ -167,6 +169,7 @@ impl Worker {
             state: Arc::new(WorkerState::default()),
             inflight: Arc::default(),
             next_id: 0,
+            on_closed: None,
         };
         match w.recv()? {
             WorkerReply::Prepared { monitor_pid } => w.monitor_pid = monitor_pid,
@@ -226,11 +229,15 @@ impl Worker {
         let (tx, rx) = mpsc::channel();
         let state = self.state.clone();
         let inflight = self.inflight.clone();
+        let on_closed = self.on_closed.clone();
         std::thread::spawn(move || loop {
             match channel::recv::<WorkerReply>(&sock) {
-                Ok(Some((WorkerReply::Closed { id, .. }, _))) => {
+                Ok(Some((WorkerReply::Closed { id, status, .. }, _))) => {
                     if let Ok(mut m) = inflight.lock() {
                         m.remove(&id);
+                    }
+                    if let Some(cb) = &on_closed {
+                        cb(status);
                     }
                     state.active.fetch_sub(1, Ordering::SeqCst);
                     state.served.fetch_add(1, Ordering::SeqCst);
@@ -303,6 +310,29 @@ impl Worker {
             }
         }
         result
+    }
+
+    /// Registers a callback for every closed connection (with its first response's status
+    /// code); set before `restore`.
+    pub fn on_closed(&mut self, f: Arc<dyn Fn(Option<u16>) + Send + Sync>) {
+        self.on_closed = Some(f);
+    }
+
+    /// Hands the worker a listening socket to accept on itself (`--accept-in-workers`).
+    pub fn listen_on(
+        &mut self,
+        listener: &std::net::TcpListener,
+        guest_port: u16,
+    ) -> Result<(), Error> {
+        self.send(
+            &WorkerRequest::Listen { guest_port },
+            Some(listener.as_raw_fd()),
+        )?;
+        match self.recv()? {
+            WorkerReply::HandedOff => Ok(()),
+            WorkerReply::Error { message } => Err(Error::Worker(message)),
+            other => Err(protocol_error("handing over the listener", other)),
+        }
     }
 
     /// Live counters (connections in flight, served, exited).

@@ -142,7 +142,8 @@ pub fn main() -> i32 {
                             c,
                             &WorkerReply::Closed {
                                 id,
-                                bytes_to_client: sent,
+                                bytes_to_client: sent.0,
+                                status: sent.1,
                             },
                             None,
                         );
@@ -151,6 +152,23 @@ pub fn main() -> i32 {
                         v.kill();
                         crate::boot::remove_live_run_dirs();
                         std::process::exit(0);
+                    }
+                });
+                reply(&WorkerReply::HandedOff);
+            }
+            WorkerRequest::Listen { guest_port } => {
+                let (Some(v), Some(fd)) = (vm.clone(), fd) else {
+                    reply(&WorkerReply::Error {
+                        message: "listen needs a restored VM and a listening socket".into(),
+                    });
+                    continue;
+                };
+                let listener = std::net::TcpListener::from(fd);
+                std::thread::spawn(move || {
+                    for conn in listener.incoming() {
+                        let Ok(client) = conn else { continue };
+                        let v = v.clone();
+                        std::thread::spawn(move || serve_connection(&v, client, guest_port, &[]));
                     }
                 });
                 reply(&WorkerReply::HandedOff);
@@ -168,27 +186,66 @@ pub fn main() -> i32 {
 }
 
 /// Client <-> guest port, after sending what the router already read.
-fn serve_connection(vm: &Vm, client: TcpStream, guest_port: u16, prefix: &[u8]) -> u64 {
+fn serve_connection(
+    vm: &Vm,
+    client: TcpStream,
+    guest_port: u16,
+    prefix: &[u8],
+) -> (u64, Option<u16>) {
     use std::io::Write;
+    let _ = client.set_nodelay(true);
     let mut guest = match vm.connect(guest_port) {
         Ok(g) => g,
         Err(_) => {
             // The connection cannot be served: tell an HTTP client so rather than hang up.
             let mut c = client;
             let _ = c.write_all(BAD_GATEWAY);
-            return 0;
+            return (0, Some(502));
         }
     };
     if !prefix.is_empty() && guest.write_all(prefix).is_err() {
-        return 0;
+        return (0, None);
     }
     let (Ok(c2), Ok(g2)) = (client.try_clone(), guest.try_clone()) else {
-        return 0;
+        return (0, None);
     };
     let up = std::thread::spawn(move || pump(client, guest));
-    let sent = pump(g2, c2);
+    let result = pump_observing_status(g2, c2);
     let _ = up.join();
-    sent
+    result
+}
+
+/// Guest -> client copy that also notes the status code of the first response.
+fn pump_observing_status(mut from: TcpStream, mut to: TcpStream) -> (u64, Option<u16>) {
+    use std::io::{Read, Write};
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    let mut head: Vec<u8> = Vec::new();
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if head.len() < 16 {
+                    head.extend_from_slice(&buf[..n.min(16 - head.len())]);
+                }
+                if to.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+                total += n as u64;
+            }
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
+    (total, status_of(&head))
+}
+
+/// `HTTP/1.1 200 ...` -> 200.
+fn status_of(head: &[u8]) -> Option<u16> {
+    let s = std::str::from_utf8(head.get(..12)?).ok()?;
+    if !s.starts_with("HTTP/") {
+        return None;
+    }
+    s.get(9..12)?.parse().ok()
 }
 
 const BAD_GATEWAY: &[u8] =
@@ -208,4 +265,15 @@ fn watch_exit(vm: Arc<Vm>, control: Option<UnixDatagram>) {
         crate::boot::remove_live_run_dirs();
         std::process::exit(0);
     });
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn status_line() {
+        assert_eq!(super::status_of(b"HTTP/1.1 404 Not Found"), Some(404));
+        assert_eq!(super::status_of(b"HTTP/1.0 200 OK\r\n"), Some(200));
+        assert_eq!(super::status_of(b"SSH-2.0-Open"), None);
+        assert_eq!(super::status_of(b"HTTP/1"), None);
+    }
 }
