@@ -287,9 +287,23 @@ fn cli_publish_and_exec() {
         "for i in $(seq 100); do netstat -ltn | grep -q ':80 ' && exit 0; sleep 0.1; done; exit 1",
     ]);
     assert_code(&o, 0);
-    let (status, body) = http_get(TcpStream::connect(("127.0.0.1", port)).unwrap(), "/");
-    assert!(status.contains("200"), "{status}");
-    assert_eq!(body, INDEX);
+    for _ in 0..20 {
+        let (status, body) = http_get(TcpStream::connect(("127.0.0.1", port)).unwrap(), "/");
+        assert!(status.contains("200"), "{status}");
+        assert_eq!(body, INDEX);
+    }
+    let concurrent: Vec<_> = (0..8)
+        .map(|_| {
+            std::thread::spawn(move || {
+                http_get(TcpStream::connect(("127.0.0.1", port)).unwrap(), "/")
+            })
+        })
+        .collect();
+    for h in concurrent {
+        let (status, body) = h.join().unwrap();
+        assert!(status.contains("200"), "{status}");
+        assert_eq!(body, INDEX);
+    }
 
     let o = exec(&[
         "-e",
