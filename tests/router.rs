@@ -510,3 +510,50 @@ fn status_codes_are_counted_and_workers_can_accept_themselves() {
         "the router handed off nothing"
     );
 }
+
+/// Bytes pass through the router untouched for the life of a connection: with an echo
+/// workload, many request/response exchanges (keep-alive, pipelining, upgrades all look
+/// like this on the wire) go back and forth on one handed-off connection.
+#[test]
+fn connections_stay_open_across_many_exchanges() {
+    let tmp = tempfile::tempdir().unwrap();
+    let snap = bake(
+        tmp.path(),
+        "echo",
+        "busybox",
+        None,
+        &["nc", "-ll", "-p", "80", "-e", "cat"],
+    );
+    let r = start(
+        vec![Route {
+            host: None,
+            snapshot: snap,
+        }],
+        Isolation::Shared,
+        2,
+        4,
+    );
+    let addr = r.addr;
+    let threads: Vec<_> = (0..20)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(addr).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                for i in 0..10 {
+                    let req = format!(
+                        "GET /r{t}-{i} HTTP/1.1\r\nHost: echo\r\nConnection: keep-alive\r\n\r\n"
+                    );
+                    s.write_all(req.as_bytes()).unwrap();
+                    let mut back = vec![0u8; req.len()];
+                    s.read_exact(&mut back).unwrap();
+                    assert_eq!(back, req.as_bytes(), "exchange {i} on connection {t}");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    // 20 connections carried 200 exchanges: one handoff per connection.
+    assert_eq!(metric(r.admin, "supermachine_connections_total"), 20);
+}
