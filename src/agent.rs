@@ -31,6 +31,17 @@ pub(crate) fn frame_io(e: FrameError) -> io::Error {
     }
 }
 
+/// Reads the one `Reply` that ends a simple request.
+fn read_reply(s: TcpStream) -> io::Result<()> {
+    let reply: Reply = FrameReader::new(s)
+        .read()
+        .map_err(frame_io)?
+        .ok_or_else(|| {
+            io::Error::new(io::ErrorKind::UnexpectedEof, "the agent closed the stream")
+        })?;
+    reply_to_io(reply)
+}
+
 fn reply_to_io(r: Reply) -> io::Result<()> {
     match r {
         Reply::Ok => Ok(()),
@@ -101,14 +112,7 @@ impl AgentClient {
     }
 
     fn simple(&self, req: &AgentRequest) -> io::Result<()> {
-        let s = self.open(req)?;
-        let reply: Reply = FrameReader::new(s)
-            .read()
-            .map_err(frame_io)?
-            .ok_or_else(|| {
-                io::Error::new(io::ErrorKind::UnexpectedEof, "the agent closed the stream")
-            })?;
-        reply_to_io(reply)
+        read_reply(self.open(req)?)
     }
 
     pub fn signal(&self, signum: i32) -> io::Result<()> {
@@ -139,13 +143,7 @@ impl AgentClient {
             write_frame(&mut s, &DataChunk::Data(chunk.to_vec())).map_err(frame_io)?;
         }
         write_frame(&mut s, &DataChunk::End).map_err(frame_io)?;
-        let reply: Reply = FrameReader::new(s)
-            .read()
-            .map_err(frame_io)?
-            .ok_or_else(|| {
-                io::Error::new(io::ErrorKind::UnexpectedEof, "the agent closed the stream")
-            })?;
-        reply_to_io(reply)
+        read_reply(s)
     }
 
     pub fn read_file(&self, path: &str, max_bytes: u64) -> io::Result<Vec<u8>> {

@@ -176,7 +176,7 @@ pub fn run(args: BootArgs) -> i32 {
 static REGISTRATION: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
 /// `[IP:]HOST:GUEST` -> (listen address, guest port).
-fn parse_publish(spec: &str) -> Result<(SocketAddr, u16), String> {
+pub(crate) fn parse_publish(spec: &str) -> Result<(SocketAddr, u16), String> {
     let bad = || format!("invalid --publish {spec:?}: expected [IP:]HOST_PORT:GUEST_PORT");
     let (front, guest) = spec.rsplit_once(':').ok_or_else(bad)?;
     let guest: u16 = guest.parse().map_err(|_| bad())?;

@@ -12,7 +12,7 @@ use clap::{Args, ValueEnum};
 use crate::boot::BootRequest;
 use crate::cli::{registry, EXIT_INTERNAL};
 use crate::pull::{self, PullRequest};
-use crate::router::{self, Isolation, PoolConfig, Route, RouterConfig};
+use crate::router::{Isolation, PoolConfig, Route, RouterConfig};
 use crate::snapshot::{self, Snapshot};
 use crate::{Error, ImageRef, Overrides};
 
@@ -60,23 +60,6 @@ pub struct RunArgs {
 fn fail(msg: impl std::fmt::Display) -> i32 {
     eprintln!("supermachine: error: {msg}");
     EXIT_INTERNAL
-}
-
-fn parse_publish(spec: &str) -> Result<(SocketAddr, u16), String> {
-    let bad = || format!("invalid --publish {spec:?}: expected [IP:]HOST_PORT:GUEST_PORT");
-    let (front, guest) = spec.rsplit_once(':').ok_or_else(bad)?;
-    let guest: u16 = guest.parse().map_err(|_| bad())?;
-    let (ip, host) = match front.rsplit_once(':') {
-        Some((ip, host)) => (ip.trim_start_matches('[').trim_end_matches(']'), host),
-        None => ("127.0.0.1", front),
-    };
-    Ok((
-        SocketAddr::new(
-            ip.parse().map_err(|_| bad())?,
-            host.parse().map_err(|_| bad())?,
-        ),
-        guest,
-    ))
 }
 
 fn free_addr() -> Result<SocketAddr, String> {
@@ -129,7 +112,7 @@ pub fn run(a: RunArgs) -> i32 {
     if registry::lookup(&name).is_ok() {
         return fail(format!("a VM named {name:?} is already running"));
     }
-    let (listen, guest_port) = match a.publish.as_deref().map(parse_publish) {
+    let (listen, guest_port) = match a.publish.as_deref().map(crate::cli::boot::parse_publish) {
         Some(Ok(p)) => p,
         Some(Err(e)) => return fail(e),
         None => match free_addr() {
@@ -185,27 +168,8 @@ pub fn run(a: RunArgs) -> i32 {
         grace: Duration::from_secs(10),
         accept_in_workers: false,
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => return fail(e),
-    };
     eprintln!("supermachine: {name} serving http://{listen} -> guest port {guest_port}");
-    let result = rt.block_on(router::serve(config, async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            return std::future::pending::<()>().await;
-        };
-        tokio::select! {
-            _ = term.recv() => {},
-            _ = int.recv() => {},
-        }
-    }));
+    let result = crate::cli::serve::run_router(config);
     match result {
         Ok(()) => 0,
         Err(e) => fail(e),

@@ -4,12 +4,12 @@
 
 mod bench;
 mod bench_http;
-mod boot;
+pub(crate) mod boot;
 mod daemon;
 mod exec;
 mod pull;
 mod registry;
-mod serve;
+pub(crate) mod serve;
 
 use clap::{Parser, Subcommand};
 

@@ -136,33 +136,8 @@ pub fn run(a: ServeArgs) -> i32 {
         grace: Duration::from_secs(a.grace),
         accept_in_workers: a.accept_in_workers,
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("supermachine: error: starting the runtime: {e}");
-            return EXIT_INTERNAL;
-        }
-    };
-    let result = rt.block_on(async move {
-        let shutdown = async {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) else {
-                return std::future::pending::<()>().await;
-            };
-            tokio::select! {
-                _ = term.recv() => {},
-                _ = int.recv() => {},
-            }
-        };
-        eprintln!("supermachine: serving on http://{}", config.listen);
-        router::serve(config, shutdown).await
-    });
+    eprintln!("supermachine: serving on http://{}", config.listen);
+    let result = run_router(config);
     match result {
         Ok(()) => 0,
         Err(e) => {
@@ -170,4 +145,25 @@ pub fn run(a: ServeArgs) -> i32 {
             EXIT_INTERNAL
         }
     }
+}
+
+/// Runs the router on a fresh tokio runtime until SIGTERM or SIGINT.
+pub(crate) fn run_router(config: RouterConfig) -> Result<(), crate::Error> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| crate::Error::io("starting the async runtime", e))?;
+    rt.block_on(router::serve(config, async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return std::future::pending::<()>().await;
+        };
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+    }))
 }
