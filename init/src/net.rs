@@ -54,19 +54,11 @@ pub fn eth0_up() -> std::io::Result<bool> {
         for (dst, src) in req.ifr_name.iter_mut().zip(b"eth0\0") {
             *dst = *src as libc::c_char;
         }
-        let sin = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: 0,
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes(addr),
-            },
-            sin_zero: [0; 8],
-        };
         // SAFETY: sockaddr_in fits in the sockaddr union member; both are plain data.
         unsafe {
             std::ptr::write(
                 &mut req.ifr_ifru.ifru_addr as *mut libc::sockaddr as *mut libc::sockaddr_in,
-                sin,
+                sockaddr_in(addr),
             )
         };
         req
@@ -118,19 +110,11 @@ pub fn announce() -> std::io::Result<()> {
     let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
     // SAFETY: arpreq is plain old data; all-zero is a valid value.
     let mut req: libc::arpreq = unsafe { std::mem::zeroed() };
-    let sin = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes(GATEWAY_IP),
-        },
-        sin_zero: [0; 8],
-    };
     // SAFETY: sockaddr_in fits in sockaddr; both are plain data.
     unsafe {
         std::ptr::write(
             &mut req.arp_pa as *mut libc::sockaddr as *mut libc::sockaddr_in,
-            sin,
+            sockaddr_in(GATEWAY_IP),
         )
     };
     for (dst, src) in req.arp_dev.iter_mut().zip(b"eth0\0") {
@@ -142,4 +126,16 @@ pub fn announce() -> std::io::Result<()> {
     // dropped by the restricted network; it only serves to trigger the request).
     let _ = sock.send_to(&[0], (std::net::Ipv4Addr::from(GATEWAY_IP), 9));
     Ok(())
+}
+
+/// An IPv4 socket address (port 0) for the ioctls above.
+fn sockaddr_in(ip: [u8; 4]) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(ip),
+        },
+        sin_zero: [0; 8],
+    }
 }
