@@ -35,8 +35,11 @@ pub struct PullOutcome {
 pub fn default_name(reference: &str) -> String {
     let r = reference
         .trim_start_matches("oci-layout:")
+        .trim_start_matches("oci-archive:")
         .trim_end_matches('/');
+    let r = r.split('@').next().unwrap_or(r);
     let last = r.rsplit('/').next().unwrap_or(r);
+    let last = last.replacen(".tar", "", 1);
     last.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
@@ -46,6 +49,23 @@ pub fn default_name(reference: &str) -> String {
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn default_names() {
+        assert_eq!(super::default_name("oci-layout:/a/busybox"), "busybox");
+        assert_eq!(
+            super::default_name("oci-layout:/a/busybox:v1"),
+            "busybox-v1"
+        );
+        assert_eq!(
+            super::default_name("oci-archive:/a/web.tar:latest"),
+            "web-latest"
+        );
+        assert_eq!(super::default_name("ghcr.io/o/app:1.0"), "app-1.0");
+    }
 }
 
 fn file_record(path: &Path) -> Result<FileRecord, Error> {

@@ -33,13 +33,18 @@ fn unknown_tag_is_named() {
 
 #[test]
 fn unsupported_reference_is_quoted() {
+    // Registry pulls are not implemented yet: the error names the normalized reference.
     let o = boot(&["nginx:1.27-alpine", "--", "true"]);
     assert_code(&o, 125);
     assert!(
-        stderr(&o).contains("\"nginx:1.27-alpine\""),
+        stderr(&o).contains("docker.io/library/nginx:1.27-alpine"),
         "{}",
         stderr(&o)
     );
+    // A malformed reference is quoted as given.
+    let o = boot(&["Nginx:latest", "--", "true"]);
+    assert_code(&o, 125);
+    assert!(stderr(&o).contains("\"Nginx:latest\""), "{}", stderr(&o));
 }
 
 /// Index of the manifest's layer blobs, bottom-up.
@@ -245,4 +250,48 @@ fn processes_with(needle: &str) -> Vec<u32> {
         }
     }
     out
+}
+
+#[test]
+fn oci_archive_boots_and_is_unpacked_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let archive = tmp.path().join("busybox.tar");
+    let layout = images().join("busybox");
+    let st = std::process::Command::new("tar")
+        .arg("-C")
+        .arg(&layout)
+        .arg("-cf")
+        .arg(&archive)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let cache = tmp.path().join("cache");
+    let reference = format!("oci-archive:{}:latest", archive.display());
+    for _ in 0..2 {
+        let o = boot_with(
+            with_cache(&cache),
+            &[&reference, "--", "/bin/sh", "-c", "echo from-archive"],
+        );
+        assert_code(&o, 0);
+        assert_eq!(stdout(&o), "from-archive\n");
+    }
+    let unpacked: Vec<_> = std::fs::read_dir(cache.join("archives"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(unpacked.len(), 1, "the archive is unpacked once");
+    // Not a tar at all: a clear error, nothing left in the cache.
+    let junk = tmp.path().join("junk.tar");
+    std::fs::write(&junk, b"not a tar").unwrap();
+    let o = boot_with(
+        with_cache(&cache),
+        &[&format!("oci-archive:{}", junk.display()), "--", "true"],
+    );
+    assert_code(&o, 125);
+    assert!(stderr(&o).contains("junk.tar"), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_dir(cache.join("archives")).unwrap().count(),
+        1
+    );
 }

@@ -2,6 +2,7 @@
 //! read-only squashfs in the shared layer cache, compute the run configuration, and write
 //! the per-image initramfs. Registry sources and the snapshot driver join this crate later.
 
+pub mod archive;
 pub mod cache;
 pub mod digest;
 pub mod initramfs;
@@ -40,6 +41,8 @@ pub enum BakeError {
     },
     #[error("layer {digest}: {reason}")]
     Layer { digest: String, reason: String },
+    #[error("{0}")]
+    Unsupported(String),
     #[error("no command specified: the image has no Entrypoint or Cmd and none was given")]
     NoCommand,
     #[error("cache at {path}: {reason}")]
@@ -79,6 +82,14 @@ pub fn prepare(
 ) -> Result<PreparedImage, BakeError> {
     let resolved = match reference {
         ImageRef::OciLayout { dir, tag } => OciLayout::open(dir)?.resolve(tag.as_deref())?,
+        ImageRef::OciArchive { file, tag } => {
+            OciLayout::open(&archive::unpack(file, cache)?)?.resolve(tag.as_deref())?
+        }
+        ImageRef::Registry(r) => {
+            return Err(BakeError::Unsupported(format!(
+                "pulling {r} from a registry is not implemented yet; use oci-layout:DIR or oci-archive:FILE (for example from `skopeo copy docker://{r} oci-archive:FILE`)"
+            )))
+        }
     };
     let mut layers = Vec::with_capacity(resolved.layers.len());
     for (i, blob) in resolved.layers.iter().enumerate() {
