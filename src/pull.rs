@@ -51,23 +51,6 @@ pub fn default_name(reference: &str) -> String {
         .collect()
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn default_names() {
-        assert_eq!(super::default_name("oci-layout:/a/busybox"), "busybox");
-        assert_eq!(
-            super::default_name("oci-layout:/a/busybox:v1"),
-            "busybox-v1"
-        );
-        assert_eq!(
-            super::default_name("oci-archive:/a/web.tar:latest"),
-            "web-latest"
-        );
-        assert_eq!(super::default_name("ghcr.io/o/app:1.0"), "app-1.0");
-    }
-}
-
 fn file_record(path: &Path) -> Result<FileRecord, Error> {
     let size = std::fs::metadata(path)
         .map_err(|e| Error::io(format!("reading {}", path.display()), e))?
@@ -232,4 +215,21 @@ pub fn pull(req: &PullRequest) -> Result<PullOutcome, Error> {
         snapshot: Snapshot::open(&dest)?,
         cached: false,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn default_names() {
+        assert_eq!(super::default_name("oci-layout:/a/busybox"), "busybox");
+        assert_eq!(
+            super::default_name("oci-layout:/a/busybox:v1"),
+            "busybox-v1"
+        );
+        assert_eq!(
+            super::default_name("oci-archive:/a/web.tar:latest"),
+            "web-latest"
+        );
+        assert_eq!(super::default_name("ghcr.io/o/app:1.0"), "app-1.0");
+    }
 }
