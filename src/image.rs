@@ -105,3 +105,141 @@ impl Image {
             .resume_within(sink, config.restore_timeout)
     }
 }
+
+/// When to (re)bake an image from its source.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PullPolicy {
+    /// Re-read the source every time; re-bake only if what it resolves to changed.
+    Always,
+    /// Use a valid snapshot if there is one (without reading the source); bake otherwise.
+    #[default]
+    Missing,
+    /// Only an existing snapshot: none is `Error::CacheMiss`, a broken one `Error::CacheInvalid`.
+    Never,
+}
+
+impl Image {
+    /// Bakes (or reuses) `reference` with default settings and [`PullPolicy::Missing`].
+    pub fn from_oci(reference: &str) -> Result<Image, Error> {
+        Image::builder(reference).build()
+    }
+
+    pub fn from_oci_with_policy(reference: &str, policy: PullPolicy) -> Result<Image, Error> {
+        Image::builder(reference).pull_policy(policy).build()
+    }
+
+    pub fn builder(reference: &str) -> OciImageBuilder {
+        OciImageBuilder {
+            reference: reference.to_string(),
+            name: None,
+            policy: PullPolicy::Missing,
+            memory_mib: 256,
+            vcpus: 1,
+            guest_port: 80,
+            cmd: None,
+            env: Vec::new(),
+            snapshots_dir: None,
+            ready_timeout: std::time::Duration::from_secs(120),
+        }
+    }
+}
+
+/// Settings for baking an image into a snapshot (see [`Image::builder`]).
+#[derive(Debug, Clone)]
+pub struct OciImageBuilder {
+    reference: String,
+    name: Option<String>,
+    policy: PullPolicy,
+    memory_mib: u32,
+    vcpus: u32,
+    guest_port: u16,
+    cmd: Option<Vec<String>>,
+    env: Vec<String>,
+    snapshots_dir: Option<std::path::PathBuf>,
+    ready_timeout: std::time::Duration,
+}
+
+impl OciImageBuilder {
+    /// Snapshot name (default: derived from the reference).
+    pub fn name(mut self, name: &str) -> Self {
+        self.name = Some(name.to_string());
+        self
+    }
+
+    pub fn pull_policy(mut self, policy: PullPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    pub fn memory_mib(mut self, mib: u32) -> Self {
+        self.memory_mib = mib;
+        self
+    }
+
+    pub fn vcpus(mut self, n: u32) -> Self {
+        self.vcpus = n;
+        self
+    }
+
+    /// The port the workload listens on; the snapshot is taken when it does.
+    pub fn guest_port(mut self, port: u16) -> Self {
+        self.guest_port = port;
+        self
+    }
+
+    pub fn cmd<I: IntoIterator<Item = S>, S: Into<String>>(mut self, argv: I) -> Self {
+        self.cmd = Some(argv.into_iter().map(Into::into).collect());
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push(format!("{key}={value}"));
+        self
+    }
+
+    pub fn snapshots_dir(mut self, dir: impl Into<std::path::PathBuf>) -> Self {
+        self.snapshots_dir = Some(dir.into());
+        self
+    }
+
+    pub fn ready_timeout(mut self, t: std::time::Duration) -> Self {
+        self.ready_timeout = t;
+        self
+    }
+
+    /// Applies the pull policy: reuse, bake, or refuse.
+    pub fn build(self) -> Result<Image, Error> {
+        let root = self
+            .snapshots_dir
+            .clone()
+            .unwrap_or_else(crate::snapshot::default_root);
+        let name = self
+            .name
+            .clone()
+            .unwrap_or_else(|| crate::pull::default_name(&self.reference));
+        let dir = root.join(&name);
+        match self.policy {
+            PullPolicy::Never => return Image::from_snapshot(&dir),
+            PullPolicy::Missing => {
+                if let Ok(image) = Image::from_snapshot(&dir) {
+                    return Ok(image);
+                }
+            }
+            PullPolicy::Always => {}
+        }
+        let mut boot = crate::BootRequest::new(crate::ImageRef::parse(&self.reference)?);
+        boot.overrides.cmd = self.cmd;
+        boot.overrides.env = self.env;
+        boot.memory_mib = self.memory_mib;
+        boot.vcpus = self.vcpus;
+        let req = crate::PullRequest {
+            boot,
+            name,
+            port: self.guest_port,
+            ready_timeout: self.ready_timeout,
+            snapshots_dir: root,
+        };
+        let out = crate::pull::pull(&req)?;
+        Image::from_snapshot(&out.snapshot.dir)
+    }
+}

@@ -25,7 +25,7 @@ pub use boot::{BootReport, BootRequest, BootTimings};
 pub use error::Error;
 pub use exec::{ExecBuilder, ExecChild, ExecOutcome, ExecStdin, ExecStdinWriter};
 pub use forward::TcpForwarder;
-pub use image::{Image, VmConfig};
+pub use image::{Image, OciImageBuilder, PullPolicy, VmConfig};
 pub use pool::{Pool, PooledVm};
 pub use pull::{PullOutcome, PullRequest};
 pub use supermachine_backend::{Accel, BackendKind};

@@ -244,3 +244,44 @@ fn stop_is_graceful_and_config_must_match_the_snapshot() {
         other => panic!("expected Error::Image, got {:?}", other.map(|_| ())),
     }
 }
+
+#[test]
+fn pull_policies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let layout = copy_layout("busybox", tmp.path());
+    let reference = format!("oci-layout:{}", layout.display());
+    let snaps = tmp.path().join("snaps");
+    let builder = || {
+        supermachine::Image::builder(&reference)
+            .name("policy")
+            .cmd(["httpd", "-f", "-p", "80", "-h", "/var/www"])
+            .snapshots_dir(&snaps)
+    };
+    use supermachine::PullPolicy::*;
+    // Never with nothing baked: CacheMiss.
+    assert!(matches!(
+        builder().pull_policy(Never).build(),
+        Err(Error::CacheMiss { .. })
+    ));
+    // Missing bakes once...
+    let image = builder().pull_policy(Missing).build().unwrap();
+    assert_eq!(get(&image.start(&VmConfig::default()).unwrap()), INDEX);
+    // ...and then uses the snapshot without reading the source at all.
+    std::fs::rename(&layout, tmp.path().join("moved")).unwrap();
+    builder().pull_policy(Missing).build().unwrap();
+    builder().pull_policy(Never).build().unwrap();
+    // Always re-reads the source: gone, it fails naming it.
+    match builder().pull_policy(Always).build() {
+        Err(Error::Image(e)) => assert!(e.to_string().contains("busybox"), "{e}"),
+        other => panic!("expected an image error, got {:?}", other.map(|_| ())),
+    }
+    std::fs::rename(tmp.path().join("moved"), &layout).unwrap();
+    // Never with a broken snapshot: CacheInvalid.
+    std::fs::write(snaps.join("policy/state.bin"), b"broken").unwrap();
+    assert!(matches!(
+        builder().pull_policy(Never).build(),
+        Err(Error::CacheInvalid { .. })
+    ));
+    // Missing re-bakes a broken one.
+    builder().pull_policy(Missing).build().unwrap();
+}

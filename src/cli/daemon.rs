@@ -9,12 +9,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use clap::{Args, ValueEnum};
 
-use crate::boot::BootRequest;
 use crate::cli::{registry, EXIT_INTERNAL};
-use crate::pull::{self, PullRequest};
+use crate::pull;
 use crate::router::{Isolation, PoolConfig, Route, RouterConfig};
 use crate::snapshot::{self, Snapshot};
-use crate::{Error, ImageRef, Overrides};
+use crate::Error;
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum PullPolicy {
@@ -75,27 +74,25 @@ fn snapshot_for(a: &RunArgs, guest_port: u16, root: &std::path::Path) -> Result<
         Snapshot::open(&existing)?;
         return Ok(existing);
     }
-    let reference = ImageRef::parse(&a.image)?;
-    let mut boot = BootRequest::new(reference);
-    boot.overrides = Overrides {
-        cmd: (!a.argv.is_empty()).then(|| a.argv.clone()),
-        env: a.env.clone(),
-        ..Default::default()
-    };
-    boot.memory_mib = a.memory;
-    boot.vcpus = a.vcpus;
-    let name = format!("{}-{guest_port}", pull::default_name(&a.image));
-    if a.pull == PullPolicy::Never {
-        return Snapshot::open(&root.join(&name)).map(|s| s.dir);
+    let mut b = crate::Image::builder(&a.image)
+        .name(&format!("{}-{guest_port}", pull::default_name(&a.image)))
+        .pull_policy(match a.pull {
+            PullPolicy::Always => crate::PullPolicy::Always,
+            PullPolicy::Missing => crate::PullPolicy::Missing,
+            PullPolicy::Never => crate::PullPolicy::Never,
+        })
+        .memory_mib(a.memory)
+        .vcpus(a.vcpus)
+        .guest_port(guest_port)
+        .snapshots_dir(root);
+    if !a.argv.is_empty() {
+        b = b.cmd(a.argv.clone());
     }
-    let req = PullRequest {
-        boot,
-        name,
-        port: guest_port,
-        ready_timeout: Duration::from_secs(120),
-        snapshots_dir: root.to_path_buf(),
-    };
-    pull::pull(&req).map(|o| o.snapshot.dir)
+    for kv in &a.env {
+        let (k, v) = kv.split_once('=').unwrap_or((kv.as_str(), ""));
+        b = b.env(k, v);
+    }
+    Ok(b.build()?.snapshot().dir.clone())
 }
 
 pub fn run(a: RunArgs) -> i32 {
