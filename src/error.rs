@@ -8,7 +8,7 @@ use supermachine_bake::BakeError;
 pub enum Error {
     /// The image reference, layout, a blob or a layer is bad or unreadable.
     #[error(transparent)]
-    Image(#[from] BakeError),
+    Image(BakeError),
     /// A file supermachine needs is missing: the guest kernel, init, the agent, the worker.
     #[error("{what} not found (looked at: {looked}); {hint}")]
     Assets {
@@ -58,6 +58,15 @@ impl Error {
         Error::Io {
             context: context.into(),
             source,
+        }
+    }
+}
+
+impl From<BakeError> for Error {
+    fn from(e: BakeError) -> Self {
+        match e {
+            BakeError::Network { .. } => Error::Network(e.to_string()),
+            other => Error::Image(other),
         }
     }
 }

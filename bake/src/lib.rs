@@ -9,6 +9,7 @@ pub mod initramfs;
 pub mod layer;
 pub mod layout;
 pub mod reference;
+pub mod registry;
 pub mod runconfig;
 
 use std::path::PathBuf;
@@ -43,6 +44,8 @@ pub enum BakeError {
     Layer { digest: String, reason: String },
     #[error("{0}")]
     Unsupported(String),
+    #[error("registry {registry}: {reason}")]
+    Network { registry: String, reason: String },
     #[error("no command specified: the image has no Entrypoint or Cmd and none was given")]
     NoCommand,
     #[error("cache at {path}: {reason}")]
@@ -86,9 +89,8 @@ pub fn prepare(
             OciLayout::open(&archive::unpack(file, cache)?)?.resolve(tag.as_deref())?
         }
         ImageRef::Registry(r) => {
-            return Err(BakeError::Unsupported(format!(
-                "pulling {r} from a registry is not implemented yet; use oci-layout:DIR or oci-archive:FILE (for example from `skopeo copy docker://{r} oci-archive:FILE`)"
-            )))
+            let (dir, tag) = registry::pull_to_layout(r, cache, false)?;
+            OciLayout::open(&dir)?.resolve(Some(&tag))?
         }
     };
     let mut layers = Vec::with_capacity(resolved.layers.len());

@@ -1,0 +1,194 @@
+//! Pulling from a real registry: Debian's docker-registry on 127.0.0.1 with its own
+//! config (never the package's default, which listens on all interfaces), images pushed
+//! with skopeo in OCI and Docker v2s2 form.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use supermachine::{Error, Image, PullPolicy, VmConfig};
+
+struct Registry {
+    child: Child,
+    addr: String,
+    data: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_registry() -> Registry {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let data = dir.path().join("data");
+    let config = dir.path().join("config.yml");
+    std::fs::write(
+        &config,
+        format!("version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n", data.display()),
+    )
+    .unwrap();
+    let child = Command::new("docker-registry")
+        .arg("serve")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("docker-registry (apt-get install docker-registry)");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(Instant::now() < deadline, "registry did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Registry {
+        child,
+        addr,
+        data,
+        _dir: dir,
+    }
+}
+
+fn push(reg: &Registry, layout: &str, dest: &str, format: &str) {
+    let st = Command::new("skopeo")
+        .args([
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            "--format",
+            format,
+        ])
+        .arg(format!("oci:{}:latest", images().join(layout).display()))
+        .arg(format!("docker://{}/{dest}", reg.addr))
+        .status()
+        .unwrap();
+    assert!(st.success(), "skopeo push of {layout} as {format}");
+}
+
+fn with_cache(cache: &Path) -> Command {
+    let mut c = supermachine();
+    c.env("SUPERMACHINE_CACHE", cache);
+    c
+}
+
+#[test]
+fn oci_and_docker_manifests_pull_and_run() {
+    let reg = start_registry();
+    push(&reg, "busybox", "busybox:oci", "oci");
+    push(&reg, "busybox", "busybox:v2s2", "v2s2");
+    let cache = tempfile::tempdir().unwrap();
+    for tag in ["oci", "v2s2"] {
+        let o = boot_with(
+            with_cache(cache.path()),
+            &[
+                &format!("{}/busybox:{tag}", reg.addr),
+                "--",
+                "/bin/sh",
+                "-c",
+                "echo pulled-$0",
+                tag,
+            ],
+        );
+        assert_code(&o, 0);
+        assert_eq!(stdout(&o), format!("pulled-{tag}\n"));
+    }
+    // The layer was shared between both shapes (same diff_id): one squashfs.
+    assert_eq!(files_under(&cache.path().join("layers")).len(), 1);
+    // Unknown tag: a network error naming the registry.
+    let o = boot_with(
+        with_cache(cache.path()),
+        &[&format!("{}/busybox:nope", reg.addr), "--", "true"],
+    );
+    assert_code(&o, 125);
+    assert!(
+        stderr(&o).contains(&reg.addr) && stderr(&o).contains("404"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn a_corrupted_blob_is_refused_and_not_cached() {
+    let reg = start_registry();
+    push(&reg, "busybox", "busybox:latest", "oci");
+    // Flip a byte of the biggest stored blob (the layer).
+    let blob = files_under(&reg.data)
+        .into_iter()
+        .filter(|p| p.ends_with("data") && p.to_string_lossy().contains("/blobs/"))
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    let digest = blob
+        .parent()
+        .unwrap()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .to_string();
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&blob, bytes).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let o = boot_with(
+        with_cache(cache.path()),
+        &[&format!("{}/busybox:latest", reg.addr), "--", "true"],
+    );
+    assert_code(&o, 125);
+    assert!(stderr(&o).contains(&digest), "{}", stderr(&o));
+    let cached: Vec<_> = files_under(&cache.path().join("blobs"))
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains(&digest))
+        .collect();
+    assert!(
+        cached.is_empty(),
+        "the corrupt blob reached the cache: {cached:?}"
+    );
+    assert!(files_under(&cache.path().join("layers")).is_empty());
+}
+
+#[test]
+fn pull_policies_against_a_stopped_registry() {
+    let reg = start_registry();
+    push(&reg, "busybox", "web:latest", "oci");
+    let reference = format!("{}/web:latest", reg.addr);
+    let snaps = tempfile::tempdir().unwrap();
+    let (kernel, init) = guest();
+    std::env::set_var("SUPERMACHINE_KERNEL", kernel);
+    std::env::set_var("SUPERMACHINE_INIT", init);
+    let builder = || {
+        Image::builder(&reference)
+            .name("web")
+            .cmd(["httpd", "-f", "-p", "80", "-h", "/var/www"])
+            .snapshots_dir(snaps.path())
+    };
+    let image = builder().pull_policy(PullPolicy::Missing).build().unwrap();
+    let vm = image.start(&VmConfig::default()).unwrap();
+    let (_, body) = http_get(vm.connect(80).unwrap(), "/");
+    assert_eq!(body, b"<h1>hello from supermachine</h1>\n");
+    drop(vm);
+    let addr = reg.addr.clone();
+    drop(reg);
+    // No registry: Missing uses the snapshot without the network; Always needs it.
+    builder().pull_policy(PullPolicy::Missing).build().unwrap();
+    match builder().pull_policy(PullPolicy::Always).build() {
+        Err(Error::Network(msg)) => assert!(msg.contains(&addr), "{msg}"),
+        other => panic!("expected Error::Network, got {:?}", other.map(|_| ())),
+    }
+    let never = Image::builder(&reference)
+        .name("other")
+        .snapshots_dir(snaps.path())
+        .pull_policy(PullPolicy::Never)
+        .build();
+    assert!(matches!(never, Err(Error::CacheMiss { .. })));
+}
