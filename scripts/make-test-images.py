@@ -157,7 +157,8 @@ class Layout:
             f.write(data)
         return {"mediaType": media_type, "digest": "sha256:" + d, "size": len(data)}
 
-    def image(self, tar_layers, config, tag="latest"):
+    def manifest(self, tar_layers, config, arch="amd64"):
+        """Writes config + layers + manifest; returns the manifest's descriptor."""
         descs, diff_ids = [], []
         for raw, comp in tar_layers:
             diff_ids.append("sha256:" + hashlib.sha256(raw).hexdigest())
@@ -171,7 +172,7 @@ class Layout:
                 data, mt = raw, "application/vnd.oci.image.layer.v1.tar"
             descs.append(self.blob(data, mt))
         cfg = {
-            "architecture": "amd64",
+            "architecture": arch,
             "os": "linux",
             "config": config,
             "rootfs": {"type": "layers", "diff_ids": diff_ids},
@@ -180,16 +181,40 @@ class Layout:
         cfg_desc = self.blob(json.dumps(cfg, sort_keys=True).encode(), "application/vnd.oci.image.config.v1+json")
         manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
                     "config": cfg_desc, "layers": descs}
-        man_desc = self.blob(json.dumps(manifest, sort_keys=True).encode(), "application/vnd.oci.image.manifest.v1+json")
-        man_desc["annotations"] = {"org.opencontainers.image.ref.name": tag}
-        index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [man_desc]}
+        return self.blob(json.dumps(manifest, sort_keys=True).encode(), "application/vnd.oci.image.manifest.v1+json")
+
+    def tag(self, desc, tag):
+        desc = dict(desc, annotations={"org.opencontainers.image.ref.name": tag})
+        index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [desc]}
         with open(os.path.join(self.root, "index.json"), "w") as f:
             json.dump(index, f, sort_keys=True)
+
+    def image(self, tar_layers, config, tag="latest"):
+        self.tag(self.manifest(tar_layers, config), tag)
+
+    def multiarch(self, per_arch, tag="latest"):
+        """A nested image index: one manifest per (arch, layers, config)."""
+        manifests = []
+        for arch, layers, config in per_arch:
+            d = self.manifest(layers, config, arch)
+            d["platform"] = {"architecture": arch, "os": "linux"}
+            manifests.append(d)
+        nested = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": manifests}
+        self.tag(self.blob(json.dumps(nested, sort_keys=True).encode(), "application/vnd.oci.image.index.v1+json"), tag)
 
 
 def build(out):
     base = base_layer()
     Layout(os.path.join(out, "busybox")).image([(base, "gzip")], {"Env": [PATH_ENV], "Cmd": ["/bin/sh"]})
+    # A multi-arch index whose arm64 entry is a decoy: only amd64 can run here.
+    decoy = Layer()
+    decoy.file("ARCH", "arm64\n")
+    Layout(os.path.join(out, "multiarch")).multiarch(
+        [
+            ("arm64", [(decoy.bytes(), "gzip")], {"Env": [PATH_ENV, "ARCH=arm64"], "Cmd": ["/bin/sh"]}),
+            ("amd64", [(base, "gzip")], {"Env": [PATH_ENV, "ARCH=amd64"], "Cmd": ["/bin/sh"]}),
+        ]
+    )
     l2, l3 = overlay_layers()
     Layout(os.path.join(out, "layered")).image(
         [(base, "gzip"), (l2, "zstd"), (l3, "none")],

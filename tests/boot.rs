@@ -190,3 +190,10 @@ fn large_output_arrives_intact() {
         o.stdout.len()
     );
 }
+
+#[test]
+fn a_multi_arch_index_runs_its_amd64_image() {
+    let o = boot(&[&image("multiarch"), "--", "/bin/sh", "-c", "echo $ARCH"]);
+    assert_code(&o, 0);
+    assert_eq!(stdout(&o), "amd64\n");
+}

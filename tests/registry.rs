@@ -65,6 +65,7 @@ fn push(reg: &Registry, layout: &str, dest: &str, format: &str) {
         .args([
             "copy",
             "--quiet",
+            "--all",
             "--dest-tls-verify=false",
             "--format",
             format,
@@ -105,6 +106,39 @@ fn oci_and_docker_manifests_pull_and_run() {
     }
     // The layer was shared between both shapes (same diff_id): one squashfs.
     assert_eq!(files_under(&cache.path().join("layers")).len(), 1);
+
+    // A multi-arch image as an OCI index and as a Docker manifest list: amd64 is chosen.
+    push(&reg, "multiarch", "multi:oci", "oci");
+    push(&reg, "multiarch", "multi:list", "v2s2");
+    for tag in ["oci", "list"] {
+        let o = boot_with(
+            with_cache(cache.path()),
+            &[
+                &format!("{}/multi:{tag}", reg.addr),
+                "--",
+                "/bin/sh",
+                "-c",
+                "echo $ARCH",
+            ],
+        );
+        assert_code(&o, 0);
+        assert_eq!(stdout(&o), "amd64\n", "{tag}");
+    }
+    // gzip, zstd and uncompressed layers through the registry (whiteouts included).
+    push(&reg, "layered", "layered:latest", "oci");
+    let o = boot_with(
+        with_cache(cache.path()),
+        &[
+            "--entrypoint",
+            "/bin/ls",
+            &format!("{}/layered:latest", reg.addr),
+            "--",
+            "/data",
+            "/opq",
+        ],
+    );
+    assert_code(&o, 0);
+    assert_eq!(stdout(&o), "/data:\nkeep.txt\n\n/opq:\nnew1\n");
     // Unknown tag: a network error naming the registry.
     let o = boot_with(
         with_cache(cache.path()),
