@@ -226,3 +226,57 @@ fn pull_policies_against_a_stopped_registry() {
         .build();
     assert!(matches!(never, Err(Error::CacheMiss { .. })));
 }
+
+#[test]
+fn an_interrupted_download_resumes() {
+    let reg = start_registry();
+    push(&reg, "busybox", "busybox:latest", "oci");
+    let stored = files_under(&reg.data)
+        .into_iter()
+        .filter(|p| p.ends_with("data") && p.to_string_lossy().contains("/blobs/"))
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    let hex = stored
+        .parent()
+        .unwrap()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .to_string();
+    let bytes = std::fs::read(&stored).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let blobs = cache.path().join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    // What a pull killed half-way through the layer leaves behind.
+    std::fs::write(
+        blobs.join(format!("{hex}.partial")),
+        &bytes[..bytes.len() / 2],
+    )
+    .unwrap();
+    let reference = format!("{}/busybox:latest", reg.addr);
+    let o = boot_with(
+        with_cache(cache.path()),
+        &[&reference, "--", "/bin/sh", "-c", "echo resumed"],
+    );
+    assert_code(&o, 0);
+    assert_eq!(stdout(&o), "resumed\n");
+    assert!(stderr(&o).contains("resuming"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(blobs.join(&hex)).unwrap(), bytes);
+    assert!(!blobs.join(format!("{hex}.partial")).exists());
+
+    // A damaged partial file is detected, discarded, and the next pull starts over.
+    let cache = tempfile::tempdir().unwrap();
+    let blobs = cache.path().join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    std::fs::write(
+        blobs.join(format!("{hex}.partial")),
+        vec![0u8; bytes.len() / 2],
+    )
+    .unwrap();
+    let o = boot_with(with_cache(cache.path()), &[&reference, "--", "true"]);
+    assert_code(&o, 125);
+    assert!(stderr(&o).contains(&hex), "{}", stderr(&o));
+    assert!(!blobs.join(format!("{hex}.partial")).exists() && !blobs.join(&hex).exists());
+    let o = boot_with(with_cache(cache.path()), &[&reference, "--", "true"]);
+    assert_code(&o, 0);
+}

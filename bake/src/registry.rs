@@ -10,13 +10,15 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::cache::{AtomicFile, Cache};
+use crate::cache::Cache;
 use crate::digest::{Digest, HashingReader};
 use crate::reference::RegistryRef;
 use crate::BakeError;
 
 const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
 const MAX_MANIFEST: u64 = 4 << 20;
+/// Attempts per request (connection failures and 5xx).
+const RETRIES: u32 = 4;
 
 /// A parsed `WWW-Authenticate: Bearer realm="..",service="..",scope=".."` challenge.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -105,21 +107,41 @@ impl RegistryClient {
     }
 
     /// GET with the current token; on 401 obtains an anonymous token once and retries.
+    /// Connection failures and 5xx answers are retried with backoff; 4xx are final.
     fn get(
         &mut self,
         url: &str,
         accept: Option<&str>,
+        from: u64,
     ) -> Result<reqwest::blocking::Response, BakeError> {
-        for attempt in 0..2 {
+        let mut backoff = Duration::from_millis(200);
+        let mut attempt = 0;
+        let mut authed = false;
+        loop {
+            attempt += 1;
             let mut req = self.http.get(url);
             if let Some(a) = accept {
                 req = req.header("Accept", a);
             }
+            if from > 0 {
+                req = req.header("Range", format!("bytes={from}-"));
+            }
             if let Some(t) = &self.token {
                 req = req.bearer_auth(t);
             }
-            let resp = req.send().map_err(|e| net_err(&self.registry, e))?;
-            if resp.status() == reqwest::StatusCode::UNAUTHORIZED && attempt == 0 {
+            let resp = match req.send() {
+                Ok(r) => r,
+                Err(e) if attempt < RETRIES => {
+                    tracing::debug!(%url, error = %e, "retrying");
+                    std::thread::sleep(backoff);
+                    backoff *= 2;
+                    continue;
+                }
+                Err(e) => return Err(net_err(&self.registry, e)),
+            };
+            let status = resp.status();
+            if status == reqwest::StatusCode::UNAUTHORIZED && !authed {
+                authed = true;
                 let challenge = resp
                     .headers()
                     .get("www-authenticate")
@@ -134,18 +156,16 @@ impl RegistryClient {
                 self.token = Some(self.fetch_token(&challenge)?);
                 continue;
             }
-            if !resp.status().is_success() {
-                return Err(net_err(
-                    &self.registry,
-                    format!("GET {url}: HTTP {}", resp.status()),
-                ));
+            if status.is_server_error() && attempt < RETRIES {
+                std::thread::sleep(backoff);
+                backoff *= 2;
+                continue;
+            }
+            if !status.is_success() {
+                return Err(net_err(&self.registry, format!("GET {url}: HTTP {status}")));
             }
             return Ok(resp);
         }
-        Err(net_err(
-            &self.registry,
-            format!("GET {url}: still unauthorized with a token"),
-        ))
     }
 
     fn fetch_token(&self, c: &Challenge) -> Result<String, BakeError> {
@@ -186,7 +206,7 @@ impl RegistryClient {
         reference: &str,
     ) -> Result<(String, Vec<u8>, Digest), BakeError> {
         let url = format!("{}/v2/{repo}/manifests/{reference}", self.base);
-        let resp = self.get(&url, Some(ACCEPT))?;
+        let resp = self.get(&url, Some(ACCEPT), 0)?;
         let ctype = resp
             .headers()
             .get("content-type")
@@ -218,7 +238,9 @@ impl RegistryClient {
         Ok((ctype, bytes, digest))
     }
 
-    /// Streams a blob into the cache, verifying size and digest; a cache hit downloads nothing.
+    /// Streams a blob into the cache, verifying size and digest; a cache hit downloads
+    /// nothing. Bytes land in `<hex>.partial` first: an interrupted download (this run or a
+    /// killed earlier one) resumes from there with a Range request.
     fn blob(
         &mut self,
         repo: &str,
@@ -232,21 +254,63 @@ impl RegistryClient {
         if dest.is_file() {
             return Ok(dest);
         }
+        let partial = dir.join(format!("{}.partial", digest.hex()));
         let url = format!("{}/v2/{repo}/blobs/{digest}", self.base);
-        let resp = self.get(&url, None)?;
-        let mut out = AtomicFile::create(&dest)?;
-        let mut reader = HashingReader::new(resp);
-        io::copy(&mut reader, out.file())
-            .map_err(|e| net_err(&self.registry, format!("downloading {digest}: {e}")))?;
-        let (got, n) = reader.finish().map_err(|e| net_err(&self.registry, e))?;
-        if got != *digest || n != size {
-            return Err(BakeError::Blob {
-                path: PathBuf::from(url),
-                digest: digest.to_string(),
-                reason: format!("downloaded {n} bytes hashing to {got} (expected {size} bytes)"),
-            });
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let have = fs::metadata(&partial)
+                .map(|m| m.len())
+                .unwrap_or(0)
+                .min(size);
+            let resp = self.get(&url, None, have)?;
+            let resumed = resp.status() == reqwest::StatusCode::PARTIAL_CONTENT;
+            let mut file = fs::OpenOptions::new()
+                .create(true)
+                .append(resumed)
+                .write(true)
+                .truncate(!resumed)
+                .open(&partial)
+                .map_err(|e| BakeError::io(format!("opening {}", partial.display()), e))?;
+            if resumed {
+                eprintln!("supermachine: resuming {digest} at {have} of {size} bytes");
+            }
+            match io::copy(
+                &mut resp.take(size.saturating_sub(if resumed { have } else { 0 }) + 1),
+                &mut file,
+            ) {
+                Ok(_) => {}
+                Err(e) if attempt < RETRIES => {
+                    tracing::debug!(%digest, error = %e, "download interrupted, resuming");
+                    continue;
+                }
+                Err(e) => {
+                    return Err(net_err(
+                        &self.registry,
+                        format!("downloading {digest}: {e}"),
+                    ))
+                }
+            }
+            file.sync_all().map_err(|e| BakeError::io("fsync", e))?;
+            drop(file);
+            let f = File::open(&partial).map_err(|e| BakeError::io("reading a download", e))?;
+            let (got, n) = HashingReader::new(io::BufReader::new(f))
+                .finish()
+                .map_err(|e| BakeError::io("hashing a download", e))?;
+            if got != *digest || n != size {
+                let _ = fs::remove_file(&partial);
+                return Err(BakeError::Blob {
+                    path: PathBuf::from(url),
+                    digest: digest.to_string(),
+                    reason: format!(
+                        "downloaded {n} bytes hashing to {got} (expected {size} bytes)"
+                    ),
+                });
+            }
+            fs::rename(&partial, &dest)
+                .map_err(|e| BakeError::io(format!("renaming into {}", dest.display()), e))?;
+            return Ok(dest);
         }
-        out.commit()
     }
 }
 
