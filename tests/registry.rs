@@ -26,6 +26,10 @@ impl Drop for Registry {
 }
 
 fn start_registry() -> Registry {
+    start_registry_with("")
+}
+
+fn start_registry_with(extra_config: &str) -> Registry {
     let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -37,7 +41,10 @@ fn start_registry() -> Registry {
     let config = dir.path().join("config.yml");
     std::fs::write(
         &config,
-        format!("version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n", data.display()),
+        format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n{extra_config}",
+            data.display()
+        ),
     )
     .unwrap();
     let child = Command::new("docker-registry")
@@ -279,4 +286,61 @@ fn an_interrupted_download_resumes() {
     assert!(!blobs.join(format!("{hex}.partial")).exists() && !blobs.join(&hex).exists());
     let o = boot_with(with_cache(cache.path()), &[&reference, "--", "true"]);
     assert_code(&o, 0);
+}
+
+#[test]
+fn credentials_from_the_docker_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let htpasswd = Command::new("htpasswd")
+        .args(["-Bbn", "alice", "s3cret"])
+        .output()
+        .expect("htpasswd (apache2-utils)");
+    assert!(htpasswd.status.success());
+    std::fs::write(dir.path().join("htpasswd"), &htpasswd.stdout).unwrap();
+    let reg = start_registry_with(&format!(
+        "auth:\n  htpasswd:\n    realm: test-realm\n    path: {}\n",
+        dir.path().join("htpasswd").display()
+    ));
+    let st = Command::new("skopeo")
+        .args([
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            "--dest-creds",
+            "alice:s3cret",
+        ])
+        .arg(format!("oci:{}:latest", images().join("busybox").display()))
+        .arg(format!("docker://{}/private:latest", reg.addr))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let reference = format!("{}/private:latest", reg.addr);
+    let run = |auth: Option<&str>| {
+        let cfg = tempfile::tempdir().unwrap();
+        if let Some(a) = auth {
+            std::fs::write(
+                cfg.path().join("config.json"),
+                format!(r#"{{"auths":{{"{}":{{"auth":"{a}"}}}}}}"#, reg.addr),
+            )
+            .unwrap();
+        }
+        let cache = tempfile::tempdir().unwrap();
+        let mut c = with_cache(cache.path());
+        c.env("DOCKER_CONFIG", cfg.path());
+        boot_with(c, &[&reference, "--", "/bin/sh", "-c", "echo private"])
+    };
+    // No credentials, wrong ones: a clear 401 naming the registry.
+    for auth in [None, Some("YWxpY2U6d3Jvbmc=")] {
+        let o = run(auth);
+        assert_code(&o, 125);
+        assert!(
+            stderr(&o).contains("401") && stderr(&o).contains(&reg.addr),
+            "{}",
+            stderr(&o)
+        );
+    }
+    // alice:s3cret
+    let o = run(Some("YWxpY2U6czNjcmV0"));
+    assert_code(&o, 0);
+    assert_eq!(stdout(&o), "private\n");
 }

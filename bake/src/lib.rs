@@ -4,6 +4,7 @@
 
 pub mod archive;
 pub mod cache;
+pub mod credentials;
 pub mod digest;
 pub mod initramfs;
 pub mod layer;

@@ -72,6 +72,10 @@ pub struct RegistryClient {
     base: String,
     registry: String,
     token: Option<String>,
+    /// From docker's config file, if it names this registry.
+    creds: Option<(String, String)>,
+    /// The registry asked for Basic auth: send the credentials on every request.
+    basic: bool,
 }
 
 fn net_err(registry: &str, e: impl std::fmt::Display) -> BakeError {
@@ -103,6 +107,8 @@ impl RegistryClient {
             base: format!("{scheme}://{host}"),
             registry: registry.to_string(),
             token: None,
+            creds: crate::credentials::lookup(registry),
+            basic: false,
         })
     }
 
@@ -128,6 +134,8 @@ impl RegistryClient {
             }
             if let Some(t) = &self.token {
                 req = req.bearer_auth(t);
+            } else if let (true, Some((u, p))) = (self.basic, &self.creds) {
+                req = req.basic_auth(u, Some(p));
             }
             let resp = match req.send() {
                 Ok(r) => r,
@@ -140,7 +148,18 @@ impl RegistryClient {
                 Err(e) => return Err(net_err(&self.registry, e)),
             };
             let status = resp.status();
-            if status == reqwest::StatusCode::UNAUTHORIZED && !authed {
+            if status == reqwest::StatusCode::UNAUTHORIZED {
+                if authed {
+                    let why = if self.creds.is_some() {
+                        "the credentials in the docker config were rejected"
+                    } else {
+                        "no credentials for it in $DOCKER_CONFIG/config.json or ~/.docker/config.json"
+                    };
+                    return Err(net_err(
+                        &self.registry,
+                        format!("GET {url}: HTTP 401 Unauthorized ({why})"),
+                    ));
+                }
                 authed = true;
                 let challenge = resp
                     .headers()
@@ -153,7 +172,11 @@ impl RegistryClient {
                             "401 Unauthorized without a usable WWW-Authenticate challenge",
                         )
                     })?;
-                self.token = Some(self.fetch_token(&challenge)?);
+                if challenge.scheme == "basic" {
+                    self.basic = true;
+                } else {
+                    self.token = Some(self.fetch_token(&challenge)?);
+                }
                 continue;
             }
             if status.is_server_error() && attempt < RETRIES {
