@@ -161,7 +161,12 @@ impl ExecBuilder {
             started,
         };
         match std::mem::take(&mut self.stdin) {
-            ExecStdin::Null => child.stdin = None,
+            ExecStdin::Null => {
+                // The guest gave the command /dev/null: there is nothing to close.
+                if let Some(mut w) = child.stdin.take() {
+                    w.closed = true;
+                }
+            }
             ExecStdin::Piped => {}
             ExecStdin::Bytes(b) => {
                 let mut w = child

@@ -127,6 +127,14 @@ fn exec_codes_signals_timeout_tty_stdin() {
         vm.exec(["sh", "-c", "exit 3"]).unwrap().status,
         ExitStatus::Code(3)
     );
+    // A command that never starts ends its session cleanly every time (the shim must not
+    // reset the connection before the host has read the exit frame).
+    for _ in 0..10 {
+        assert_eq!(
+            vm.exec(["no-such-binary"]).unwrap().status,
+            ExitStatus::Code(127)
+        );
+    }
     let missing = vm.exec(["no-such-binary"]).unwrap();
     assert_eq!(missing.status, ExitStatus::Code(127));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no-such-binary"));

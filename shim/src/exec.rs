@@ -49,6 +49,7 @@ pub fn run(
                 message: "empty argv".into(),
             },
         );
+        linger(&out, input);
         return Ok(());
     }
     let user_spec = req.user.clone().unwrap_or_else(|| ctx.config.user.clone());
@@ -62,6 +63,7 @@ pub fn run(
                     message: e.to_string(),
                 },
             );
+            linger(&out, input);
             return Ok(());
         }
     };
@@ -116,6 +118,7 @@ pub fn run(
                     timed_out: false,
                 },
             );
+            linger(&out, input);
             return Ok(());
         }
     };
@@ -267,4 +270,20 @@ fn spawn_pump<R: Read + Send + 'static>(mut r: R, stdout: bool, out: Out, done: 
         }
         let _ = done.send(());
     });
+}
+
+/// Ends a session the command never started in: half-close our side and read what the
+/// host still sends (a `CloseStdin`, say) until it hangs up. Closing with unread input
+/// would make the kernel send a reset, and the host could lose the frames just written.
+fn linger(out: &Out, mut input: FrameReader<Box<dyn AgentStream>>) {
+    if let Ok(w) = out.lock() {
+        let _ = w.shutdown_write();
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        match input.read::<ExecInput>() {
+            Ok(Some(_)) => continue,
+            _ => break,
+        }
+    }
 }
