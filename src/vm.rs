@@ -606,9 +606,24 @@ impl Vm {
 
     /// Sends a signal to the workload.
     pub fn workload_signal(&self, signum: i32) -> Result<(), Error> {
-        self.agent()?
-            .signal(signum)
-            .map_err(|e| Error::io("signalling the workload", e))
+        match self.agent()?.signal(signum) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                // A signal that ends the workload powers the VM off, which can cut the
+                // agent's reply: that is success, not failure.
+                let (lock, cv) = &*self.state;
+                if let Ok(s) = lock.lock() {
+                    let _ = cv.wait_timeout_while(s, Duration::from_secs(3), |s| {
+                        matches!(s.phase, Phase::Booting | Phase::Running)
+                    });
+                }
+                if self.try_status().is_some() {
+                    Ok(())
+                } else {
+                    Err(Error::io("signalling the workload", e))
+                }
+            }
+        }
     }
 }
 
