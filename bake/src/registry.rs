@@ -297,6 +297,12 @@ impl RegistryClient {
                 .map_err(|e| BakeError::io(format!("opening {}", partial.display()), e))?;
             if resumed {
                 eprintln!("supermachine: resuming {digest} at {have} of {size} bytes");
+            } else {
+                eprintln!(
+                    "supermachine: pulling {digest} ({:.1} MiB) from {}",
+                    size as f64 / 1048576.0,
+                    self.registry
+                );
             }
             match io::copy(
                 &mut resp.take(size.saturating_sub(if resumed { have } else { 0 }) + 1),

@@ -115,8 +115,8 @@ pub fn run_pull(a: PullArgs) -> i32 {
 pub fn run_images(a: ImagesArgs) -> i32 {
     let root = a.snapshots_dir.unwrap_or_else(snapshot::default_root);
     println!(
-        "{:<24} {:<48} {:<20} {:>9} {:>8}",
-        "NAME", "IMAGE", "DIGEST", "MEMORY", "CREATED"
+        "{:<24} {:<48} {:<14} {:>9} {:>10} {:>12}",
+        "NAME", "IMAGE", "DIGEST", "MEMORY", "DISK", "CREATED"
     );
     for (name, snap) in snapshot::list(&root) {
         match snap {
@@ -124,11 +124,12 @@ pub fn run_images(a: ImagesArgs) -> i32 {
                 let m = &s.meta;
                 let digest = m.manifest_digest.trim_start_matches("sha256:");
                 println!(
-                    "{:<24} {:<48} {:<20} {:>6} MiB {:>8}",
+                    "{:<24} {:<48} {:<14} {:>5} MiB {:>6.1} MiB {:>12}",
                     name,
                     m.image_ref,
                     &digest[..digest.len().min(12)],
                     m.memory_mib,
+                    disk_usage(&s.dir) as f64 / 1048576.0,
                     m.created_unix
                 );
             }
@@ -136,6 +137,19 @@ pub fn run_images(a: ImagesArgs) -> i32 {
         }
     }
     0
+}
+
+/// Bytes a snapshot directory really occupies (the RAM file is sparse).
+fn disk_usage(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.blocks() * 512)
+                .sum()
+        })
+        .unwrap_or(0)
 }
 
 pub fn run_rmi(a: RmiArgs) -> i32 {
