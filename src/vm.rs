@@ -3,7 +3,6 @@
 //! forwarders. Dropping it kills the VM.
 
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -83,11 +82,7 @@ impl Vm {
             ..Default::default()
         };
 
-        let run_dir = tempfile::Builder::new()
-            .prefix("supermachine-")
-            .tempdir()
-            .map_err(|e| Error::io("creating a run directory", e))?;
-        let live = LiveRunDir::register(run_dir.path());
+        let (run_dir, live) = new_run_dir(None)?;
         let initramfs_path = run_dir.path().join("initramfs.cpio");
         let file = std::fs::File::create(&initramfs_path)
             .map_err(|e| Error::io(format!("creating {}", initramfs_path.display()), e))?;
@@ -164,14 +159,7 @@ impl Vm {
         socket_dir: Option<&std::path::Path>,
     ) -> Result<PreparedRestore, Error> {
         let meta = &snapshot.meta;
-        let mut b = tempfile::Builder::new();
-        b.prefix("supermachine-");
-        let run_dir = match socket_dir {
-            Some(d) => b.tempdir_in(d),
-            None => b.tempdir(),
-        }
-        .map_err(|e| Error::io("creating a run directory", e))?;
-        let live = LiveRunDir::register(run_dir.path());
+        let (run_dir, live) = new_run_dir(socket_dir)?;
         let spec = BootSpec {
             kernel: meta.kernel.path.clone(),
             initramfs: snapshot.initramfs_path(),
@@ -366,20 +354,11 @@ impl Vm {
             }),
             Condvar::new(),
         ));
-        let console = machine.console_log().to_path_buf();
         {
             let state = state.clone();
             let monitor_ready = t.monitor_ready;
             std::thread::spawn(move || {
-                follow_events(
-                    channel,
-                    sink,
-                    state,
-                    boot_timeout,
-                    monitor_ready,
-                    console,
-                    restored,
-                )
+                follow_events(channel, sink, state, boot_timeout, monitor_ready, restored)
             });
         }
         let vm = Vm {
@@ -633,6 +612,20 @@ impl Drop for Vm {
     }
 }
 
+/// A private directory for one VM's sockets, logs and initramfs (under `parent`, else the
+/// system temp dir), registered so a signal handler can remove it.
+fn new_run_dir(parent: Option<&std::path::Path>) -> Result<(tempfile::TempDir, LiveRunDir), Error> {
+    let mut b = tempfile::Builder::new();
+    b.prefix("supermachine-");
+    let dir = match parent {
+        Some(d) => b.tempdir_in(d),
+        None => b.tempdir(),
+    }
+    .map_err(|e| Error::io("creating a run directory", e))?;
+    let live = LiveRunDir::register(dir.path());
+    Ok((dir, live))
+}
+
 fn set_phase(state: &State, f: impl FnOnce(&mut Shared)) {
     let (lock, cv) = &**state;
     if let Ok(mut s) = lock.lock() {
@@ -648,7 +641,6 @@ fn follow_events(
     state: State,
     boot_timeout: Duration,
     monitor_ready: Instant,
-    _console: PathBuf,
     restored: bool,
 ) {
     // Until init speaks, a silent guest is a hung boot. A restored guest spoke long ago.

@@ -84,6 +84,23 @@ fn push(reg: &Registry, layout: &str, dest: &str, format: &str) {
     assert!(st.success(), "skopeo push of {layout} as {format}");
 }
 
+/// The registry's file for its biggest blob (the layer) and that blob's digest hex.
+fn largest_stored_blob(reg: &Registry) -> (PathBuf, String) {
+    let path = files_under(&reg.data)
+        .into_iter()
+        .filter(|p| p.ends_with("data") && p.to_string_lossy().contains("/blobs/"))
+        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    let hex = path
+        .parent()
+        .unwrap()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .to_string();
+    (path, hex)
+}
+
 fn with_cache(cache: &Path) -> Command {
     let mut c = supermachine();
     c.env("SUPERMACHINE_CACHE", cache);
@@ -164,18 +181,7 @@ fn a_corrupted_blob_is_refused_and_not_cached() {
     let reg = start_registry();
     push(&reg, "busybox", "busybox:latest", "oci");
     // Flip a byte of the biggest stored blob (the layer).
-    let blob = files_under(&reg.data)
-        .into_iter()
-        .filter(|p| p.ends_with("data") && p.to_string_lossy().contains("/blobs/"))
-        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
-        .unwrap();
-    let digest = blob
-        .parent()
-        .unwrap()
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .to_string();
+    let (blob, digest) = largest_stored_blob(&reg);
     let mut bytes = std::fs::read(&blob).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;
@@ -238,18 +244,7 @@ fn pull_policies_against_a_stopped_registry() {
 fn an_interrupted_download_resumes() {
     let reg = start_registry();
     push(&reg, "busybox", "busybox:latest", "oci");
-    let stored = files_under(&reg.data)
-        .into_iter()
-        .filter(|p| p.ends_with("data") && p.to_string_lossy().contains("/blobs/"))
-        .max_by_key(|p| std::fs::metadata(p).unwrap().len())
-        .unwrap();
-    let hex = stored
-        .parent()
-        .unwrap()
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .to_string();
+    let (stored, hex) = largest_stored_blob(&reg);
     let bytes = std::fs::read(&stored).unwrap();
     let cache = tempfile::tempdir().unwrap();
     let blobs = cache.path().join("blobs/sha256");

@@ -70,6 +70,19 @@ impl Drop for Running {
     }
 }
 
+/// A router serving one snapshot for every host.
+fn start_one(snapshot: PathBuf, isolation: Isolation, min: usize, max: usize) -> Running {
+    start(
+        vec![Route {
+            host: None,
+            snapshot,
+        }],
+        isolation,
+        min,
+        max,
+    )
+}
+
 fn start(routes: Vec<Route>, isolation: Isolation, min: usize, max: usize) -> Running {
     start_with(routes, isolation, min, max, false)
 }
@@ -127,25 +140,6 @@ fn start_with(
     }
 }
 
-fn request_with_host(addr: SocketAddr, host: &str, path: &str) -> (String, Vec<u8>) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").unwrap();
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp).unwrap();
-    let split = resp
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("no header end");
-    (
-        String::from_utf8_lossy(&resp[..split])
-            .lines()
-            .next()
-            .unwrap_or("")
-            .to_string(),
-        resp[split + 4..].to_vec(),
-    )
-}
-
 fn metric(admin: SocketAddr, name: &str) -> u64 {
     let (_, body) = http_get(TcpStream::connect(admin).unwrap(), "/_supermachine/metrics");
     String::from_utf8_lossy(&body)
@@ -160,15 +154,7 @@ fn metric(admin: SocketAddr, name: &str) -> u64 {
 fn shared_pool_serves_concurrent_requests_and_large_bodies() {
     let tmp = tempfile::tempdir().unwrap();
     let snap = bake_web(tmp.path());
-    let r = start(
-        vec![Route {
-            host: None,
-            snapshot: snap,
-        }],
-        Isolation::Shared,
-        2,
-        4,
-    );
+    let r = start_one(snap, Isolation::Shared, 2, 4);
     let addr = r.addr;
     let threads: Vec<_> = (0..20)
         .map(|_| {
@@ -212,15 +198,7 @@ fn shared_pool_serves_concurrent_requests_and_large_bodies() {
 fn fresh_isolation_gives_every_connection_a_new_vm() {
     let tmp = tempfile::tempdir().unwrap();
     let snap = bake_web(tmp.path());
-    let r = start(
-        vec![Route {
-            host: None,
-            snapshot: snap,
-        }],
-        Isolation::Fresh,
-        2,
-        2,
-    );
+    let r = start_one(snap, Isolation::Fresh, 2, 2);
     for i in 0..3 {
         let (_, body) = http_get(
             TcpStream::connect(r.addr).unwrap(),
@@ -262,15 +240,19 @@ fn host_routes_reach_different_images() {
         1,
         2,
     );
-    let (status, body) = request_with_host(r.addr, "b.test:8080", "/keep.txt");
+    let (status, body) = http_get_host(
+        TcpStream::connect(r.addr).unwrap(),
+        "b.test:8080",
+        "/keep.txt",
+    );
     assert!(status.contains("200"), "{status}");
     assert_eq!(body, b"kept\n");
-    let (status, body) = request_with_host(r.addr, "a.test", "/");
+    let (status, body) = http_get_host(TcpStream::connect(r.addr).unwrap(), "a.test", "/");
     assert!(status.contains("200"));
     assert_eq!(body, INDEX);
-    let (status, _) = request_with_host(r.addr, "a.test", "/keep.txt");
+    let (status, _) = http_get_host(TcpStream::connect(r.addr).unwrap(), "a.test", "/keep.txt");
     assert!(status.contains("404"), "{status}");
-    let (status, _) = request_with_host(r.addr, "unknown.test", "/");
+    let (status, _) = http_get_host(TcpStream::connect(r.addr).unwrap(), "unknown.test", "/");
     assert!(status.contains("404"), "no route: {status}");
 }
 
@@ -293,15 +275,7 @@ fn pids_with(needle: &str, program: &str) -> Vec<i32> {
 fn a_killed_worker_is_replaced_and_counted() {
     let tmp = tempfile::tempdir().unwrap();
     let snap = bake_web(tmp.path());
-    let r = start(
-        vec![Route {
-            host: None,
-            snapshot: snap.clone(),
-        }],
-        Isolation::Shared,
-        2,
-        2,
-    );
+    let r = start_one(snap.clone(), Isolation::Shared, 2, 2);
     let needle = snap.display().to_string();
     let workers = pids_with(&needle, "supermachine-worker");
     assert_eq!(workers.len(), 2, "{workers:?}");
@@ -402,15 +376,7 @@ fn sigterm_leaves_no_workers_vms_or_run_dirs() {
 fn in_flight_connections_of_a_dead_worker_get_502() {
     let tmp = tempfile::tempdir().unwrap();
     let snap = bake_web(tmp.path());
-    let r = start(
-        vec![Route {
-            host: None,
-            snapshot: snap.clone(),
-        }],
-        Isolation::Shared,
-        1,
-        1,
-    );
+    let r = start_one(snap.clone(), Isolation::Shared, 1, 1);
     // A request the guest holds open: the CGI waits for a body that never comes.
     let mut stalled = TcpStream::connect(r.addr).unwrap();
     write!(
@@ -462,15 +428,7 @@ fn status_codes_are_counted_and_workers_can_accept_themselves() {
     let tmp = tempfile::tempdir().unwrap();
     let snap = bake_web(tmp.path());
     {
-        let r = start(
-            vec![Route {
-                host: None,
-                snapshot: snap.clone(),
-            }],
-            Isolation::Shared,
-            1,
-            1,
-        );
+        let r = start_one(snap.clone(), Isolation::Shared, 1, 1);
         for _ in 0..3 {
             assert!(http_get(TcpStream::connect(r.addr).unwrap(), "/")
                 .0
@@ -524,15 +482,7 @@ fn connections_stay_open_across_many_exchanges() {
         None,
         &["nc", "-ll", "-p", "80", "-e", "cat"],
     );
-    let r = start(
-        vec![Route {
-            host: None,
-            snapshot: snap,
-        }],
-        Isolation::Shared,
-        2,
-        4,
-    );
+    let r = start_one(snap, Isolation::Shared, 2, 4);
     let addr = r.addr;
     let threads: Vec<_> = (0..20)
         .map(|t| {

@@ -361,18 +361,16 @@ pub fn pull_to_layout(
         .clone()
         .or_else(|| r.tag.clone())
         .unwrap_or_else(|| "latest".into());
+    let parse = |bytes: &[u8]| -> Result<serde_json::Value, BakeError> {
+        serde_json::from_slice(bytes)
+            .map_err(|e| net_err(&r.registry, format!("manifest is not JSON: {e}")))
+    };
     let (mut ctype, mut bytes, mut digest) = client.manifest(&r.repository, &reference)?;
-    let parsed: serde_json::Value = serde_json::from_slice(&bytes)
-        .map_err(|e| net_err(&r.registry, format!("manifest is not JSON: {e}")))?;
-    if ctype.is_empty() {
-        ctype = parsed
-            .get("mediaType")
-            .and_then(|m| m.as_str())
-            .unwrap_or("")
-            .to_string();
-    }
-    if is_index_type(&ctype) || parsed.get("manifests").is_some() {
-        let pick = parsed["manifests"]
+    let mut manifest = parse(&bytes)?;
+    // An index is recognized by its Content-Type, or by its `manifests` when the
+    // registry sent none.
+    if is_index_type(&ctype) || manifest.get("manifests").is_some() {
+        let pick = manifest["manifests"]
             .as_array()
             .and_then(|ms| {
                 ms.iter().find(|m| {
@@ -383,9 +381,8 @@ pub fn pull_to_layout(
             .ok_or_else(|| net_err(&r.registry, format!("{r} has no linux/amd64 image")))?
             .to_string();
         (ctype, bytes, digest) = client.manifest(&r.repository, &pick)?;
+        manifest = parse(&bytes)?;
     }
-    let manifest: serde_json::Value = serde_json::from_slice(&bytes)
-        .map_err(|e| net_err(&r.registry, format!("manifest is not JSON: {e}")))?;
     if ctype.is_empty() {
         ctype = manifest
             .get("mediaType")

@@ -22,13 +22,27 @@ pub fn set_hostname(name: &str, new_root: &str) -> std::io::Result<()> {
 /// `ip link set lo up`, through SIOCSIFFLAGS.
 pub fn loopback_up() -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
-    let sock = nix::sys::socket::socket(
+    set_up(control_socket()?.as_raw_fd(), b"lo\0")
+}
+
+/// A socket to issue interface ioctls on.
+fn control_socket() -> std::io::Result<std::os::fd::OwnedFd> {
+    Ok(nix::sys::socket::socket(
         nix::sys::socket::AddressFamily::Inet,
         nix::sys::socket::SockType::Datagram,
         nix::sys::socket::SockFlag::SOCK_CLOEXEC,
         None,
-    )?;
-    set_up(sock.as_raw_fd(), b"lo\0")
+    )?)
+}
+
+/// A zeroed ifreq naming interface `name` (NUL-terminated).
+fn ifreq_named(name: &[u8]) -> libc::ifreq {
+    // SAFETY: ifreq is plain old data; all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name) {
+        *dst = *src as libc::c_char;
+    }
+    req
 }
 
 /// The guest address on QEMU's user-mode network (its default guest address).
@@ -41,19 +55,10 @@ pub fn eth0_up() -> std::io::Result<bool> {
         return Ok(false);
     }
     use std::os::fd::AsRawFd;
-    let sock = nix::sys::socket::socket(
-        nix::sys::socket::AddressFamily::Inet,
-        nix::sys::socket::SockType::Datagram,
-        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
+    let sock = control_socket()?;
     let fd = sock.as_raw_fd();
     let ifreq_for = |addr: [u8; 4]| {
-        // SAFETY: ifreq is plain old data; all-zero is a valid value.
-        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-        for (dst, src) in req.ifr_name.iter_mut().zip(b"eth0\0") {
-            *dst = *src as libc::c_char;
-        }
+        let mut req = ifreq_named(b"eth0\0");
         // SAFETY: sockaddr_in fits in the sockaddr union member; both are plain data.
         unsafe {
             std::ptr::write(
@@ -78,11 +83,7 @@ pub fn eth0_up() -> std::io::Result<bool> {
 }
 
 fn set_up(fd: i32, name: &[u8]) -> std::io::Result<()> {
-    // SAFETY: ifreq is plain old data; all-zero is a valid value.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(name) {
-        *dst = *src as libc::c_char;
-    }
+    let mut req = ifreq_named(name);
     // SAFETY: `req` is a valid ifreq that outlives the call.
     if unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) } < 0 {
         return Err(std::io::Error::last_os_error());

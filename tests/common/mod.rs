@@ -136,8 +136,17 @@ pub fn discard() -> supermachine::OutputSink {
 }
 
 /// Minimal HTTP/1.0 GET over an established stream; returns (status line, body).
-pub fn http_get(mut s: impl std::io::Read + std::io::Write, path: &str) -> (String, Vec<u8>) {
-    write!(s, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").unwrap();
+pub fn http_get(s: impl std::io::Read + std::io::Write, path: &str) -> (String, Vec<u8>) {
+    http_get_host(s, "test", path)
+}
+
+/// [`http_get`] with a chosen `Host` header.
+pub fn http_get_host(
+    mut s: impl std::io::Read + std::io::Write,
+    host: &str,
+    path: &str,
+) -> (String, Vec<u8>) {
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").unwrap();
     let mut resp = Vec::new();
     s.read_to_end(&mut resp).unwrap();
     let split = resp
