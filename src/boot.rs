@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use supermachine_bake::{Cache, ImageRef, Overrides};
+use supermachine_bake::{Cache, ImageRef, Overrides, PullOptions};
 use supermachine_protocol::{ExitStatus, OutputStream};
 
 use crate::vm::{OutputSink, Vm};
@@ -60,6 +60,8 @@ pub struct BootRequest {
     /// Keep guest RAM in this file (written through), so the VM can be snapshotted.
     pub memory_file: Option<PathBuf>,
     pub cache: Cache,
+    /// Pull policy, platform and registry settings for reading the image's source.
+    pub pull: PullOptions,
 }
 
 impl BootRequest {
@@ -75,6 +77,7 @@ impl BootRequest {
             boot_timeout: Duration::from_secs(60),
             memory_file: None,
             cache: Cache::new(Cache::default_root()),
+            pull: PullOptions::default(),
         }
     }
 }

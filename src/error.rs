@@ -66,6 +66,7 @@ impl From<BakeError> for Error {
     fn from(e: BakeError) -> Self {
         match e {
             BakeError::Network { .. } => Error::Network(e.to_string()),
+            BakeError::NotCached { reference } => Error::CacheMiss { what: reference },
             other => Error::Image(other),
         }
     }

@@ -106,17 +106,7 @@ impl Image {
     }
 }
 
-/// When to (re)bake an image from its source.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum PullPolicy {
-    /// Re-read the source every time; re-bake only if what it resolves to changed.
-    Always,
-    /// Use a valid snapshot if there is one (without reading the source); bake otherwise.
-    #[default]
-    Missing,
-    /// Only an existing snapshot: none is `Error::CacheMiss`, a broken one `Error::CacheInvalid`.
-    Never,
-}
+pub use supermachine_bake::PullPolicy;
 
 impl Image {
     /// Bakes (or reuses) `reference` with default settings and [`PullPolicy::Missing`].
@@ -132,7 +122,7 @@ impl Image {
         OciImageBuilder {
             reference: reference.to_string(),
             name: None,
-            policy: PullPolicy::Missing,
+            pull: supermachine_bake::PullOptions::default(),
             memory_mib: 256,
             vcpus: 1,
             guest_port: 80,
@@ -149,7 +139,7 @@ impl Image {
 pub struct OciImageBuilder {
     reference: String,
     name: Option<String>,
-    policy: PullPolicy,
+    pull: supermachine_bake::PullOptions,
     memory_mib: u32,
     vcpus: u32,
     guest_port: u16,
@@ -167,7 +157,14 @@ impl OciImageBuilder {
     }
 
     pub fn pull_policy(mut self, policy: PullPolicy) -> Self {
-        self.policy = policy;
+        self.pull.policy = policy;
+        self
+    }
+
+    /// Everything about reading the source at once: policy, platform, insecure
+    /// registries, concurrent downloads.
+    pub fn pull_options(mut self, options: supermachine_bake::PullOptions) -> Self {
+        self.pull = options;
         self
     }
 
@@ -217,21 +214,12 @@ impl OciImageBuilder {
             .name
             .clone()
             .unwrap_or_else(|| crate::pull::default_name(&self.reference));
-        let dir = root.join(&name);
-        match self.policy {
-            PullPolicy::Never => return Image::from_snapshot(&dir),
-            PullPolicy::Missing => {
-                if let Ok(image) = Image::from_snapshot(&dir) {
-                    return Ok(image);
-                }
-            }
-            PullPolicy::Always => {}
-        }
         let mut boot = crate::BootRequest::new(crate::ImageRef::parse(&self.reference)?);
         boot.overrides.cmd = self.cmd;
         boot.overrides.env = self.env;
         boot.memory_mib = self.memory_mib;
         boot.vcpus = self.vcpus;
+        boot.pull = self.pull;
         let req = crate::PullRequest {
             boot,
             name,

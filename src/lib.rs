@@ -30,6 +30,7 @@ pub use pool::{Pool, PooledVm};
 pub use pull::{PullOutcome, PullRequest};
 pub use supermachine_backend::{Accel, BackendKind};
 pub use supermachine_bake::{Cache, ImageRef, Overrides};
+pub use supermachine_bake::{Platform, PullOptions};
 pub use supermachine_protocol::ExitStatus;
 pub use vm::{OutputSink, PreparedRestore, Vm};
 pub use worker::{Worker, WorkerTimings};

@@ -9,7 +9,7 @@ use sha2::Digest as _;
 use crate::boot::BootRequest;
 use crate::snapshot::{self, FileRecord, LayerRecord, Metadata, Snapshot, FORMAT_VERSION};
 use crate::vm::Vm;
-use crate::{guest_artifacts, Error};
+use crate::{guest_artifacts, Error, PullPolicy};
 
 #[derive(Debug, Clone)]
 pub struct PullRequest {
@@ -64,14 +64,36 @@ fn file_record(path: &Path) -> Result<FileRecord, Error> {
     })
 }
 
+/// Bakes `req` under its pull policy (`req.boot.pull.policy`): `Never` only opens the
+/// existing snapshot (none: `CacheMiss`, broken: `CacheInvalid`); `Missing` reuses a valid
+/// one without reading the source; `Always` re-resolves the source and re-bakes only if
+/// what it resolved to (or any other input) changed.
 pub fn pull(req: &PullRequest) -> Result<PullOutcome, Error> {
+    let dest = req.snapshots_dir.join(&req.name);
+    match req.boot.pull.policy {
+        PullPolicy::Never => {
+            return Ok(PullOutcome {
+                snapshot: Snapshot::open(&dest)?,
+                cached: true,
+            });
+        }
+        PullPolicy::Missing => {
+            if let Ok(snapshot) = Snapshot::open(&dest) {
+                return Ok(PullOutcome {
+                    snapshot,
+                    cached: true,
+                });
+            }
+        }
+        PullPolicy::Always => {}
+    }
     let b = &req.boot;
     let kernel = guest_artifacts::find_kernel(b.kernel.as_deref(), b.cache.root())?;
     let init = guest_artifacts::find_init(b.init.as_deref())?;
     let shim = guest_artifacts::find_shim(&init).ok_or_else(|| {
         Error::Bake("the guest agent (supermachine-shim) was not found next to init".into())
     })?;
-    let prepared = supermachine_bake::prepare(&b.image, &b.overrides, &b.cache)?;
+    let prepared = supermachine_bake::prepare(&b.image, &b.overrides, &b.cache, &b.pull)?;
     let kernel_rec = file_record(&kernel)?;
 
     // Everything that shapes the snapshot goes into the inputs hash.
@@ -92,7 +114,6 @@ pub fn pull(req: &PullRequest) -> Result<PullOutcome, Error> {
     }
     let inputs = hex::encode(h.finalize());
 
-    let dest = req.snapshots_dir.join(&req.name);
     if let Ok(existing) = Snapshot::open(&dest) {
         if existing.meta.bake_inputs == inputs {
             return Ok(PullOutcome {

@@ -76,7 +76,8 @@ impl Vm {
             })
             .transpose()?;
 
-        let prepared = supermachine_bake::prepare(&req.image, &req.overrides, &req.cache)?;
+        let prepared =
+            supermachine_bake::prepare(&req.image, &req.overrides, &req.cache, &req.pull)?;
         let mut timings = BootTimings {
             prepare: started.elapsed(),
             ..Default::default()

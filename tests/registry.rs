@@ -339,3 +339,124 @@ fn credentials_from_the_docker_config() {
     assert_code(&o, 0);
     assert_eq!(stdout(&o), "private\n");
 }
+
+#[test]
+fn platform_insecure_registry_and_pull_flags() {
+    let reg = start_registry();
+    push(&reg, "multiarch", "multi:latest", "oci");
+    let cache = tempfile::tempdir().unwrap();
+    // A registry that is not on loopback by name: requests reach ours through it acting
+    // as the HTTP proxy (it serves absolute-form request URIs), so only the scheme the
+    // client picks decides whether the pull works.
+    let port = reg.addr.rsplit_once(':').unwrap().1;
+    let remote = format!("registry.test:{port}");
+    let image = format!("{remote}/multi:latest");
+    let via_proxy = || {
+        let mut c = with_cache(cache.path());
+        c.env("HTTP_PROXY", format!("http://{}", reg.addr))
+            .env("http_proxy", format!("http://{}", reg.addr))
+            .env("NO_PROXY", "")
+            .env("no_proxy", "");
+        c
+    };
+    // Not named insecure: HTTPS, which the plain-HTTP registry cannot answer.
+    let o = boot_with(via_proxy(), &[&image, "--", "true"]);
+    assert_code(&o, 125);
+    assert!(
+        stderr(&o).contains(&format!("https://{remote}/")),
+        "{}",
+        stderr(&o)
+    );
+    let o = boot_with(
+        via_proxy(),
+        &[
+            "--insecure-registry",
+            &remote,
+            &image,
+            "--",
+            "sh",
+            "-c",
+            "echo $ARCH",
+        ],
+    );
+    assert_code(&o, 0);
+    assert_eq!(stdout(&o), "amd64\n");
+
+    // --platform picks another entry of the index; guests here cannot run arm64.
+    let o = boot_with(
+        via_proxy(),
+        &[
+            "--insecure-registry",
+            &remote,
+            "--platform",
+            "linux/arm64",
+            &image,
+            "--",
+            "true",
+        ],
+    );
+    assert_code(&o, 125);
+    assert!(
+        stderr(&o).contains("is built for linux/arm64"),
+        "{}",
+        stderr(&o)
+    );
+    let o = boot_with(
+        via_proxy(),
+        &[
+            "--insecure-registry",
+            &remote,
+            "--platform",
+            "linux/s390x",
+            &image,
+            "--",
+            "true",
+        ],
+    );
+    assert_code(&o, 125);
+    assert!(
+        stderr(&o).contains("has no linux/s390x image (it has: linux/arm64, linux/amd64)"),
+        "{}",
+        stderr(&o)
+    );
+    let o = boot_with(via_proxy(), &["--platform", "linux", &image, "--", "true"]);
+    assert_code(&o, 125);
+    assert!(stderr(&o).contains("platform \"linux\""), "{}", stderr(&o));
+
+    // --pull on boot: never with nothing cached is a cache miss; with the registry gone,
+    // missing resolves the tag from the cache and always names the registry it needs.
+    let other = format!("{}/multi:latest", reg.addr);
+    let o = boot_with(
+        with_cache(cache.path()),
+        &["--pull", "never", &other, "--", "true"],
+    );
+    assert_code(&o, 125);
+    assert!(stderr(&o).contains("not in the cache"), "{}", stderr(&o));
+    let o = boot_with(with_cache(cache.path()), &[&other, "--", "true"]);
+    assert_code(&o, 0);
+    drop(reg);
+    let o = boot_with(
+        with_cache(cache.path()),
+        &[
+            "--pull",
+            "never",
+            &other,
+            "--",
+            "sh",
+            "-c",
+            "echo offline $ARCH",
+        ],
+    );
+    assert_code(&o, 0);
+    assert_eq!(stdout(&o), "offline amd64\n");
+    let o = boot_with(
+        with_cache(cache.path()),
+        &["--pull", "always", &other, "--", "true"],
+    );
+    assert_code(&o, 125);
+    assert!(
+        stderr(&o).contains(&other[..other.find('/').unwrap()]),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -9,6 +9,8 @@ pub mod digest;
 pub mod initramfs;
 pub mod layer;
 pub mod layout;
+pub mod progress;
+pub mod pull_options;
 pub mod reference;
 pub mod registry;
 pub mod runconfig;
@@ -18,6 +20,7 @@ use std::path::PathBuf;
 pub use cache::Cache;
 pub use digest::Digest;
 pub use layout::{OciLayout, ResolvedImage};
+pub use pull_options::{Platform, PullOptions, PullPolicy};
 pub use reference::ImageRef;
 pub use runconfig::Overrides;
 
@@ -49,6 +52,14 @@ pub enum BakeError {
     Network { registry: String, reason: String },
     #[error("no command specified: the image has no Entrypoint or Cmd and none was given")]
     NoCommand,
+    #[error("{reference} is not in the cache and the pull policy is \"never\"")]
+    NotCached { reference: String },
+    #[error("{reference} is built for {found}; this host's guests run {expected}")]
+    WrongPlatform {
+        reference: String,
+        found: String,
+        expected: String,
+    },
     #[error("cache at {path}: {reason}")]
     Cache { path: PathBuf, reason: String },
     #[error("{context}: {source}")]
@@ -83,6 +94,7 @@ pub fn prepare(
     reference: &ImageRef,
     overrides: &Overrides,
     cache: &Cache,
+    pull: &PullOptions,
 ) -> Result<PreparedImage, BakeError> {
     let resolved = match reference {
         ImageRef::OciLayout { dir, tag } => OciLayout::open(dir)?.resolve(tag.as_deref())?,
@@ -90,10 +102,19 @@ pub fn prepare(
             OciLayout::open(&archive::unpack(file, cache)?)?.resolve(tag.as_deref())?
         }
         ImageRef::Registry(r) => {
-            let (dir, tag) = registry::pull_to_layout(r, cache, false)?;
-            OciLayout::open(&dir)?.resolve(Some(&tag))?
+            let dir = registry::pull_to_layout(r, cache, pull)?;
+            OciLayout::open(&dir)?.resolve(Some(registry::LAYOUT_TAG))?
         }
     };
+    // Guests are x86_64: an image for another architecture would fail at its first exec.
+    let arch = resolved.config.architecture().to_string();
+    if arch != "amd64" {
+        return Err(BakeError::WrongPlatform {
+            reference: reference.to_string(),
+            found: format!("{}/{arch}", resolved.config.os()),
+            expected: "linux/amd64".into(),
+        });
+    }
     let mut layers = Vec::with_capacity(resolved.layers.len());
     for (i, blob) in resolved.layers.iter().enumerate() {
         tracing::info!(layer = i, digest = %blob.digest, "preparing layer");

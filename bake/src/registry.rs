@@ -1,17 +1,26 @@
 //! Pulling from a registry (OCI distribution API v2): manifest (following an index or
-//! manifest list to linux/amd64), config and layer blobs, each verified against its digest
-//! while it streams into the content-addressed blob cache. The result is written as an OCI
-//! image layout in the cache, which the rest of the bake reads like any local layout.
-//! Anonymous Bearer tokens from `WWW-Authenticate` are handled; HTTP is used for
-//! localhost / 127.0.0.0/8 registries, HTTPS elsewhere.
+//! manifest list to the requested platform, linux/amd64 by default), config and layer
+//! blobs, each hashed as it streams into the content-addressed blob cache and refused on a
+//! mismatch. Several blobs download at once. The result is written as an OCI image layout
+//! in the cache, which the rest of the bake reads like any local layout; a record per
+//! reference lets `--pull missing|never` resolve a tag without the network.
+//! Anonymous Bearer tokens from `WWW-Authenticate` and docker-config credentials are
+//! handled; HTTP is used for localhost / 127.0.0.0/8 and `--insecure-registry` registries,
+//! HTTPS elsewhere.
 
+use std::collections::VecDeque;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::cache::Cache;
-use crate::digest::{Digest, HashingReader};
+use sha2::{Digest as _, Sha256};
+
+use crate::cache::{AtomicFile, Cache};
+use crate::digest::Digest;
+use crate::progress::{BlobProgress, PullProgress};
+use crate::pull_options::{Platform, PullOptions, PullPolicy};
 use crate::reference::RegistryRef;
 use crate::BakeError;
 
@@ -20,7 +29,6 @@ const MAX_MANIFEST: u64 = 4 << 20;
 /// Attempts per request (connection failures and 5xx).
 const RETRIES: u32 = 4;
 
-/// A parsed `WWW-Authenticate: Bearer realm="..",service="..",scope=".."` challenge.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Challenge {
     pub scheme: String,
@@ -67,15 +75,22 @@ fn is_local(registry: &str) -> bool {
     host == "localhost" || host.starts_with("127.") || host == "[::1]"
 }
 
+/// How requests are authenticated, learned from the registry's 401 answers.
+#[derive(Default)]
+struct Auth {
+    token: Option<String>,
+    /// The registry asked for Basic auth: send the credentials on every request.
+    basic: bool,
+}
+
+/// A client for one registry; shared by the threads that download blobs.
 pub struct RegistryClient {
     http: reqwest::blocking::Client,
     base: String,
     registry: String,
-    token: Option<String>,
+    auth: Mutex<Auth>,
     /// From docker's config file, if it names this registry.
     creds: Option<(String, String)>,
-    /// The registry asked for Basic auth: send the credentials on every request.
-    basic: bool,
 }
 
 fn net_err(registry: &str, e: impl std::fmt::Display) -> BakeError {
@@ -106,16 +121,15 @@ impl RegistryClient {
             http,
             base: format!("{scheme}://{host}"),
             registry: registry.to_string(),
-            token: None,
+            auth: Mutex::new(Auth::default()),
             creds: crate::credentials::lookup(registry),
-            basic: false,
         })
     }
 
-    /// GET with the current token; on 401 obtains an anonymous token once and retries.
-    /// Connection failures and 5xx answers are retried with backoff; 4xx are final.
+    /// GET with the current token; on 401 obtains a token (or switches to Basic) once and
+    /// retries. Connection failures and 5xx answers are retried with backoff; 4xx are final.
     fn get(
-        &mut self,
+        &self,
         url: &str,
         accept: Option<&str>,
         from: u64,
@@ -132,10 +146,13 @@ impl RegistryClient {
             if from > 0 {
                 req = req.header("Range", format!("bytes={from}-"));
             }
-            if let Some(t) = &self.token {
-                req = req.bearer_auth(t);
-            } else if let (true, Some((u, p))) = (self.basic, &self.creds) {
-                req = req.basic_auth(u, Some(p));
+            {
+                let auth = self.auth.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(t) = &auth.token {
+                    req = req.bearer_auth(t);
+                } else if let (true, Some((u, p))) = (auth.basic, &self.creds) {
+                    req = req.basic_auth(u, Some(p));
+                }
             }
             let resp = match req.send() {
                 Ok(r) => r,
@@ -173,9 +190,10 @@ impl RegistryClient {
                         )
                     })?;
                 if challenge.scheme == "basic" {
-                    self.basic = true;
+                    self.auth.lock().unwrap_or_else(|p| p.into_inner()).basic = true;
                 } else {
-                    self.token = Some(self.fetch_token(&challenge)?);
+                    let token = self.fetch_token(&challenge)?;
+                    self.auth.lock().unwrap_or_else(|p| p.into_inner()).token = Some(token);
                 }
                 continue;
             }
@@ -207,6 +225,9 @@ impl RegistryClient {
             q.push(("scope", s.clone()));
         }
         req = req.query(&q);
+        if let Some((u, p)) = &self.creds {
+            req = req.basic_auth(u, Some(p));
+        }
         let resp = req.send().map_err(|e| net_err(&self.registry, e))?;
         if !resp.status().is_success() {
             return Err(net_err(
@@ -222,24 +243,29 @@ impl RegistryClient {
             .ok_or_else(|| net_err(&self.registry, "the token endpoint returned no token"))
     }
 
-    /// Fetches a manifest (or index); returns (content type, bytes, digest).
+    /// Fetches a manifest (or index); returns (content type, bytes, digest). The digest is
+    /// checked against the one asked for, or the one the registry announced.
     fn manifest(
-        &mut self,
+        &self,
         repo: &str,
         reference: &str,
     ) -> Result<(String, Vec<u8>, Digest), BakeError> {
         let url = format!("{}/v2/{repo}/manifests/{reference}", self.base);
         let resp = self.get(&url, Some(ACCEPT), 0)?;
-        let ctype = resp
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
+        let header = |name: &str| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string()
+        };
+        let ctype = header("content-type")
             .split(';')
             .next()
             .unwrap_or("")
             .trim()
             .to_string();
+        let announced = header("docker-content-digest");
         let mut bytes = Vec::new();
         resp.take(MAX_MANIFEST + 1)
             .read_to_end(&mut bytes)
@@ -251,25 +277,32 @@ impl RegistryClient {
             ));
         }
         let digest = Digest::of_bytes(&bytes);
-        if reference.starts_with("sha256:") && digest.to_string() != reference {
+        let expected = if reference.starts_with("sha256:") {
+            reference
+        } else {
+            announced.as_str()
+        };
+        if expected.starts_with("sha256:") && digest.to_string() != expected {
             return Err(BakeError::Blob {
                 path: PathBuf::from(&url),
-                digest: reference.to_string(),
+                digest: expected.to_string(),
                 reason: format!("manifest content hashes to {digest}"),
             });
         }
         Ok((ctype, bytes, digest))
     }
 
-    /// Streams a blob into the cache, verifying size and digest; a cache hit downloads
-    /// nothing. Bytes land in `<hex>.partial` first: an interrupted download (this run or a
-    /// killed earlier one) resumes from there with a Range request.
+    /// Streams a blob into the cache, hashing it as it arrives; a mismatch in digest or
+    /// size discards it. A cache hit downloads nothing. Bytes land in `<hex>.partial`
+    /// first: an interrupted download (this run or a killed earlier one) resumes from there
+    /// with a Range request.
     fn blob(
-        &mut self,
+        &self,
         repo: &str,
         digest: &Digest,
         size: u64,
         cache: &Cache,
+        progress: &PullProgress,
     ) -> Result<PathBuf, BakeError> {
         let dir = cache.root().join("blobs/sha256");
         cache.ensure_dir(&dir)?;
@@ -288,45 +321,57 @@ impl RegistryClient {
                 .min(size);
             let resp = self.get(&url, None, have)?;
             let resumed = resp.status() == reqwest::StatusCode::PARTIAL_CONTENT;
+            let start = if resumed { have } else { 0 };
+            let mut hasher = Sha256::new();
+            if resumed {
+                // The bytes already on disk start the hash; the rest is hashed in flight.
+                let mut f = File::open(&partial)
+                    .map_err(|e| BakeError::io(format!("reading {}", partial.display()), e))?;
+                io::copy(&mut (&mut f).take(start), &mut HashSink(&mut hasher))
+                    .map_err(|e| BakeError::io(format!("reading {}", partial.display()), e))?;
+            }
             let mut file = fs::OpenOptions::new()
                 .create(true)
-                .append(resumed)
                 .write(true)
                 .truncate(!resumed)
                 .open(&partial)
                 .map_err(|e| BakeError::io(format!("opening {}", partial.display()), e))?;
-            if resumed {
-                eprintln!("supermachine: resuming {digest} at {have} of {size} bytes");
-            } else {
-                eprintln!(
-                    "supermachine: pulling {digest} ({:.1} MiB) from {}",
-                    size as f64 / 1048576.0,
-                    self.registry
-                );
-            }
-            match io::copy(
-                &mut resp.take(size.saturating_sub(if resumed { have } else { 0 }) + 1),
-                &mut file,
-            ) {
-                Ok(_) => {}
-                Err(e) if attempt < RETRIES => {
+            file.set_len(start)
+                .map_err(|e| BakeError::io(format!("truncating {}", partial.display()), e))?;
+            io::Seek::seek(&mut file, io::SeekFrom::End(0))
+                .map_err(|e| BakeError::io(format!("seeking in {}", partial.display()), e))?;
+            let mut file = io::BufWriter::new(file);
+            let bar = progress.blob(digest, size, start, &self.registry);
+            let mut sink = Tee {
+                file: &mut file,
+                hasher: &mut hasher,
+                bar: &bar,
+                written: 0,
+            };
+            // One byte more than expected is read so an oversized blob is noticed.
+            let copied = io::copy(&mut resp.take(size - start + 1), &mut sink);
+            let written = sink.written;
+            let flushed = file.into_inner().map_err(|e| e.into_error());
+            match (copied, flushed) {
+                (Ok(_), Ok(f)) => f.sync_all().map_err(|e| BakeError::io("fsync", e))?,
+                (Err(e), _) | (_, Err(e)) if attempt < RETRIES => {
+                    bar.finish("interrupted");
                     tracing::debug!(%digest, error = %e, "download interrupted, resuming");
                     continue;
                 }
-                Err(e) => {
+                (Err(e), _) | (_, Err(e)) => {
+                    bar.finish("failed");
                     return Err(net_err(
                         &self.registry,
                         format!("downloading {digest}: {e}"),
-                    ))
+                    ));
                 }
             }
-            file.sync_all().map_err(|e| BakeError::io("fsync", e))?;
-            drop(file);
-            let f = File::open(&partial).map_err(|e| BakeError::io("reading a download", e))?;
-            let (got, n) = HashingReader::new(io::BufReader::new(f))
-                .finish()
-                .map_err(|e| BakeError::io("hashing a download", e))?;
+            let n = start + written;
+            let got = Digest::parse(&format!("sha256:{}", hex::encode(hasher.finalize())))
+                .map_err(|e| net_err(&self.registry, e))?;
             if got != *digest || n != size {
+                bar.finish("digest mismatch");
                 let _ = fs::remove_file(&partial);
                 return Err(BakeError::Blob {
                     path: PathBuf::from(url),
@@ -338,8 +383,46 @@ impl RegistryClient {
             }
             fs::rename(&partial, &dest)
                 .map_err(|e| BakeError::io(format!("renaming into {}", dest.display()), e))?;
+            if let Ok(d) = File::open(&dir) {
+                let _ = d.sync_all();
+            }
+            bar.finish("done");
             return Ok(dest);
         }
+    }
+}
+
+/// Feeds bytes to a hasher (as an `io::Write`).
+struct HashSink<'a>(&'a mut Sha256);
+
+impl Write for HashSink<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Writes a download to its file, its hash and its progress bar at once.
+struct Tee<'a, W: Write> {
+    file: &'a mut W,
+    hasher: &'a mut Sha256,
+    bar: &'a BlobProgress,
+    written: u64,
+}
+
+impl<W: Write> Write for Tee<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bar.advance(n as u64);
+        self.written += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.flush()
     }
 }
 
@@ -348,14 +431,53 @@ fn is_index_type(t: &str) -> bool {
         || t == "application/vnd.docker.distribution.manifest.list.v2+json"
 }
 
-/// Pulls `r` into the cache and returns an OCI layout directory holding it, tagged
-/// `latest`-or-its-tag (see the return's second field).
+/// Where the manifest digest a reference last resolved to (for a platform) is recorded.
+fn ref_record(cache: &Cache, r: &RegistryRef, platform: &Platform) -> PathBuf {
+    let key = Digest::of_bytes(format!("{r}|{platform}").as_bytes());
+    cache
+        .root()
+        .join("registry/refs")
+        .join(format!("{}.json", key.hex()))
+}
+
+fn layout_dir(cache: &Cache, manifest: &Digest) -> PathBuf {
+    cache.root().join("registry").join(manifest.hex())
+}
+
+/// The cached layout `r` resolved to on an earlier pull, if it is still complete.
+fn cached_layout(cache: &Cache, r: &RegistryRef, platform: &Platform) -> Option<PathBuf> {
+    let v: serde_json::Value =
+        serde_json::from_slice(&fs::read(ref_record(cache, r, platform)).ok()?).ok()?;
+    let digest = Digest::parse(v["manifest"].as_str()?).ok()?;
+    let dir = layout_dir(cache, &digest);
+    dir.join("index.json").is_file().then_some(dir)
+}
+
+/// The tag under which the pulled manifest appears in the layout written by
+/// [`pull_to_layout`].
+pub const LAYOUT_TAG: &str = "pulled";
+
+/// Pulls `r` into the cache (honouring `opts.policy`) and returns an OCI layout directory
+/// holding it under [`LAYOUT_TAG`].
 pub fn pull_to_layout(
     r: &RegistryRef,
     cache: &Cache,
-    insecure: bool,
-) -> Result<(PathBuf, String), BakeError> {
-    let mut client = RegistryClient::new(&r.registry, insecure)?;
+    opts: &PullOptions,
+) -> Result<PathBuf, BakeError> {
+    match opts.policy {
+        PullPolicy::Always => {}
+        PullPolicy::Missing => {
+            if let Some(dir) = cached_layout(cache, r, &opts.platform) {
+                return Ok(dir);
+            }
+        }
+        PullPolicy::Never => {
+            return cached_layout(cache, r, &opts.platform).ok_or_else(|| BakeError::NotCached {
+                reference: r.to_string(),
+            })
+        }
+    }
+    let client = RegistryClient::new(&r.registry, opts.is_insecure(&r.registry))?;
     let reference = r
         .digest
         .clone()
@@ -370,20 +492,30 @@ pub fn pull_to_layout(
     // An index is recognized by its Content-Type, or by its `manifests` when the
     // registry sent none.
     if is_index_type(&ctype) || manifest.get("manifests").is_some() {
-        let pick = manifest["manifests"]
+        let entries = manifest["manifests"]
             .as_array()
-            .and_then(|ms| {
-                ms.iter().find(|m| {
-                    m["platform"]["os"] == "linux" && m["platform"]["architecture"] == "amd64"
-                })
-            })
+            .cloned()
+            .unwrap_or_default();
+        let pick = entries
+            .iter()
+            .find(|m| opts.platform.matches(&m["platform"]))
             .and_then(|m| m["digest"].as_str())
-            .ok_or_else(|| net_err(&r.registry, format!("{r} has no linux/amd64 image")))?
+            .ok_or_else(|| {
+                let available: Vec<String> = entries
+                    .iter()
+                    .map(|m| Platform::describe(&m["platform"]))
+                    .collect();
+                BakeError::Unsupported(format!(
+                    "{r} has no {} image (it has: {})",
+                    opts.platform,
+                    available.join(", ")
+                ))
+            })?
             .to_string();
         (ctype, bytes, digest) = client.manifest(&r.repository, &pick)?;
         manifest = parse(&bytes)?;
     }
-    if ctype.is_empty() {
+    if ctype.is_empty() || is_index_type(&ctype) {
         ctype = manifest
             .get("mediaType")
             .and_then(|m| m.as_str())
@@ -392,28 +524,32 @@ pub fn pull_to_layout(
     }
 
     // The layout: index.json -> this manifest; blobs hard-linked from the blob cache.
-    let layout = cache.root().join("registry").join(digest.hex());
+    let layout = layout_dir(cache, &digest);
     if !layout.join("index.json").is_file() {
+        let parent = cache.root().join("registry");
+        cache.ensure_dir(&parent)?;
         let tmp = tempfile::Builder::new()
             .prefix(".tmp-")
-            .tempdir_in({
-                let p = cache.root().join("registry");
-                cache.ensure_dir(&p)?;
-                p
-            })
+            .tempdir_in(&parent)
             .map_err(|e| BakeError::io("creating a layout dir", e))?;
         let blobs = tmp.path().join("blobs/sha256");
         fs::create_dir_all(&blobs).map_err(|e| BakeError::io("creating blobs dir", e))?;
-        let mut descs = vec![manifest["config"].clone()];
-        descs.extend(manifest["layers"].as_array().cloned().unwrap_or_default());
-        for d in &descs {
+        let mut wanted = vec![manifest["config"].clone()];
+        wanted.extend(manifest["layers"].as_array().cloned().unwrap_or_default());
+        let mut descs = Vec::with_capacity(wanted.len());
+        for d in &wanted {
             let dg = d["digest"]
                 .as_str()
                 .ok_or_else(|| net_err(&r.registry, "descriptor without a digest"))?;
             let dg = Digest::parse(dg).map_err(|e| net_err(&r.registry, e))?;
-            let size = d["size"].as_u64().unwrap_or(0);
-            let cached = client.blob(&r.repository, &dg, size, cache)?;
-            link_or_copy(&cached, &blobs.join(dg.hex()))?;
+            let size = d["size"]
+                .as_u64()
+                .ok_or_else(|| net_err(&r.registry, format!("descriptor {dg} has no size")))?;
+            descs.push((dg, size));
+        }
+        let cached = download_all(&client, &r.repository, &descs, cache, opts)?;
+        for (path, (dg, _)) in cached.iter().zip(&descs) {
+            link_or_copy(path, &blobs.join(dg.hex()))?;
         }
         File::create(blobs.join(digest.hex()))
             .and_then(|mut f| f.write_all(&bytes))
@@ -429,7 +565,7 @@ pub fn pull_to_layout(
                 "mediaType": ctype,
                 "digest": digest.to_string(),
                 "size": bytes.len(),
-                "annotations": { "org.opencontainers.image.ref.name": "pulled" }
+                "annotations": { "org.opencontainers.image.ref.name": LAYOUT_TAG }
             }]
         });
         fs::write(tmp.path().join("index.json"), index.to_string())
@@ -439,7 +575,71 @@ pub fn pull_to_layout(
             let _ = fs::remove_dir_all(&tmp);
         }
     }
-    Ok((layout, "pulled".to_string()))
+    // Remember what the reference resolved to, for offline pulls.
+    let record = ref_record(cache, r, &opts.platform);
+    cache.ensure_dir(record.parent().unwrap_or(cache.root()))?;
+    let mut f = AtomicFile::create(&record)?;
+    f.file()
+        .write_all(
+            serde_json::json!({
+                "reference": r.to_string(),
+                "platform": opts.platform.to_string(),
+                "manifest": digest.to_string(),
+            })
+            .to_string()
+            .as_bytes(),
+        )
+        .map_err(|e| BakeError::io(format!("writing {}", record.display()), e))?;
+    f.commit()?;
+    Ok(layout)
+}
+
+/// Downloads `descs` with at most `opts.max_concurrent_downloads` at a time; returns the
+/// cached paths in the same order, or the first error in that order.
+fn download_all(
+    client: &RegistryClient,
+    repo: &str,
+    descs: &[(Digest, u64)],
+    cache: &Cache,
+    opts: &PullOptions,
+) -> Result<Vec<PathBuf>, BakeError> {
+    let progress = PullProgress::for_stderr();
+    let queue = Mutex::new((0..descs.len()).collect::<VecDeque<_>>());
+    let results: Mutex<Vec<Option<Result<PathBuf, BakeError>>>> =
+        Mutex::new((0..descs.len()).map(|_| None).collect());
+    let workers = opts.max_concurrent_downloads.clamp(1, 16).min(descs.len());
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            s.spawn(|| loop {
+                let next = queue.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
+                let Some(i) = next else { break };
+                let (dg, size) = &descs[i];
+                let res = client.blob(repo, dg, *size, cache, &progress);
+                let failed = res.is_err();
+                results.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(res);
+                if failed {
+                    // Stop taking new work; the blobs already in flight finish.
+                    queue.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                }
+            });
+        }
+    });
+    let results = results.into_inner().unwrap_or_else(|p| p.into_inner());
+    let mut paths = Vec::with_capacity(descs.len());
+    let mut first_err = None;
+    for r in results {
+        match r {
+            Some(Ok(p)) => paths.push(p),
+            Some(Err(e)) => {
+                first_err.get_or_insert(e);
+            }
+            None => {}
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(paths),
+    }
 }
 
 fn link_or_copy(from: &Path, to: &Path) -> Result<(), BakeError> {

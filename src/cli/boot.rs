@@ -1,5 +1,6 @@
 //! `supermachine boot`: like `docker run --rm`, in a microVM booted from scratch.
 
+use crate::cli::source::SourceArgs;
 use std::path::PathBuf;
 
 use clap::Args;
@@ -58,7 +59,10 @@ pub struct BootArgs {
     /// Publish a guest port: [IP:]HOST_PORT:GUEST_PORT (IP defaults to 127.0.0.1); repeatable.
     #[arg(short = 'p', long = "publish", value_name = "[IP:]HOST:GUEST")]
     publish: Vec<String>,
-    /// The image: oci-layout:DIR or oci-layout:DIR:TAG.
+    #[command(flatten)]
+    source: SourceArgs,
+    /// The image: a registry reference (NAME[:TAG][@DIGEST]), oci-layout:DIR[:TAG] or
+    /// oci-archive:FILE[:TAG].
     image: String,
     /// Replaces the image's Cmd.
     #[arg(last = true)]
@@ -104,6 +108,13 @@ pub fn run(args: BootArgs) -> i32 {
     req.init = args.init;
     req.kernel_args = args.kernel_args;
     req.boot_timeout = std::time::Duration::from_secs(args.boot_timeout);
+    req.pull = match args.source.options(crate::PullPolicy::Missing) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("supermachine: error: {e}");
+            return EXIT_INTERNAL;
+        }
+    };
 
     let mut publish = Vec::new();
     for spec in &args.publish {

@@ -7,23 +7,14 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 
+use crate::cli::source::SourceArgs;
 use crate::cli::{registry, EXIT_INTERNAL};
 use crate::pull;
 use crate::router::{Isolation, PoolConfig, Route, RouterConfig};
 use crate::snapshot::{self, Snapshot};
 use crate::Error;
-
-#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum PullPolicy {
-    /// Re-bake when the image's inputs changed (re-reads the image every time).
-    Always,
-    /// Use a valid snapshot with the same inputs; bake otherwise.
-    Missing,
-    /// Only use an existing snapshot; never bake.
-    Never,
-}
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -42,8 +33,8 @@ pub struct RunArgs {
     memory: u32,
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
-    #[arg(long, value_enum, default_value_t = PullPolicy::Missing)]
-    pull: PullPolicy,
+    #[command(flatten)]
+    source: SourceArgs,
     /// VMs serving (shared isolation).
     #[arg(long, default_value_t = 1)]
     replicas: usize,
@@ -76,11 +67,11 @@ fn snapshot_for(a: &RunArgs, guest_port: u16, root: &std::path::Path) -> Result<
     }
     let mut b = crate::Image::builder(&a.image)
         .name(&format!("{}-{guest_port}", pull::default_name(&a.image)))
-        .pull_policy(match a.pull {
-            PullPolicy::Always => crate::PullPolicy::Always,
-            PullPolicy::Missing => crate::PullPolicy::Missing,
-            PullPolicy::Never => crate::PullPolicy::Never,
-        })
+        .pull_options(
+            a.source
+                .options(crate::PullPolicy::Missing)
+                .map_err(|e| Error::Image(supermachine_bake::BakeError::Unsupported(e)))?,
+        )
         .memory_mib(a.memory)
         .vcpus(a.vcpus)
         .guest_port(guest_port)

@@ -10,6 +10,7 @@ mod exec;
 mod pull;
 mod registry;
 pub(crate) mod serve;
+mod source;
 
 use clap::{Parser, Subcommand};
 

@@ -6,10 +6,11 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::boot::BootRequest;
+use crate::cli::source::SourceArgs;
 use crate::cli::EXIT_INTERNAL;
 use crate::pull::{self, PullRequest};
 use crate::snapshot;
-use crate::{ImageRef, Overrides};
+use crate::{ImageRef, Overrides, PullPolicy};
 
 #[derive(Args)]
 pub struct PullArgs {
@@ -40,7 +41,10 @@ pub struct PullArgs {
     /// Where snapshots live (default: $SUPERMACHINE_SNAPSHOTS or ~/.local/share/supermachine/snapshots).
     #[arg(long)]
     snapshots_dir: Option<PathBuf>,
-    /// The image: oci-layout:DIR or oci-layout:DIR:TAG.
+    #[command(flatten)]
+    source: SourceArgs,
+    /// The image: a registry reference (NAME[:TAG][@DIGEST]), oci-layout:DIR[:TAG] or
+    /// oci-archive:FILE[:TAG].
     image: String,
 }
 
@@ -83,6 +87,11 @@ pub fn run_pull(a: PullArgs) -> i32 {
     };
     boot.memory_mib = a.memory;
     boot.vcpus = a.vcpus;
+    // Like `docker pull`, `pull` asks the source again unless told otherwise.
+    boot.pull = match a.source.options(PullPolicy::Always) {
+        Ok(o) => o,
+        Err(e) => return err(e),
+    };
     let req = PullRequest {
         name: a.name.unwrap_or_else(|| pull::default_name(&a.image)),
         port: a.port,
