@@ -3,10 +3,24 @@
 # caches vmlinux (PVH ELF) + bzImage under
 #   ~/.cache/supermachine/kernel/<sha256 of fragment + source version>/
 # and points ~/.cache/supermachine/kernel/current at it. A second run is a cache hit.
+#
+#   build.sh --variant pvm-test   the kvm backend's test kernel for hosts whose /dev/kvm is
+#                                 PVM (same config + the patches in pvm-test/; see
+#                                 KERNEL-NOTES); cached beside it, linked as `pvm-test`.
+#                                 Never used as the production kernel.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cache_root="${SUPERMACHINE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/supermachine}"
 fragment="$here/guest.config"
+variant=""
+link=current
+patches=()
+if [ "${1:-}" = "--variant" ]; then
+  variant="${2:?--variant needs a name}"
+  [ -d "$here/$variant" ] || { echo "kernel: no variant $variant in $here" >&2; exit 2; }
+  link="$variant"
+  patches=("$here/$variant"/*.patch)
+fi
 
 need_pkgs=()
 dpkg -s linux-source-6.1 >/dev/null 2>&1 || need_pkgs+=(linux-source-6.1)
@@ -20,10 +34,11 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
 fi
 
 src_version="$(dpkg-query -W -f='${Version}' linux-source-6.1)"
-key="$( (cat "$fragment" "$0"; echo "$src_version") | sha256sum | cut -c1-16)"
+key="$( (cat "$fragment" "$0" ${patches[@]+"${patches[@]}"}; echo "$src_version $variant") | sha256sum | cut -c1-16)"
+key="${variant:+$variant-}$key"
 out="$cache_root/kernel/$key"
 if [ -f "$out/vmlinux" ] && [ -f "$out/bzImage" ]; then
-  ln -sfn "$key" "$cache_root/kernel/current"
+  ln -sfn "$key" "$cache_root/kernel/$link"
   echo "$out/vmlinux"
   exit 0
 fi
@@ -34,6 +49,10 @@ trap 'rm -rf "$work"' EXIT
 echo "kernel: building linux-source-6.1 ($src_version) in $work (about 5 min on 2 cores)" >&2
 tar -xf /usr/src/linux-source-6.1.tar.xz -C "$work"
 cd "$work/linux-source-6.1"
+for p in ${patches[@]+"${patches[@]}"}; do
+  echo "kernel: applying $(basename "$p")" >&2
+  patch -s -p1 <"$p" >&2
+done
 make -s tinyconfig >&2
 scripts/kconfig/merge_config.sh -m .config "$fragment" >&2
 make -s olddefconfig >&2
@@ -54,5 +73,5 @@ cp .config "$tmp_out/config"
 sync -f "$tmp_out/vmlinux"
 rm -rf "$out"
 mv "$tmp_out" "$out"
-ln -sfn "$key" "$cache_root/kernel/current"
+ln -sfn "$key" "$cache_root/kernel/$link"
 echo "$out/vmlinux"

@@ -1,0 +1,3 @@
+//! Architecture specifics; x86_64 is the only one.
+
+pub mod x86_64;

@@ -1,0 +1,637 @@
+//! Building a microVM — from a config (boot) or from a `restore.snap` (restore) — in one
+//! place, and running it: the event loop, pause + snapshot, stop.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use linux_loader::cmdline::Cmdline;
+use linux_loader::loader::{elf::Elf, KernelLoader};
+use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::{boot, layout::*};
+use crate::devices::bus::Bus;
+use crate::devices::legacy::i8042::ResetDevice;
+use crate::devices::legacy::serial::{Output, SerialDevice, SerialDeviceState};
+use crate::devices::virtio::blk::{Block, BlockState};
+use crate::devices::virtio::mmio::{MmioTransport, NOTIFY_REG_OFFSET};
+use crate::devices::virtio::persist::MmioTransportState;
+use crate::devices::virtio::vsock::{Vsock, VsockState};
+use crate::devices::virtio::VirtioDevice;
+use crate::devices::IrqTrigger;
+use crate::error::{Result, VmmError};
+use crate::event_loop::{EventLoop, Wake};
+use crate::snapshot;
+use crate::vstate::memory::{self, GuestMemoryMmap};
+use crate::vstate::vcpu::{self, VcpuCommand, VcpuExitReason, VcpuHandle, VcpuResponse, VcpuRunner, VcpuState};
+use crate::vstate::vm::{self, VmState};
+
+#[derive(Debug, Clone)]
+pub struct BlockConfig {
+    pub path: PathBuf,
+    /// What the guest reads as the disk's ID (`/sys/block/vdX/serial`).
+    pub serial: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct VsockConfig {
+    pub cid: u64,
+    /// The host side: `CONNECT <port>\n` here reaches guest port `<port>`.
+    pub uds_path: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub cmdline: String,
+    pub initrd: Option<PathBuf>,
+    pub memory_mib: u32,
+    pub vcpus: u8,
+    pub blocks: Vec<BlockConfig>,
+    pub vsock: Option<VsockConfig>,
+}
+
+/// Why a microVM stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest rebooted or powered off through the i8042 (`reboot=k`): a clean exit.
+    Reset,
+    /// The guest kernel panicked (seen on the console).
+    GuestPanic,
+    /// A triple fault.
+    TripleFault,
+    /// KVM could not run the guest.
+    Failed(String),
+}
+
+#[derive(Serialize, Deserialize)]
+enum DeviceKindState {
+    Block(BlockState),
+    Vsock(VsockState),
+}
+
+#[derive(Serialize, Deserialize)]
+struct DeviceState {
+    base: u64,
+    irq: u32,
+    transport: MmioTransportState,
+    kind: DeviceKindState,
+}
+
+/// Everything but guest memory, as saved in `restore.snap`.
+#[derive(Serialize, Deserialize)]
+struct MicroVmState {
+    vcpus: Vec<VcpuState>,
+    vm: VmState,
+    serials: Vec<SerialDeviceState>,
+    devices: Vec<DeviceState>,
+}
+
+/// Host-side milestones of a restore.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreTimings {
+    /// Snapshot opened, header and state verified, memory mapped.
+    pub open: Duration,
+    /// VM + vCPUs created (zero when they were prepared ahead).
+    pub create: Duration,
+    /// vCPU, VM and device state set, vCPU threads started.
+    pub load: Duration,
+    pub total: Duration,
+}
+
+/// Watches console output for a kernel panic.
+struct PanicWatch {
+    inner: Output,
+    seen: Arc<AtomicBool>,
+    tail: Vec<u8>,
+}
+
+const PANIC_MARK: &[u8] = b"Kernel panic - not syncing";
+
+impl Write for PanicWatch {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.tail.extend_from_slice(buf);
+        if self.tail.windows(PANIC_MARK.len()).any(|w| w == PANIC_MARK) {
+            self.seen.store(true, Ordering::SeqCst);
+        }
+        let keep = self.tail.len().saturating_sub(PANIC_MARK.len());
+        self.tail.drain(..keep);
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// A VM + vCPUs created before the snapshot to restore is known (off the restore path).
+pub struct PreparedVm {
+    kvm: Arc<Kvm>,
+    vm: VmFd,
+    vcpus: Vec<kvm_ioctls::VcpuFd>,
+}
+
+impl PreparedVm {
+    pub fn new(vcpus: u8) -> Result<Self> {
+        vcpu::init_pause_signal()?;
+        let kvm = Arc::new(Kvm::new().map_err(VmmError::Kvm)?);
+        let vm = vm::create_vm(&kvm)?;
+        let vcpus = (0..vcpus)
+            .map(|id| vcpu::create(&vm, id))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { kvm, vm, vcpus })
+    }
+}
+
+pub struct MicroVm {
+    _kvm: Arc<Kvm>,
+    vm: VmFd,
+    mem: GuestMemoryMmap,
+    _memfd: Option<File>,
+    vcpus: Vec<VcpuHandle>,
+    responses: Receiver<VcpuResponse>,
+    serials: Vec<Arc<Mutex<SerialDevice>>>,
+    devices: Vec<(u64, u32, Arc<Mutex<MmioTransport>>)>,
+    event_loop: EventLoop,
+    exit_evt: EventFd,
+    reset_evt: EventFd,
+    panic_seen: Arc<AtomicBool>,
+    exited: Option<ExitReason>,
+    paused: bool,
+}
+
+/// A device to attach: what it is, or its saved state.
+enum DeviceSpec<'a> {
+    Block(&'a BlockConfig),
+    Vsock(&'a VsockConfig),
+    Restored(&'a DeviceState),
+}
+
+struct Wiring {
+    pio: Bus,
+    mmio: Bus,
+    serials: Vec<Arc<Mutex<SerialDevice>>>,
+    devices: Vec<(u64, u32, Arc<Mutex<MmioTransport>>)>,
+    reset_evt: EventFd,
+}
+
+fn evt_clone(e: &EventFd) -> Result<EventFd> {
+    e.try_clone().map_err(|e| VmmError::io("duplicating an eventfd", e))
+}
+
+/// Creates the devices, puts them on the buses and connects their interrupts (irqfd) and
+/// queue notifications (ioeventfd) to KVM.
+fn wire_devices(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    console: Output,
+    com2: Output,
+    panic_seen: &Arc<AtomicBool>,
+    serial_states: Option<&[SerialDeviceState]>,
+    specs: &[DeviceSpec],
+    vsock_uds_override: Option<&Path>,
+) -> Result<Wiring> {
+    let mut pio = Bus::default();
+    let mut mmio = Bus::default();
+    let mut serials = Vec::new();
+    let console: Output = Box::new(PanicWatch {
+        inner: console,
+        seen: panic_seen.clone(),
+        tail: Vec::new(),
+    });
+    for (i, (port, irq, out)) in [(COM1_PORT, COM1_IRQ, console), (COM2_PORT, COM2_IRQ, com2)]
+        .into_iter()
+        .enumerate()
+    {
+        let trigger = IrqTrigger::new().map_err(|e| VmmError::io("eventfd", e))?;
+        vm.register_irqfd(&trigger.0, irq)
+            .map_err(VmmError::kvm("register_irqfd (serial)"))?;
+        let dev = match serial_states.and_then(|s| s.get(i)) {
+            Some(state) => SerialDevice::from_state(state, trigger, out)
+                .map_err(VmmError::Config)?,
+            None => SerialDevice::new(trigger, out),
+        };
+        let dev = Arc::new(Mutex::new(dev));
+        pio.insert(u64::from(port), 8, dev.clone());
+        serials.push(dev);
+    }
+    let reset_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::io("eventfd", e))?;
+    pio.insert(
+        u64::from(I8042_PORT),
+        5,
+        Arc::new(Mutex::new(ResetDevice::new(IrqTrigger(evt_clone(&reset_evt)?)))),
+    );
+
+    let mut devices = Vec::new();
+    for (i, spec) in specs.iter().enumerate() {
+        let (base, irq) = match spec {
+            DeviceSpec::Restored(s) => (s.base, s.irq),
+            _ => (
+                MMIO_START + i as u64 * MMIO_DEVICE_SIZE,
+                FIRST_VIRTIO_IRQ + i as u32,
+            ),
+        };
+        let transport = match spec {
+            DeviceSpec::Block(b) => {
+                let dev = Block::open(&b.path, &b.serial)
+                    .map_err(|e| VmmError::io(format!("opening {}", b.path.display()), e))?;
+                MmioTransport::new(Box::new(dev), mem.clone())
+                    .map_err(|e| VmmError::io("virtio transport", e))?
+            }
+            DeviceSpec::Vsock(v) => {
+                let dev = Vsock::new(v.cid, &v.uds_path).map_err(|e| {
+                    VmmError::io(format!("vsock socket {}", v.uds_path.display()), e)
+                })?;
+                MmioTransport::new(Box::new(dev), mem.clone())
+                    .map_err(|e| VmmError::io("virtio transport", e))?
+            }
+            DeviceSpec::Restored(s) => {
+                let dev: Box<dyn VirtioDevice> = match &s.kind {
+                    DeviceKindState::Block(b) => {
+                        Box::new(Block::restore(b).map_err(VmmError::Config)?)
+                    }
+                    DeviceKindState::Vsock(v) => {
+                        let uds = vsock_uds_override.unwrap_or(&v.uds_path);
+                        Box::new(Vsock::restore(v, uds).map_err(|e| {
+                            VmmError::io(format!("vsock socket {}", uds.display()), e)
+                        })?)
+                    }
+                };
+                MmioTransport::from_state(dev, mem.clone(), &s.transport)
+                    .map_err(VmmError::Config)?
+            }
+        };
+        vm.register_irqfd(&transport.interrupt.evt, irq)
+            .map_err(VmmError::kvm("register_irqfd (virtio)"))?;
+        for (q, evt) in transport.queue_evts.iter().enumerate() {
+            vm.register_ioevent(evt, &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET), q as u32)
+                .map_err(VmmError::kvm("register_ioevent"))?;
+        }
+        let t = Arc::new(Mutex::new(transport));
+        mmio.insert(base, MMIO_DEVICE_SIZE, t.clone());
+        devices.push((base, irq, t));
+    }
+    Ok(Wiring {
+        pio,
+        mmio,
+        serials,
+        devices,
+        reset_evt,
+    })
+}
+
+impl MicroVm {
+    /// Boots `config`'s kernel. `console` gets ttyS0, `com2` ttyS1.
+    pub fn boot(config: &VmConfig, console: Output, com2: Output) -> Result<MicroVm> {
+        vcpu::init_pause_signal()?;
+        let mem_size = u64::from(config.memory_mib) << 20;
+        if config.memory_mib < 16 || mem_size > MMIO_START {
+            return Err(VmmError::Config(format!(
+                "memory of {} MiB: must be 16 MiB to {} MiB",
+                config.memory_mib,
+                MMIO_START >> 20
+            )));
+        }
+        if config.vcpus == 0 || config.vcpus > 32 {
+            return Err(VmmError::Config(format!("{} vCPUs: must be 1 to 32", config.vcpus)));
+        }
+        let kvm = Arc::new(Kvm::new().map_err(VmmError::Kvm)?);
+        let vmfd = vm::create_vm(&kvm)?;
+        let (mem, memfd) = memory::create_memfd_memory(mem_size as usize)?;
+        memory::register(&vmfd, &mem)?;
+
+        let mut kernel = File::open(&config.kernel)
+            .map_err(|e| VmmError::io(format!("opening {}", config.kernel.display()), e))?;
+        let loaded = Elf::load(&mem, None, &mut kernel, Some(GuestAddress(HIMEM_START)))
+            .map_err(|e| VmmError::Kernel {
+                path: config.kernel.clone(),
+                reason: e.to_string(),
+            })?;
+        let initrd = match &config.initrd {
+            Some(p) => {
+                let data = std::fs::read(p)
+                    .map_err(|e| VmmError::io(format!("reading {}", p.display()), e))?;
+                let addr = boot::initrd_address(&mem, data.len())?;
+                if addr.0 < loaded.kernel_end {
+                    return Err(VmmError::Config(format!(
+                        "the initrd ({} bytes) does not fit above the kernel",
+                        data.len()
+                    )));
+                }
+                mem.write_slice(&data, addr)
+                    .map_err(|e| VmmError::Memory(e.to_string()))?;
+                Some((addr, data.len()))
+            }
+            None => None,
+        };
+
+        let mut specs: Vec<DeviceSpec> = config.blocks.iter().map(DeviceSpec::Block).collect();
+        if let Some(v) = &config.vsock {
+            specs.push(DeviceSpec::Vsock(v));
+        }
+        let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE)
+            .map_err(|e| VmmError::Cmdline(e.to_string()))?;
+        cmdline
+            .insert_str(&config.cmdline)
+            .map_err(|e| VmmError::Cmdline(e.to_string()))?;
+        for i in 0..specs.len() {
+            cmdline
+                .insert_str(format!(
+                    "virtio_mmio.device=4K@{:#x}:{}",
+                    MMIO_START + i as u64 * MMIO_DEVICE_SIZE,
+                    FIRST_VIRTIO_IRQ + i as u32
+                ))
+                .map_err(|e| VmmError::Cmdline(e.to_string()))?;
+        }
+        linux_loader::loader::load_cmdline(&mem, GuestAddress(CMDLINE_START), &cmdline)
+            .map_err(|e| VmmError::Cmdline(e.to_string()))?;
+        let cmdline_len = cmdline
+            .as_cstring()
+            .map_err(|e| VmmError::Cmdline(e.to_string()))?
+            .as_bytes()
+            .len();
+        boot::configure_zero_page(&mem, cmdline_len + 1, initrd)?;
+
+        let panic_seen = Arc::new(AtomicBool::new(false));
+        let wiring = wire_devices(&vmfd, &mem, console, com2, &panic_seen, None, &specs, None)?;
+        let mut fds = Vec::new();
+        for id in 0..config.vcpus {
+            let fd = vcpu::create(&vmfd, id)?;
+            vcpu::configure_for_boot(&kvm, &fd, id, config.vcpus, loaded.kernel_load, &mem)?;
+            fds.push(fd);
+        }
+        Self::start(kvm, vmfd, mem, Some(memfd), fds, wiring, panic_seen)
+    }
+
+    fn start(
+        kvm: Arc<Kvm>,
+        vm: VmFd,
+        mem: GuestMemoryMmap,
+        memfd: Option<File>,
+        fds: Vec<kvm_ioctls::VcpuFd>,
+        wiring: Wiring,
+        panic_seen: Arc<AtomicBool>,
+    ) -> Result<MicroVm> {
+        let event_loop = EventLoop::new()?;
+        let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::io("eventfd", e))?;
+        event_loop.add_vcpu_exit(&exit_evt)?;
+        event_loop.add_reset(&wiring.reset_evt)?;
+        for (i, (_, _, t)) in wiring.devices.iter().enumerate() {
+            event_loop.add_device(i, t)?;
+        }
+        let (resp_tx, responses) = channel();
+        let mut vcpus = Vec::new();
+        for (id, fd) in fds.into_iter().enumerate() {
+            let (cmd_tx, cmd_rx) = channel();
+            let runner = VcpuRunner {
+                id: id as u8,
+                fd,
+                kvm: kvm.clone(),
+                pio: wiring.pio.clone(),
+                mmio: wiring.mmio.clone(),
+                responses: resp_tx.clone(),
+                exit_evt: evt_clone(&exit_evt)?,
+            };
+            let thread = runner
+                .spawn(cmd_rx)
+                .map_err(|e| VmmError::io("spawning a vCPU thread", e))?;
+            vcpus.push(VcpuHandle {
+                thread,
+                commands: cmd_tx,
+            });
+        }
+        Ok(MicroVm {
+            _kvm: kvm,
+            vm,
+            mem,
+            _memfd: memfd,
+            vcpus,
+            responses,
+            serials: wiring.serials,
+            devices: wiring.devices,
+            event_loop,
+            exit_evt,
+            reset_evt: wiring.reset_evt,
+            panic_seen,
+            exited: None,
+            paused: false,
+        })
+    }
+
+    /// Restores `path` (a `restore.snap`): guest memory is the file, mapped copy-on-write.
+    /// `vsock_uds` replaces the saved vsock socket path (each VM needs its own).
+    pub fn restore(
+        path: &Path,
+        prepared: Option<PreparedVm>,
+        console: Output,
+        com2: Output,
+        vsock_uds: Option<&Path>,
+    ) -> Result<(MicroVm, RestoreTimings)> {
+        let t0 = Instant::now();
+        let (file, state): (snapshot::SnapshotFile, MicroVmState) = snapshot::read_snapshot(path)?;
+        let mem = file.map_memory()?;
+        let open = t0.elapsed();
+
+        let t1 = Instant::now();
+        let prepared = match prepared {
+            Some(p) => p,
+            None => PreparedVm::new(state.vcpus.len() as u8)?,
+        };
+        let PreparedVm { kvm, vm: vmfd, mut vcpus } = prepared;
+        while vcpus.len() < state.vcpus.len() {
+            vcpus.push(vcpu::create(&vmfd, vcpus.len() as u8)?);
+        }
+        vcpus.truncate(state.vcpus.len());
+        let create = t1.elapsed();
+
+        let t2 = Instant::now();
+        memory::register(&vmfd, &mem)?;
+        for (fd, s) in vcpus.iter().zip(&state.vcpus) {
+            vcpu::restore_state(fd, s)?;
+        }
+        vm::restore_state(&vmfd, &state.vm)?;
+        let specs: Vec<DeviceSpec> = state.devices.iter().map(DeviceSpec::Restored).collect();
+        let panic_seen = Arc::new(AtomicBool::new(false));
+        let wiring = wire_devices(
+            &vmfd,
+            &mem,
+            console,
+            com2,
+            &panic_seen,
+            Some(&state.serials),
+            &specs,
+            vsock_uds,
+        )?;
+        for (_, _, t) in &wiring.devices {
+            t.lock().unwrap_or_else(|p| p.into_inner()).resume();
+        }
+        let vm = Self::start(kvm, vmfd, mem, None, vcpus, wiring, panic_seen)?;
+        let load = t2.elapsed();
+        Ok((
+            vm,
+            RestoreTimings {
+                open,
+                create,
+                load,
+                total: t0.elapsed(),
+            },
+        ))
+    }
+
+    /// Runs the event loop for up to `timeout` (or until something happens when `None`).
+    /// Returns why the VM stopped, once it has.
+    pub fn run(&mut self, timeout: Option<Duration>) -> Result<Option<ExitReason>> {
+        if self.exited.is_some() {
+            return Ok(self.exited.clone());
+        }
+        let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as i32);
+        for wake in self.event_loop.wait(ms)? {
+            match wake {
+                Wake::Queue { device, queue } => {
+                    if let Some((_, _, t)) = self.devices.get(device) {
+                        let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
+                        if let Some(e) = t.queue_evts.get(queue) {
+                            let _ = e.read();
+                        }
+                        t.process_queue(queue);
+                    }
+                }
+                Wake::Backend { device } => {
+                    if let Some((_, _, t)) = self.devices.get(device) {
+                        t.lock().unwrap_or_else(|p| p.into_inner()).process_backend();
+                    }
+                }
+                Wake::VcpuExit => {
+                    let _ = self.exit_evt.read();
+                    while let Ok(r) = self.responses.try_recv() {
+                        if let VcpuResponse::Exited(id, reason) = r {
+                            self.exited = Some(match reason {
+                                VcpuExitReason::Shutdown => ExitReason::TripleFault,
+                                VcpuExitReason::Failed(why) => {
+                                    ExitReason::Failed(format!("vCPU {id}: {why}"))
+                                }
+                            });
+                        }
+                    }
+                }
+                Wake::Reset => {
+                    let _ = self.reset_evt.read();
+                    self.exited = Some(if self.panic_seen.load(Ordering::SeqCst) {
+                        ExitReason::GuestPanic
+                    } else {
+                        ExitReason::Reset
+                    });
+                }
+            }
+        }
+        Ok(self.exited.clone())
+    }
+
+    /// Pauses every vCPU (each saves its own state) and writes `restore.snap` at `path`.
+    /// The VM stays paused; [`MicroVm::resume`] continues it.
+    pub fn pause_and_snapshot(&mut self, path: &Path) -> Result<u64> {
+        let mut states = Vec::with_capacity(self.vcpus.len());
+        for v in &self.vcpus {
+            let _ = v.commands.send(VcpuCommand::Pause);
+            v.kick();
+        }
+        self.paused = true;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while states.len() < self.vcpus.len() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.responses.recv_timeout(left) {
+                Ok(VcpuResponse::Paused(s)) => states.push((*s)?),
+                Ok(VcpuResponse::Exited(id, reason)) => {
+                    return Err(VmmError::Vcpu {
+                        id,
+                        reason: format!("exited while pausing: {reason:?}"),
+                    })
+                }
+                Err(_) => {
+                    return Err(VmmError::Vcpu {
+                        id: states.len(),
+                        reason: "did not pause within 10 s".into(),
+                    })
+                }
+            }
+        }
+        states.sort_by_key(|s| s.id);
+        let state = MicroVmState {
+            vcpus: states,
+            vm: vm::save_state(&self.vm)?,
+            serials: self
+                .serials
+                .iter()
+                .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).state())
+                .collect(),
+            devices: self
+                .devices
+                .iter()
+                .map(|(base, irq, t)| {
+                    let t = t.lock().unwrap_or_else(|p| p.into_inner());
+                    let kind = device_kind_state(t.device());
+                    kind.map(|kind| DeviceState {
+                        base: *base,
+                        irq: *irq,
+                        transport: t.state(),
+                        kind,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?,
+        };
+        snapshot::write_snapshot(path, &state, &self.mem)
+    }
+
+    pub fn resume(&mut self) {
+        if self.paused {
+            for v in &self.vcpus {
+                let _ = v.commands.send(VcpuCommand::Resume);
+            }
+            self.paused = false;
+        }
+    }
+
+    /// Input for the guest's ttyS0.
+    pub fn console_input(&self, bytes: &[u8]) -> usize {
+        self.serials
+            .first()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).enqueue(bytes))
+            .unwrap_or(0)
+    }
+
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+}
+
+/// The saved form of a device, by what it is.
+fn device_kind_state(d: &dyn VirtioDevice) -> Result<DeviceKindState> {
+    if let Some(b) = d.as_any().downcast_ref::<Block>() {
+        Ok(DeviceKindState::Block(b.save()))
+    } else if let Some(v) = d.as_any().downcast_ref::<Vsock>() {
+        Ok(DeviceKindState::Vsock(v.save()))
+    } else {
+        Err(VmmError::Config(format!(
+            "device type {} cannot be saved",
+            d.device_type()
+        )))
+    }
+}
+
+impl Drop for MicroVm {
+    fn drop(&mut self) {
+        for v in &self.vcpus {
+            let _ = v.commands.send(VcpuCommand::Stop);
+            v.kick();
+        }
+        for v in self.vcpus.drain(..) {
+            let _ = v.thread.join();
+        }
+    }
+}

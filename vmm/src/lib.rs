@@ -1,0 +1,34 @@
+//! supermachine-vmm: the kvm backend. Our own virtual machine monitor on rust-vmm crates —
+//! a KVM VM with an in-kernel irqchip and PIT, guest memory through vm-memory, the kernel
+//! loaded by linux-loader, a thread per vCPU, 8250 serial ports, an i8042 for reset, and
+//! virtio-mmio block and vsock devices driven from one epoll loop. A running VM can be
+//! paused and saved to a `restore.snap` whose guest memory is later mapped `MAP_PRIVATE`
+//! for a copy-on-write restore (nothing copied).
+//!
+//! Layout follows Firecracker: `vstate/` is the KVM side (VM, vCPU, memory), `arch/` the
+//! x86_64 boot protocol, `devices/` one folder per device with its `persist.rs`,
+//! `snapshot/` the file format, and `builder.rs` builds a VM from a config or a snapshot.
+
+pub mod arch;
+pub mod builder;
+pub mod devices;
+pub mod error;
+pub mod event_loop;
+pub mod snapshot;
+pub mod vstate;
+
+pub use builder::{MicroVm, VmConfig, BlockConfig, VsockConfig, ExitReason};
+pub use error::VmmError;
+
+/// Whether this host's /dev/kvm has hardware virtualization (VMX or SVM) — where the kvm
+/// backend can run unmodified guests. A PVM /dev/kvm (software virtualization) has neither.
+pub fn hardware_virtualization() -> bool {
+    std::path::Path::new("/dev/kvm").exists()
+        && std::fs::read_to_string("/proc/cpuinfo")
+            .map(|c| {
+                c.lines()
+                    .filter(|l| l.starts_with("flags"))
+                    .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+            })
+            .unwrap_or(false)
+}

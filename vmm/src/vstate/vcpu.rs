@@ -1,0 +1,313 @@
+//! vCPUs: boot configuration, the run loop on a thread of its own, pause (a signal that
+//! sets `immediate_exit`, so a vCPU about to enter the guest cannot miss it), and the
+//! saved state in the order KVM wants it back.
+
+use std::cell::Cell;
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_run, kvm_sregs,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId,
+};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
+use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::arch::x86_64::{boot, cpuid, msr};
+use crate::devices::bus::Bus;
+use crate::error::{Result, VmmError};
+use crate::vstate::memory::GuestMemoryMmap;
+
+/// LAPIC local vector table registers and delivery modes (for LINT0/LINT1 setup).
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_NMI: u32 = 0x4;
+const APIC_MODE_EXTINT: u32 = 0x7;
+
+thread_local! {
+    /// This thread's kvm_run page, for the pause signal's handler.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn pause_signal_handler(
+    _num: libc::c_int,
+    _info: *mut libc::siginfo_t,
+    _unused: *mut libc::c_void,
+) {
+    KVM_RUN.with(|r| {
+        let p = r.get();
+        if !p.is_null() {
+            // SAFETY: p is this thread's kvm_run mapping, set by the vCPU loop and valid
+            // while it runs; writing immediate_exit is what KVM documents for this purpose.
+            unsafe { std::ptr::write_volatile(&mut (*p).immediate_exit, 1) };
+        }
+    });
+}
+
+/// The signal that pauses vCPUs.
+pub fn pause_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+/// Installs the pause signal's handler (once per process).
+pub fn init_pause_signal() -> Result<()> {
+    register_signal_handler(pause_signal(), pause_signal_handler)
+        .map_err(|e| VmmError::io("registering the vCPU pause signal", e.into()))
+}
+
+#[derive(Serialize, Deserialize)]
+pub struct VcpuState {
+    pub id: u8,
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    pub msrs: Vec<(u32, u64)>,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub xsave: kvm_xsave,
+    pub xcrs: kvm_xcrs,
+    pub lapic: kvm_lapic_state,
+    pub events: kvm_vcpu_events,
+    pub mp_state: kvm_mp_state,
+    pub debugregs: kvm_debugregs,
+}
+
+fn set_lint(lapic: &mut kvm_lapic_state) {
+    let reg = |regs: &[std::os::raw::c_char], off: usize| {
+        u32::from_le_bytes([
+            regs[off] as u8,
+            regs[off + 1] as u8,
+            regs[off + 2] as u8,
+            regs[off + 3] as u8,
+        ])
+    };
+    for (off, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
+        let v = (reg(&lapic.regs, off) & !0x700) | (mode << 8);
+        for (i, b) in v.to_le_bytes().iter().enumerate() {
+            lapic.regs[off + i] = *b as std::os::raw::c_char;
+        }
+    }
+}
+
+/// A vCPU ready to boot the kernel at `entry` (the boot vCPU gets the registers; the
+/// others wait for the kernel's INIT/SIPI).
+pub fn configure_for_boot(
+    kvm: &Kvm,
+    vcpu: &VcpuFd,
+    id: u8,
+    count: u8,
+    entry: GuestAddress,
+    mem: &GuestMemoryMmap,
+) -> Result<()> {
+    vcpu.set_cpuid2(&cpuid::vcpu_cpuid(kvm, id, count)?)
+        .map_err(VmmError::kvm("set_cpuid2"))?;
+    msr::set_boot_msrs(vcpu)?;
+    vcpu.set_regs(&boot::boot_regs(entry))
+        .map_err(VmmError::kvm("set_regs"))?;
+    vcpu.set_fpu(&boot::boot_fpu())
+        .map_err(VmmError::kvm("set_fpu"))?;
+    let mut sregs = vcpu.get_sregs().map_err(VmmError::kvm("get_sregs"))?;
+    boot::setup_sregs(mem, &mut sregs)?;
+    vcpu.set_sregs(&sregs).map_err(VmmError::kvm("set_sregs"))?;
+    let mut lapic = vcpu.get_lapic().map_err(VmmError::kvm("get_lapic"))?;
+    set_lint(&mut lapic);
+    vcpu.set_lapic(&lapic).map_err(VmmError::kvm("set_lapic"))?;
+    Ok(())
+}
+
+pub fn save_state(kvm: &Kvm, vcpu: &VcpuFd, id: u8) -> Result<VcpuState> {
+    let cpuid = vcpu
+        .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(VmmError::kvm("get_cpuid2"))?;
+    Ok(VcpuState {
+        id,
+        cpuid: cpuid.as_slice().to_vec(),
+        msrs: msr::save_msrs(kvm, vcpu)?,
+        regs: vcpu.get_regs().map_err(VmmError::kvm("get_regs"))?,
+        sregs: vcpu.get_sregs().map_err(VmmError::kvm("get_sregs"))?,
+        xsave: vcpu.get_xsave().map_err(VmmError::kvm("get_xsave"))?,
+        xcrs: vcpu.get_xcrs().map_err(VmmError::kvm("get_xcrs"))?,
+        lapic: vcpu.get_lapic().map_err(VmmError::kvm("get_lapic"))?,
+        events: vcpu.get_vcpu_events().map_err(VmmError::kvm("get_vcpu_events"))?,
+        mp_state: vcpu.get_mp_state().map_err(VmmError::kvm("get_mp_state"))?,
+        debugregs: vcpu.get_debug_regs().map_err(VmmError::kvm("get_debug_regs"))?,
+    })
+}
+
+/// Sets a saved state in KVM's order: CPUID, MSRs, sregs before regs, FPU/XSAVE, XCRs,
+/// LAPIC, events, mp_state, debug registers.
+pub fn restore_state(vcpu: &VcpuFd, s: &VcpuState) -> Result<()> {
+    let cpuid = CpuId::from_entries(&s.cpuid)
+        .map_err(|e| VmmError::Config(format!("saved CPUID: {e:?}")))?;
+    vcpu.set_cpuid2(&cpuid).map_err(VmmError::kvm("set_cpuid2"))?;
+    msr::restore_msrs(vcpu, &s.msrs)?;
+    vcpu.set_sregs(&s.sregs).map_err(VmmError::kvm("set_sregs"))?;
+    vcpu.set_regs(&s.regs).map_err(VmmError::kvm("set_regs"))?;
+    // SAFETY: a kvm_xsave (4 KiB) is what KVM_SET_XSAVE reads; no XSAVE2 extension is used.
+    unsafe { vcpu.set_xsave(&s.xsave) }.map_err(VmmError::kvm("set_xsave"))?;
+    vcpu.set_xcrs(&s.xcrs).map_err(VmmError::kvm("set_xcrs"))?;
+    vcpu.set_lapic(&s.lapic).map_err(VmmError::kvm("set_lapic"))?;
+    vcpu.set_vcpu_events(&s.events)
+        .map_err(VmmError::kvm("set_vcpu_events"))?;
+    vcpu.set_mp_state(s.mp_state)
+        .map_err(VmmError::kvm("set_mp_state"))?;
+    vcpu.set_debug_regs(&s.debugregs)
+        .map_err(VmmError::kvm("set_debug_regs"))?;
+    Ok(())
+}
+
+/// Why a vCPU stopped running the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuExitReason {
+    /// The guest shut down (a triple fault on x86).
+    Shutdown,
+    /// KVM could not enter or continue the guest.
+    Failed(String),
+}
+
+pub enum VcpuCommand {
+    /// Stop running the guest, save this vCPU's state and wait.
+    Pause,
+    Resume,
+    Stop,
+}
+
+pub enum VcpuResponse {
+    Paused(Box<Result<VcpuState>>),
+    Exited(usize, VcpuExitReason),
+}
+
+/// A vCPU running on its own thread.
+pub struct VcpuHandle {
+    pub thread: JoinHandle<()>,
+    pub commands: Sender<VcpuCommand>,
+}
+
+impl VcpuHandle {
+    /// Asks the vCPU to act on a command now: interrupts KVM_RUN.
+    pub fn kick(&self) {
+        let _ = self.thread.kill(pause_signal());
+    }
+}
+
+pub struct VcpuRunner {
+    pub id: u8,
+    pub fd: VcpuFd,
+    pub kvm: Arc<Kvm>,
+    pub pio: Bus,
+    pub mmio: Bus,
+    pub responses: Sender<VcpuResponse>,
+    /// Written when this vCPU exits, to wake the event loop.
+    pub exit_evt: EventFd,
+}
+
+impl VcpuRunner {
+    pub fn spawn(self, commands: Receiver<VcpuCommand>) -> std::io::Result<JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name(format!("vcpu{}", self.id))
+            .spawn(move || self.run(commands))
+    }
+
+    fn exit(&self, reason: VcpuExitReason) {
+        let _ = self
+            .responses
+            .send(VcpuResponse::Exited(self.id as usize, reason));
+        let _ = self.exit_evt.write(1);
+    }
+
+    fn run(mut self, commands: Receiver<VcpuCommand>) {
+        KVM_RUN.with(|r| r.set(self.fd.get_kvm_run() as *mut kvm_run));
+        loop {
+            let reason = match self.fd.run() {
+                Ok(exit) => match exit {
+                    VcpuExit::IoIn(port, data) => {
+                        self.pio.read(u64::from(port), data);
+                        None
+                    }
+                    VcpuExit::IoOut(port, data) => {
+                        self.pio.write(u64::from(port), data);
+                        None
+                    }
+                    VcpuExit::MmioRead(addr, data) => {
+                        self.mmio.read(addr, data);
+                        None
+                    }
+                    VcpuExit::MmioWrite(addr, data) => {
+                        self.mmio.write(addr, data);
+                        None
+                    }
+                    VcpuExit::Hlt => None,
+                    VcpuExit::Shutdown => Some(VcpuExitReason::Shutdown),
+                    VcpuExit::FailEntry(reason, cpu) => Some(VcpuExitReason::Failed(format!(
+                        "KVM_EXIT_FAIL_ENTRY (hardware reason {reason:#x}, cpu {cpu})"
+                    ))),
+                    VcpuExit::InternalError => {
+                        Some(VcpuExitReason::Failed("KVM_EXIT_INTERNAL_ERROR".into()))
+                    }
+                    VcpuExit::SystemEvent(kind, _) => Some(VcpuExitReason::Failed(format!(
+                        "system event {kind}"
+                    ))),
+                    other => Some(VcpuExitReason::Failed(format!("unexpected exit {other:?}"))),
+                },
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    if !self.handle_commands(&commands) {
+                        break;
+                    }
+                    None
+                }
+                Err(e) => Some(VcpuExitReason::Failed(format!("KVM_RUN: {e}"))),
+            };
+            if let Some(reason) = reason {
+                self.exit(reason);
+                // Parked until told to stop (or to save state for a post-mortem).
+                while let Ok(cmd) = commands.recv() {
+                    match cmd {
+                        VcpuCommand::Stop => break,
+                        VcpuCommand::Pause => self.save_and_report(),
+                        VcpuCommand::Resume => {}
+                    }
+                }
+                break;
+            }
+        }
+        KVM_RUN.with(|r| r.set(std::ptr::null_mut()));
+    }
+
+    fn save_and_report(&self) {
+        let state = save_state(&self.kvm, &self.fd, self.id);
+        let _ = self.responses.send(VcpuResponse::Paused(Box::new(state)));
+    }
+
+    /// Returns false when the vCPU should stop.
+    fn handle_commands(&mut self, commands: &Receiver<VcpuCommand>) -> bool {
+        while let Ok(cmd) = commands.try_recv() {
+            match cmd {
+                VcpuCommand::Stop => return false,
+                VcpuCommand::Resume => {}
+                VcpuCommand::Pause => {
+                    self.save_and_report();
+                    loop {
+                        match commands.recv() {
+                            Ok(VcpuCommand::Resume) => break,
+                            Ok(VcpuCommand::Pause) => self.save_and_report(),
+                            Ok(VcpuCommand::Stop) | Err(_) => return false,
+                        }
+                    }
+                }
+            }
+        }
+        true
+    }
+}
+
+/// Creates vCPU `id` of `vm`.
+pub fn create(vm: &VmFd, id: u8) -> Result<VcpuFd> {
+    vm.create_vcpu(u64::from(id))
+        .map_err(|e| VmmError::Vcpu {
+            id: id as usize,
+            reason: format!("create: {e}"),
+        })
+}
