@@ -5,6 +5,10 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 "$root/scripts/setup.sh"
+# The kvm backend's tests boot a test kernel on /dev/kvm (kernel-config/pvm-test; cached).
+echo "test: pvm-test kernel" >&2
+SUPERMACHINE_PVM_TEST_KERNEL="$("$root/kernel-config/build.sh" --variant pvm-test)"
+export SUPERMACHINE_PVM_TEST_KERNEL
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo build --quiet --bin supermachine

@@ -30,7 +30,9 @@ use crate::error::{Result, VmmError};
 use crate::event_loop::{EventLoop, Wake};
 use crate::snapshot;
 use crate::vstate::memory::{self, GuestMemoryMmap};
-use crate::vstate::vcpu::{self, VcpuCommand, VcpuExitReason, VcpuHandle, VcpuResponse, VcpuRunner, VcpuState};
+use crate::vstate::vcpu::{
+    self, VcpuCommand, VcpuExitReason, VcpuHandle, VcpuResponse, VcpuRunner, VcpuState,
+};
 use crate::vstate::vm::{self, VmState};
 
 #[derive(Debug, Clone)]
@@ -182,21 +184,31 @@ struct Wiring {
 }
 
 fn evt_clone(e: &EventFd) -> Result<EventFd> {
-    e.try_clone().map_err(|e| VmmError::io("duplicating an eventfd", e))
+    e.try_clone()
+        .map_err(|e| VmmError::io("duplicating an eventfd", e))
 }
 
 /// Creates the devices, puts them on the buses and connects their interrupts (irqfd) and
 /// queue notifications (ioeventfd) to KVM.
-fn wire_devices(
-    vm: &VmFd,
-    mem: &GuestMemoryMmap,
+/// The guest-facing outputs and saved pieces `wire_devices` starts from.
+struct WireInputs<'a> {
     console: Output,
     com2: Output,
-    panic_seen: &Arc<AtomicBool>,
-    serial_states: Option<&[SerialDeviceState]>,
-    specs: &[DeviceSpec],
-    vsock_uds_override: Option<&Path>,
-) -> Result<Wiring> {
+    panic_seen: &'a Arc<AtomicBool>,
+    serial_states: Option<&'a [SerialDeviceState]>,
+    specs: &'a [DeviceSpec<'a>],
+    vsock_uds_override: Option<&'a Path>,
+}
+
+fn wire_devices(vm: &VmFd, mem: &GuestMemoryMmap, inputs: WireInputs) -> Result<Wiring> {
+    let WireInputs {
+        console,
+        com2,
+        panic_seen,
+        serial_states,
+        specs,
+        vsock_uds_override,
+    } = inputs;
     let mut pio = Bus::default();
     let mut mmio = Bus::default();
     let mut serials = Vec::new();
@@ -213,8 +225,9 @@ fn wire_devices(
         vm.register_irqfd(&trigger.0, irq)
             .map_err(VmmError::kvm("register_irqfd (serial)"))?;
         let dev = match serial_states.and_then(|s| s.get(i)) {
-            Some(state) => SerialDevice::from_state(state, trigger, out)
-                .map_err(VmmError::Config)?,
+            Some(state) => {
+                SerialDevice::from_state(state, trigger, out).map_err(VmmError::Config)?
+            }
             None => SerialDevice::new(trigger, out),
         };
         let dev = Arc::new(Mutex::new(dev));
@@ -225,7 +238,9 @@ fn wire_devices(
     pio.insert(
         u64::from(I8042_PORT),
         5,
-        Arc::new(Mutex::new(ResetDevice::new(IrqTrigger(evt_clone(&reset_evt)?)))),
+        Arc::new(Mutex::new(ResetDevice::new(IrqTrigger(evt_clone(
+            &reset_evt,
+        )?)))),
     );
 
     let mut devices = Vec::new();
@@ -270,8 +285,12 @@ fn wire_devices(
         vm.register_irqfd(&transport.interrupt.evt, irq)
             .map_err(VmmError::kvm("register_irqfd (virtio)"))?;
         for (q, evt) in transport.queue_evts.iter().enumerate() {
-            vm.register_ioevent(evt, &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET), q as u32)
-                .map_err(VmmError::kvm("register_ioevent"))?;
+            vm.register_ioevent(
+                evt,
+                &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET),
+                q as u32,
+            )
+            .map_err(VmmError::kvm("register_ioevent"))?;
         }
         let t = Arc::new(Mutex::new(transport));
         mmio.insert(base, MMIO_DEVICE_SIZE, t.clone());
@@ -299,7 +318,10 @@ impl MicroVm {
             )));
         }
         if config.vcpus == 0 || config.vcpus > 32 {
-            return Err(VmmError::Config(format!("{} vCPUs: must be 1 to 32", config.vcpus)));
+            return Err(VmmError::Config(format!(
+                "{} vCPUs: must be 1 to 32",
+                config.vcpus
+            )));
         }
         let kvm = Arc::new(Kvm::new().map_err(VmmError::Kvm)?);
         let vmfd = vm::create_vm(&kvm)?;
@@ -308,10 +330,12 @@ impl MicroVm {
 
         let mut kernel = File::open(&config.kernel)
             .map_err(|e| VmmError::io(format!("opening {}", config.kernel.display()), e))?;
-        let loaded = Elf::load(&mem, None, &mut kernel, Some(GuestAddress(HIMEM_START)))
-            .map_err(|e| VmmError::Kernel {
-                path: config.kernel.clone(),
-                reason: e.to_string(),
+        let loaded =
+            Elf::load(&mem, None, &mut kernel, Some(GuestAddress(HIMEM_START))).map_err(|e| {
+                VmmError::Kernel {
+                    path: config.kernel.clone(),
+                    reason: e.to_string(),
+                }
             })?;
         let initrd = match &config.initrd {
             Some(p) => {
@@ -335,8 +359,8 @@ impl MicroVm {
         if let Some(v) = &config.vsock {
             specs.push(DeviceSpec::Vsock(v));
         }
-        let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE)
-            .map_err(|e| VmmError::Cmdline(e.to_string()))?;
+        let mut cmdline =
+            Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| VmmError::Cmdline(e.to_string()))?;
         cmdline
             .insert_str(&config.cmdline)
             .map_err(|e| VmmError::Cmdline(e.to_string()))?;
@@ -359,7 +383,18 @@ impl MicroVm {
         boot::configure_zero_page(&mem, cmdline_len + 1, initrd)?;
 
         let panic_seen = Arc::new(AtomicBool::new(false));
-        let wiring = wire_devices(&vmfd, &mem, console, com2, &panic_seen, None, &specs, None)?;
+        let wiring = wire_devices(
+            &vmfd,
+            &mem,
+            WireInputs {
+                console,
+                com2,
+                panic_seen: &panic_seen,
+                serial_states: None,
+                specs: &specs,
+                vsock_uds_override: None,
+            },
+        )?;
         let mut fds = Vec::new();
         for id in 0..config.vcpus {
             let fd = vcpu::create(&vmfd, id)?;
@@ -443,7 +478,11 @@ impl MicroVm {
             Some(p) => p,
             None => PreparedVm::new(state.vcpus.len() as u8)?,
         };
-        let PreparedVm { kvm, vm: vmfd, mut vcpus } = prepared;
+        let PreparedVm {
+            kvm,
+            vm: vmfd,
+            mut vcpus,
+        } = prepared;
         while vcpus.len() < state.vcpus.len() {
             vcpus.push(vcpu::create(&vmfd, vcpus.len() as u8)?);
         }
@@ -461,12 +500,14 @@ impl MicroVm {
         let wiring = wire_devices(
             &vmfd,
             &mem,
-            console,
-            com2,
-            &panic_seen,
-            Some(&state.serials),
-            &specs,
-            vsock_uds,
+            WireInputs {
+                console,
+                com2,
+                panic_seen: &panic_seen,
+                serial_states: Some(&state.serials),
+                specs: &specs,
+                vsock_uds_override: vsock_uds,
+            },
         )?;
         for (_, _, t) in &wiring.devices {
             t.lock().unwrap_or_else(|p| p.into_inner()).resume();
@@ -504,7 +545,9 @@ impl MicroVm {
                 }
                 Wake::Backend { device } => {
                     if let Some((_, _, t)) = self.devices.get(device) {
-                        t.lock().unwrap_or_else(|p| p.into_inner()).process_backend();
+                        t.lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .process_backend();
                     }
                 }
                 Wake::VcpuExit => {

@@ -41,7 +41,11 @@ impl EventLoop {
 
     fn add(&self, fd: RawFd, data: u64) -> Result<()> {
         self.epoll
-            .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, data))
+            .ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, data),
+            )
             .map_err(|e| VmmError::io("epoll_ctl", e))
     }
 

@@ -17,7 +17,7 @@ pub mod event_loop;
 pub mod snapshot;
 pub mod vstate;
 
-pub use builder::{MicroVm, VmConfig, BlockConfig, VsockConfig, ExitReason};
+pub use builder::{BlockConfig, ExitReason, MicroVm, VmConfig, VsockConfig};
 pub use error::VmmError;
 
 /// Whether this host's /dev/kvm has hardware virtualization (VMX or SVM) — where the kvm

@@ -15,12 +15,14 @@ const USAGE: &str = "usage:
   supermachine-vmm boot --kernel VMLINUX --cmdline CMDLINE [--initrd FILE] [--memory MIB]
         [--vcpus N] [--blk PATH[=SERIAL]]... [--vsock-cid CID --vsock-uds PATH]
         [--snapshot-at TEXT --snapshot-to FILE [--stop-after-snapshot]]
-        [--until TEXT] [--timeout SECONDS]
-  supermachine-vmm restore --snapshot FILE [--vsock-uds PATH] [--until TEXT] [--timeout SECONDS]
+        [--until TEXT [--vsock-probe PORT]] [--timeout SECONDS]
+  supermachine-vmm restore --snapshot FILE [--vsock-uds PATH] [--until TEXT [--vsock-probe PORT]]
+        [--timeout SECONDS]
   supermachine-vmm bench-restore --snapshot FILE [-n N] [--prepared]
 
 The guest console (ttyS0) goes to stdout. `--until TEXT` ends the VM once the console
-printed TEXT (exit 0). Exit codes: 0 clean exit or TEXT seen, 1 error, 2 usage,
+printed TEXT (exit 0); with `--vsock-probe PORT` it first connects to guest vsock port PORT
+through the VM's unix socket and reports whether the guest accepted or refused (RST). Exit codes: 0 clean exit or TEXT seen, 1 error, 2 usage,
 3 guest panic / triple fault / KVM failure, 4 timeout.";
 
 /// Console output that is printed and also kept, so the loop can look for a line.
@@ -31,7 +33,10 @@ impl Write for ConsoleTap {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let _ = std::io::stdout().write_all(buf);
         let _ = std::io::stdout().flush();
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(buf);
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -68,7 +73,9 @@ impl Args {
     fn parse<T: std::str::FromStr>(&self, flag: &str, default: T) -> Result<T, String> {
         match self.value(flag) {
             None => Ok(default),
-            Some(v) => v.parse().map_err(|_| format!("{flag}: invalid value {v:?}")),
+            Some(v) => v
+                .parse()
+                .map_err(|_| format!("{flag}: invalid value {v:?}")),
         }
     }
 }
@@ -101,6 +108,48 @@ fn main() -> ExitCode {
 
 fn null_output() -> Box<dyn Write + Send> {
     Box::new(std::io::sink())
+}
+
+/// Connects to guest vsock `port` through the VM's unix socket while the VM keeps running;
+/// returns what the guest said: "accepted" (OK) or "refused" (RST → EOF).
+fn vsock_probe(
+    vm: &mut MicroVm,
+    uds: &std::path::Path,
+    port: u32,
+    timeout: Duration,
+) -> Result<String, String> {
+    use std::io::Read;
+    let mut s = std::os::unix::net::UnixStream::connect(uds)
+        .map_err(|e| format!("connecting to {}: {e}", uds.display()))?;
+    s.write_all(format!("CONNECT {port}\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    s.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + timeout;
+    let mut got = Vec::new();
+    while Instant::now() < deadline {
+        if let Some(r) = vm
+            .run(Some(Duration::from_millis(50)))
+            .map_err(|e| e.to_string())?
+        {
+            return Err(format!("the VM ended during the vsock probe: {r:?}"));
+        }
+        let mut b = [0u8; 64];
+        match s.read(&mut b) {
+            Ok(0) => return Ok("refused".into()),
+            Ok(n) => {
+                got.extend_from_slice(&b[..n]);
+                if got.contains(&b'\n') {
+                    return Ok(format!(
+                        "accepted ({})",
+                        String::from_utf8_lossy(&got).trim()
+                    ));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Err(format!("no answer on vsock port {port} within {timeout:?}"))
 }
 
 /// Runs `vm` until it exits, `until` appears on the console, or the timeout.
@@ -163,7 +212,9 @@ fn boot(a: &Args) -> Result<u8, String> {
         .collect();
     let vsock = match (a.value("--vsock-cid"), a.value("--vsock-uds")) {
         (Some(cid), Some(uds)) => Some(VsockConfig {
-            cid: cid.parse().map_err(|_| format!("--vsock-cid: invalid {cid:?}"))?,
+            cid: cid
+                .parse()
+                .map_err(|_| format!("--vsock-cid: invalid {cid:?}"))?,
             uds_path: PathBuf::from(uds),
         }),
         (None, None) => None,
@@ -190,8 +241,13 @@ fn boot(a: &Args) -> Result<u8, String> {
     let stop_after = a.has("--stop-after-snapshot");
     let mut taken = false;
     let timeout = Duration::from_secs(a.parse("--timeout", 300u64)?);
-    drive(&mut vm, &tap, a.value("--until").as_deref(), timeout, |vm, tap| {
-        match (&snapshot_at, &snapshot_to) {
+    let uds = a.value("--vsock-uds").map(PathBuf::from);
+    let code = drive(
+        &mut vm,
+        &tap,
+        a.value("--until").as_deref(),
+        timeout,
+        |vm, tap| match (&snapshot_at, &snapshot_to) {
             (Some(at), Some(to)) if !taken && tap.contains(at) => {
                 let t = Instant::now();
                 let written = vm.pause_and_snapshot(to).map_err(|e| e.to_string())?;
@@ -209,8 +265,30 @@ fn boot(a: &Args) -> Result<u8, String> {
                 Ok(false)
             }
             _ => Ok(false),
-        }
-    })
+        },
+    )?;
+    probe_if_asked(a, &mut vm, uds.as_deref(), code)
+}
+
+fn probe_if_asked(
+    a: &Args,
+    vm: &mut MicroVm,
+    uds: Option<&std::path::Path>,
+    code: u8,
+) -> Result<u8, String> {
+    let Some(port) = a.value("--vsock-probe") else {
+        return Ok(code);
+    };
+    if code != 0 || a.value("--until").is_none() {
+        return Ok(code);
+    }
+    let port: u32 = port
+        .parse()
+        .map_err(|_| format!("--vsock-probe: invalid port {port:?}"))?;
+    let uds = uds.ok_or("--vsock-probe needs a vsock device (--vsock-uds)")?;
+    let answer = vsock_probe(vm, uds, port, Duration::from_secs(120))?;
+    eprintln!("supermachine-vmm: vsock port {port}: {answer} by the guest");
+    Ok(0)
 }
 
 fn restore(a: &Args) -> Result<u8, String> {
@@ -234,7 +312,14 @@ fn restore(a: &Args) -> Result<u8, String> {
         t.load
     );
     let timeout = Duration::from_secs(a.parse("--timeout", 300u64)?);
-    drive(&mut vm, &tap, a.value("--until").as_deref(), timeout, |_, _| Ok(false))
+    let code = drive(
+        &mut vm,
+        &tap,
+        a.value("--until").as_deref(),
+        timeout,
+        |_, _| Ok(false),
+    )?;
+    probe_if_asked(a, &mut vm, uds.as_deref(), code)
 }
 
 /// Restore mechanics: snapshot open → vCPUs running, `n` times; JSON on stdout.

@@ -9,17 +9,20 @@ pub trait BusDevice: Send {
     fn write(&mut self, offset: u64, data: &[u8]);
 }
 
+type Shared = Arc<Mutex<dyn BusDevice>>;
+
 #[derive(Clone, Default)]
 pub struct Bus {
-    devices: Vec<(u64, u64, Arc<Mutex<dyn BusDevice>>)>,
+    /// (base, length, device)
+    devices: Vec<(u64, u64, Shared)>,
 }
 
 impl Bus {
-    pub fn insert(&mut self, base: u64, len: u64, device: Arc<Mutex<dyn BusDevice>>) {
+    pub fn insert(&mut self, base: u64, len: u64, device: Shared) {
         self.devices.push((base, len, device));
     }
 
-    fn find(&self, addr: u64) -> Option<(u64, &Arc<Mutex<dyn BusDevice>>)> {
+    fn find(&self, addr: u64) -> Option<(u64, &Shared)> {
         self.devices
             .iter()
             .find(|(base, len, _)| addr >= *base && addr - base < *len)
@@ -29,7 +32,9 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr) {
             Some((offset, d)) => {
-                d.lock().unwrap_or_else(|p| p.into_inner()).read(offset, data);
+                d.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .read(offset, data);
                 true
             }
             None => {
@@ -42,7 +47,9 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr) {
             Some((offset, d)) => {
-                d.lock().unwrap_or_else(|p| p.into_inner()).write(offset, data);
+                d.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .write(offset, data);
                 true
             }
             None => false,

@@ -115,8 +115,13 @@ pub fn read_snapshot<S: DeserializeOwned>(path: &Path) -> Result<(SnapshotFile, 
         ));
     }
     if h[12..44] != build_id() {
-        let theirs = String::from_utf8_lossy(&h[12..44]).trim_end_matches('\0').to_string();
-        return Err(bad(path, format!("written by {theirs:?}, not by this build")));
+        let theirs = String::from_utf8_lossy(&h[12..44])
+            .trim_end_matches('\0')
+            .to_string();
+        return Err(bad(
+            path,
+            format!("written by {theirs:?}, not by this build"),
+        ));
     }
     let state_len = u64_at(44);
     let crc = u32_at(52);
@@ -173,13 +178,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("restore.snap");
         let (mem, _fd) = memory::create_memfd_memory(16 * PAGE_SIZE).unwrap();
-        mem.write_obj(42u64, GuestAddress(3 * PAGE_SIZE as u64)).unwrap();
+        mem.write_obj(42u64, GuestAddress(3 * PAGE_SIZE as u64))
+            .unwrap();
         let state = (String::from("vm state"), vec![1u32, 2, 3]);
         write_snapshot(&path, &state, &mem).unwrap();
         let (snap, back): (SnapshotFile, (String, Vec<u32>)) = read_snapshot(&path).unwrap();
         assert_eq!(back, state);
         let m = snap.map_memory().unwrap();
-        assert_eq!(m.read_obj::<u64>(GuestAddress(3 * PAGE_SIZE as u64)).unwrap(), 42);
+        assert_eq!(
+            m.read_obj::<u64>(GuestAddress(3 * PAGE_SIZE as u64))
+                .unwrap(),
+            42
+        );
 
         // A flipped state byte is a checksum error, a short file a header error.
         let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();

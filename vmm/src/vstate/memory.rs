@@ -61,8 +61,7 @@ fn map_file(file: &File, offset: u64, size: usize, flags: i32) -> Result<GuestMe
     let region: MmapRegion<()> = region;
     let region = GuestRegionMmap::new(region, GuestAddress(0))
         .ok_or_else(|| VmmError::Memory("region overflows the address space".into()))?;
-    GuestMemoryMmap::from_regions(vec![region])
-        .map_err(|e| VmmError::Memory(e.to_string()))
+    GuestMemoryMmap::from_regions(vec![region]).map_err(|e| VmmError::Memory(e.to_string()))
 }
 
 /// Makes every region of `mem` guest physical memory of `vm`.
@@ -96,12 +95,8 @@ pub fn dump(mem: &GuestMemoryMmap, out: &File, offset: u64) -> Result<u64> {
         while at < len {
             let n = PAGE_SIZE.min(len - at);
             let buf = &mut page[..n];
-            vm_memory::Bytes::read_slice(
-                mem,
-                buf,
-                GuestAddress(region.start_addr().0 + at as u64),
-            )
-            .map_err(|e| VmmError::Memory(e.to_string()))?;
+            vm_memory::Bytes::read_slice(mem, buf, GuestAddress(region.start_addr().0 + at as u64))
+                .map_err(|e| VmmError::Memory(e.to_string()))?;
             if buf.iter().any(|&b| b != 0) {
                 out.write_all_at(buf, offset + region.start_addr().0 + at as u64)
                     .map_err(|e| VmmError::io("writing guest memory", e))?;
@@ -131,7 +126,10 @@ mod tests {
             .unwrap();
         let f = tempfile::tempfile().unwrap();
         let written = dump(&mem, &f, PAGE_SIZE as u64).unwrap();
-        assert_eq!(written, PAGE_SIZE as u64, "only the non-zero page is written");
+        assert_eq!(
+            written, PAGE_SIZE as u64,
+            "only the non-zero page is written"
+        );
         let restored = map_snapshot_memory(&f, PAGE_SIZE as u64, 64 * PAGE_SIZE).unwrap();
         let v: u32 = restored
             .read_obj(GuestAddress(5 * PAGE_SIZE as u64 + 8))

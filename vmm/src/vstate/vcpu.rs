@@ -130,9 +130,13 @@ pub fn save_state(kvm: &Kvm, vcpu: &VcpuFd, id: u8) -> Result<VcpuState> {
         xsave: vcpu.get_xsave().map_err(VmmError::kvm("get_xsave"))?,
         xcrs: vcpu.get_xcrs().map_err(VmmError::kvm("get_xcrs"))?,
         lapic: vcpu.get_lapic().map_err(VmmError::kvm("get_lapic"))?,
-        events: vcpu.get_vcpu_events().map_err(VmmError::kvm("get_vcpu_events"))?,
+        events: vcpu
+            .get_vcpu_events()
+            .map_err(VmmError::kvm("get_vcpu_events"))?,
         mp_state: vcpu.get_mp_state().map_err(VmmError::kvm("get_mp_state"))?,
-        debugregs: vcpu.get_debug_regs().map_err(VmmError::kvm("get_debug_regs"))?,
+        debugregs: vcpu
+            .get_debug_regs()
+            .map_err(VmmError::kvm("get_debug_regs"))?,
     })
 }
 
@@ -141,14 +145,17 @@ pub fn save_state(kvm: &Kvm, vcpu: &VcpuFd, id: u8) -> Result<VcpuState> {
 pub fn restore_state(vcpu: &VcpuFd, s: &VcpuState) -> Result<()> {
     let cpuid = CpuId::from_entries(&s.cpuid)
         .map_err(|e| VmmError::Config(format!("saved CPUID: {e:?}")))?;
-    vcpu.set_cpuid2(&cpuid).map_err(VmmError::kvm("set_cpuid2"))?;
+    vcpu.set_cpuid2(&cpuid)
+        .map_err(VmmError::kvm("set_cpuid2"))?;
     msr::restore_msrs(vcpu, &s.msrs)?;
-    vcpu.set_sregs(&s.sregs).map_err(VmmError::kvm("set_sregs"))?;
+    vcpu.set_sregs(&s.sregs)
+        .map_err(VmmError::kvm("set_sregs"))?;
     vcpu.set_regs(&s.regs).map_err(VmmError::kvm("set_regs"))?;
     // SAFETY: a kvm_xsave (4 KiB) is what KVM_SET_XSAVE reads; no XSAVE2 extension is used.
     unsafe { vcpu.set_xsave(&s.xsave) }.map_err(VmmError::kvm("set_xsave"))?;
     vcpu.set_xcrs(&s.xcrs).map_err(VmmError::kvm("set_xcrs"))?;
-    vcpu.set_lapic(&s.lapic).map_err(VmmError::kvm("set_lapic"))?;
+    vcpu.set_lapic(&s.lapic)
+        .map_err(VmmError::kvm("set_lapic"))?;
     vcpu.set_vcpu_events(&s.events)
         .map_err(VmmError::kvm("set_vcpu_events"))?;
     vcpu.set_mp_state(s.mp_state)
@@ -220,6 +227,11 @@ impl VcpuRunner {
     fn run(mut self, commands: Receiver<VcpuCommand>) {
         KVM_RUN.with(|r| r.set(self.fd.get_kvm_run() as *mut kvm_run));
         loop {
+            // A command sent before this thread published its kvm_run (so before the
+            // signal could set immediate_exit) is seen here.
+            if !self.handle_commands(&commands) {
+                break;
+            }
             let reason = match self.fd.run() {
                 Ok(exit) => match exit {
                     VcpuExit::IoIn(port, data) => {
@@ -246,9 +258,9 @@ impl VcpuRunner {
                     VcpuExit::InternalError => {
                         Some(VcpuExitReason::Failed("KVM_EXIT_INTERNAL_ERROR".into()))
                     }
-                    VcpuExit::SystemEvent(kind, _) => Some(VcpuExitReason::Failed(format!(
-                        "system event {kind}"
-                    ))),
+                    VcpuExit::SystemEvent(kind, _) => {
+                        Some(VcpuExitReason::Failed(format!("system event {kind}")))
+                    }
                     other => Some(VcpuExitReason::Failed(format!("unexpected exit {other:?}"))),
                 },
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
@@ -305,9 +317,8 @@ impl VcpuRunner {
 
 /// Creates vCPU `id` of `vm`.
 pub fn create(vm: &VmFd, id: u8) -> Result<VcpuFd> {
-    vm.create_vcpu(u64::from(id))
-        .map_err(|e| VmmError::Vcpu {
-            id: id as usize,
-            reason: format!("create: {e}"),
-        })
+    vm.create_vcpu(u64::from(id)).map_err(|e| VmmError::Vcpu {
+        id: id as usize,
+        reason: format!("create: {e}"),
+    })
 }

@@ -41,7 +41,8 @@ fn irqchip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip> {
         chip_id,
         ..Default::default()
     };
-    vm.get_irqchip(&mut c).map_err(VmmError::kvm("get_irqchip"))?;
+    vm.get_irqchip(&mut c)
+        .map_err(VmmError::kvm("get_irqchip"))?;
     Ok(c)
 }
 

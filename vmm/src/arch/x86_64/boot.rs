@@ -177,7 +177,10 @@ mod tests {
     #[test]
     fn gdt_entries_round_trip_to_segments() {
         let code = segment_from_gdt(gdt_entry(0xa09b, 0, 0xfffff), 1);
-        assert_eq!((code.l, code.present, code.type_, code.g, code.selector), (1, 1, 0xb, 1, 8));
+        assert_eq!(
+            (code.l, code.present, code.type_, code.g, code.selector),
+            (1, 1, 0xb, 1, 8)
+        );
         assert_eq!(code.limit, 0xfffff);
         let data = segment_from_gdt(gdt_entry(0xc093, 0, 0xfffff), 2);
         assert_eq!((data.db, data.l, data.type_, data.selector), (1, 0, 3, 16));

@@ -17,7 +17,9 @@ pub fn vcpu_cpuid(kvm: &Kvm, vcpu_id: u8, vcpu_count: u8) -> Result<CpuId> {
     for e in cpuid.as_mut_slice() {
         match e.function {
             LEAF_FEATURES => {
-                e.ebx = (e.ebx & 0x0000_ffff) | (u32::from(vcpu_id) << 24) | (u32::from(vcpu_count) << 16);
+                e.ebx = (e.ebx & 0x0000_ffff)
+                    | (u32::from(vcpu_id) << 24)
+                    | (u32::from(vcpu_count) << 16);
                 e.ecx |= ECX_HYPERVISOR;
             }
             LEAF_EXT_TOPOLOGY => e.edx = u32::from(vcpu_id),

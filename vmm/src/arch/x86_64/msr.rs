@@ -43,7 +43,8 @@ pub fn set_boot_msrs(vcpu: &VcpuFd) -> Result<()> {
         entry(MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
         entry(MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WB),
     ];
-    let msrs = Msrs::from_entries(&entries).map_err(|e| VmmError::Config(format!("msrs: {e:?}")))?;
+    let msrs =
+        Msrs::from_entries(&entries).map_err(|e| VmmError::Config(format!("msrs: {e:?}")))?;
     let n = vcpu.set_msrs(&msrs).map_err(VmmError::kvm("set_msrs"))?;
     if n != entries.len() {
         return Err(VmmError::Config(format!(
@@ -66,7 +67,9 @@ pub fn save_msrs(kvm: &Kvm, vcpu: &VcpuFd) -> Result<Vec<(u32, u64)>> {
         let entries: Vec<kvm_msr_entry> = pending.iter().map(|&i| entry(i, 0)).collect();
         let mut msrs =
             Msrs::from_entries(&entries).map_err(|e| VmmError::Config(format!("msrs: {e:?}")))?;
-        let n = vcpu.get_msrs(&mut msrs).map_err(VmmError::kvm("get_msrs"))?;
+        let n = vcpu
+            .get_msrs(&mut msrs)
+            .map_err(VmmError::kvm("get_msrs"))?;
         saved.extend(msrs.as_slice()[..n].iter().map(|e| (e.index, e.data)));
         // KVM stops at the first MSR it cannot read: skip that one and go on.
         pending.drain(..(n + 1).min(pending.len()));

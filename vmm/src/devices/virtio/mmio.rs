@@ -275,8 +275,8 @@ impl BusDevice for MmioTransport {
                             (self.driver_features & !0xffff_ffff) | (u64::from(v) & offered)
                     }
                     1 => {
-                        self.driver_features = (self.driver_features & 0xffff_ffff)
-                            | ((u64::from(v) << 32) & offered)
+                        self.driver_features =
+                            (self.driver_features & 0xffff_ffff) | ((u64::from(v) << 32) & offered)
                     }
                     _ => {}
                 }

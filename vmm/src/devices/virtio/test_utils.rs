@@ -51,7 +51,15 @@ impl TestQueue {
     }
 
     /// Writes a raw descriptor at `index`.
-    pub fn write_desc(&self, mem: &GuestMemoryMmap, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+    pub fn write_desc(
+        &self,
+        mem: &GuestMemoryMmap,
+        index: u16,
+        addr: u64,
+        len: u32,
+        flags: u16,
+        next: u16,
+    ) {
         let at = GuestAddress(self.desc + u64::from(index % QSIZE) * 16);
         mem.write_obj(addr, at).unwrap();
         mem.write_obj(len, GuestAddress(at.0 + 8)).unwrap();
@@ -64,7 +72,8 @@ impl TestQueue {
         let slot = GuestAddress(self.avail + 4 + u64::from(self.avail_idx % QSIZE) * 2);
         mem.write_obj(head, slot).unwrap();
         self.avail_idx = self.avail_idx.wrapping_add(1);
-        mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2)).unwrap();
+        mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2))
+            .unwrap();
     }
 
     /// Adds a well-formed chain of `(addr, len, writable)` buffers; returns its head.

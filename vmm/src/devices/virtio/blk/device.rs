@@ -95,12 +95,7 @@ impl Block {
         (writer.bytes_written() + 1) as u32
     }
 
-    fn read_into(
-        &self,
-        sector: u64,
-        len: usize,
-        writer: &mut virtio_queue::Writer<'_, ()>,
-    ) -> u8 {
+    fn read_into(&self, sector: u64, len: usize, writer: &mut virtio_queue::Writer<'_, ()>) -> u8 {
         let in_bounds = sector
             .checked_mul(SECTOR_SIZE)
             .and_then(|start| start.checked_add(len as u64).map(|end| (start, end)))
@@ -177,7 +172,6 @@ impl VirtioDevice for Block {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,19 +209,48 @@ mod tests {
 
         // IN: sectors 2..4 split over two buffers.
         header(&mem, h, VIRTIO_BLK_T_IN, 2);
-        tq.add_chain(&mem, &[(h, 16, false), (d, 512, true), (d + 512, 512, true), (s, 1, true)]);
+        tq.add_chain(
+            &mem,
+            &[
+                (h, 16, false),
+                (d, 512, true),
+                (d + 512, 512, true),
+                (s, 1, true),
+            ],
+        );
         // GET_ID
         header(&mem, h + 64, VIRTIO_BLK_T_GET_ID, 0);
-        tq.add_chain(&mem, &[(h + 64, 16, false), (d + 0x1000, 20, true), (s + 1, 1, true)]);
+        tq.add_chain(
+            &mem,
+            &[
+                (h + 64, 16, false),
+                (d + 0x1000, 20, true),
+                (s + 1, 1, true),
+            ],
+        );
         // OUT on a read-only disk; IN past the end; an unknown type.
         header(&mem, h + 128, VIRTIO_BLK_T_OUT, 0);
-        tq.add_chain(&mem, &[(h + 128, 16, false), (d, 512, false), (s + 2, 1, true)]);
+        tq.add_chain(
+            &mem,
+            &[(h + 128, 16, false), (d, 512, false), (s + 2, 1, true)],
+        );
         header(&mem, h + 192, VIRTIO_BLK_T_IN, 7);
-        tq.add_chain(&mem, &[(h + 192, 16, false), (d + 0x1800, 1024, true), (s + 3, 1, true)]);
+        tq.add_chain(
+            &mem,
+            &[
+                (h + 192, 16, false),
+                (d + 0x1800, 1024, true),
+                (s + 3, 1, true),
+            ],
+        );
         header(&mem, h + 256, 99, 0);
         tq.add_chain(&mem, &[(h + 256, 16, false), (s + 4, 1, true)]);
 
-        let mut ctx = QueueContext { mem: &mem, queues: &mut queues, interrupt: &irq };
+        let mut ctx = QueueContext {
+            mem: &mem,
+            queues: &mut queues,
+            interrupt: &irq,
+        };
         blk.process_queue(&mut ctx, 0);
         assert_eq!(tq.used_idx(&mem), 5);
         let mut got = vec![0u8; 1024];
@@ -293,14 +316,22 @@ mod tests {
                 tq.write_desc(&mem, head + i, addr, len, flags, next);
                 if rng.gen_bool(0.7) && addr.checked_add(16).is_some_and(|e| e < MEM_SIZE as u64) {
                     let kind = [0u32, 1, 4, 8, rng.gen()][rng.gen_range(0..5)];
-                    let sector = if rng.gen_bool(0.8) { rng.gen_range(0..80) } else { rng.gen() };
+                    let sector = if rng.gen_bool(0.8) {
+                        rng.gen_range(0..80)
+                    } else {
+                        rng.gen()
+                    };
                     header(&mem, addr, kind, sector);
                 }
             }
             let published = if rng.gen_bool(0.98) { head } else { rng.gen() };
             valid = valid.wrapping_add(u16::from(published < QSIZE));
             tq.publish(&mem, published);
-            let mut ctx = QueueContext { mem: &mem, queues: &mut queues, interrupt: &irq };
+            let mut ctx = QueueContext {
+                mem: &mem,
+                queues: &mut queues,
+                interrupt: &irq,
+            };
             blk.process_queue(&mut ctx, 0);
         }
         // Every published chain was consumed; only chains with a bogus head index (which

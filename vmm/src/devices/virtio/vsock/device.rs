@@ -28,7 +28,9 @@ impl Vsock {
     /// A vsock device for guest CID `cid`, reachable from the host at `uds_path`.
     pub fn new(cid: u64, uds_path: &Path) -> std::io::Result<Self> {
         if cid < 3 || cid > u64::from(u32::MAX) {
-            return Err(std::io::Error::other(format!("guest CID {cid} is reserved or too large")));
+            return Err(std::io::Error::other(format!(
+                "guest CID {cid} is reserved or too large"
+            )));
         }
         Ok(Self {
             cid,
@@ -52,7 +54,9 @@ impl Vsock {
     /// Parses every chain the guest queued on TX and hands the packets to the muxer.
     fn process_tx(&mut self, ctx: &mut QueueContext) {
         let mem = ctx.mem;
-        let Some(q) = ctx.queues.get_mut(TXQ) else { return };
+        let Some(q) = ctx.queues.get_mut(TXQ) else {
+            return;
+        };
         let mut used = false;
         while let Some(chain) = q.pop_descriptor_chain(mem) {
             let head = chain.head_index();
@@ -73,10 +77,14 @@ impl Vsock {
     /// Moves packets for the guest into the RX buffers it has posted.
     fn fill_rx(&mut self, ctx: &mut QueueContext) {
         let mem = ctx.mem;
-        let Some(q) = ctx.queues.get_mut(RXQ) else { return };
+        let Some(q) = ctx.queues.get_mut(RXQ) else {
+            return;
+        };
         let mut used = false;
         while self.muxer.has_rx() {
-            let Some(chain) = q.pop_descriptor_chain(mem) else { break };
+            let Some(chain) = q.pop_descriptor_chain(mem) else {
+                break;
+            };
             let head = chain.head_index();
             let mut w = match chain.writer(mem) {
                 Ok(w) => w,
@@ -113,8 +121,12 @@ impl Vsock {
             return;
         }
         let mem = ctx.mem;
-        let Some(q) = ctx.queues.get_mut(EVQ) else { return };
-        let Some(chain) = q.pop_descriptor_chain(mem) else { return };
+        let Some(q) = ctx.queues.get_mut(EVQ) else {
+            return;
+        };
+        let Some(chain) = q.pop_descriptor_chain(mem) else {
+            return;
+        };
         let head = chain.head_index();
         let written = match chain.writer(mem) {
             Ok(mut w) => {

@@ -134,8 +134,11 @@ impl Muxer {
     fn add_conn(&mut self, c: Connection) -> io::Result<()> {
         let key = (c.local_port, c.peer_port);
         let fd = c.stream.as_raw_fd();
-        self.epoll
-            .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::empty(), fd as u64))?;
+        self.epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::empty(), fd as u64),
+        )?;
         self.by_fd.insert(fd, key);
         self.conns.insert(key, c);
         Ok(())
@@ -194,7 +197,11 @@ impl Muxer {
                             self.kill(key);
                             continue;
                         }
-                        if self.conns.get(&key).is_some_and(|c| c.needs_credit_update()) {
+                        if self
+                            .conns
+                            .get(&key)
+                            .is_some_and(|c| c.needs_credit_update())
+                        {
                             self.push_ctrl(key, OP_CREDIT_UPDATE, 0);
                         }
                     }
@@ -235,7 +242,11 @@ impl Muxer {
                     let fd = s.as_raw_fd();
                     if self
                         .epoll
-                        .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, fd as u64))
+                        .ctl(
+                            ControlOperation::Add,
+                            fd,
+                            EpollEvent::new(EventSet::IN, fd as u64),
+                        )
                         .is_ok()
                     {
                         self.handshakes.insert(fd, (s, Vec::new()));
@@ -327,7 +338,9 @@ impl Muxer {
         let resumed = stalled && self.conns.get(&key).is_some_and(|c| c.peer_credit() > 0);
         match h.op {
             OP_RESPONSE => {
-                let Some(c) = self.conns.get_mut(&key) else { return };
+                let Some(c) = self.conns.get_mut(&key) else {
+                    return;
+                };
                 if c.state != ConnState::LocalInit {
                     return self.kill(key);
                 }
@@ -339,7 +352,9 @@ impl Muxer {
                 self.rx_ready.push_back(key);
             }
             OP_RW => {
-                let Some(c) = self.conns.get_mut(&key) else { return };
+                let Some(c) = self.conns.get_mut(&key) else {
+                    return;
+                };
                 if c.state != ConnState::Established && c.state != ConnState::LocalClosed {
                     return self.kill(key);
                 }
@@ -348,7 +363,11 @@ impl Muxer {
                 }
                 let want_in = !self.rx_ready.contains(&key);
                 self.set_interest(key, want_in);
-                if self.conns.get(&key).is_some_and(|c| c.needs_credit_update()) {
+                if self
+                    .conns
+                    .get(&key)
+                    .is_some_and(|c| c.needs_credit_update())
+                {
                     self.push_ctrl(key, OP_CREDIT_UPDATE, 0);
                 }
             }
@@ -400,7 +419,9 @@ impl Muxer {
             });
         }
         while let Some(key) = self.rx_ready.pop_front() {
-            let Some(c) = self.conns.get_mut(&key) else { continue };
+            let Some(c) = self.conns.get_mut(&key) else {
+                continue;
+            };
             if c.state == ConnState::LocalInit || c.state == ConnState::LocalClosed {
                 continue;
             }

@@ -168,7 +168,12 @@ mod tests {
             read_packet(&mut &bytes[..10]),
             Err(PacketError::ChainTooShortForHeader(10))
         );
-        let mut big = Header { len: MAX_PKT_DATA + 1, ..h }.to_bytes().to_vec();
+        let mut big = Header {
+            len: MAX_PKT_DATA + 1,
+            ..h
+        }
+        .to_bytes()
+        .to_vec();
         big.resize(HDR_SIZE + 100, 0);
         assert_eq!(
             read_packet(&mut big.as_slice()),

@@ -42,7 +42,10 @@ impl Guest {
         let tx = TestQueue::new(1);
         let ev = TestQueue::new(2);
         for i in 0..RX_BUFS {
-            rx.add_chain(&mem, &[(DATA_START + u64::from(i) * 0x1000, RX_BUF_LEN, true)]);
+            rx.add_chain(
+                &mem,
+                &[(DATA_START + u64::from(i) * 0x1000, RX_BUF_LEN, true)],
+            );
         }
         let queues = vec![rx.queue(), tx.queue(), ev.queue()];
         let mut g = Guest {
@@ -81,11 +84,14 @@ impl Guest {
     fn send(&mut self, hdr: Header, data: &[u8]) {
         let at = TX_AREA + (self.tx_slot % 64) * 0x1_0000;
         self.tx_slot += 1;
-        self.mem.write_slice(&hdr.to_bytes(), GuestAddress(at)).unwrap();
+        self.mem
+            .write_slice(&hdr.to_bytes(), GuestAddress(at))
+            .unwrap();
         self.mem
             .write_slice(data, GuestAddress(at + HDR_SIZE as u64))
             .unwrap();
-        self.tx.add_chain(&self.mem, &[(at, (HDR_SIZE + data.len()) as u32, false)]);
+        self.tx
+            .add_chain(&self.mem, &[(at, (HDR_SIZE + data.len()) as u32, false)]);
         self.with_ctx(|d, ctx| d.process_queue(ctx, 1));
     }
 
@@ -140,7 +146,10 @@ fn host_connect_handshake_data_credit_and_shutdown() {
     let pkts = g.received();
     assert_eq!(pkts.len(), 1, "{pkts:?}");
     let req = pkts[0].hdr;
-    assert_eq!((req.op, req.dst_port, req.src_cid, req.dst_cid), (OP_REQUEST, 1234, 2, GUEST_CID));
+    assert_eq!(
+        (req.op, req.dst_port, req.src_cid, req.dst_cid),
+        (OP_REQUEST, 1234, 2, GUEST_CID)
+    );
     let local = req.src_port;
 
     // The guest accepts with room for only 8 bytes.
@@ -151,7 +160,10 @@ fn host_connect_handshake_data_credit_and_shutdown() {
     g.poll_host();
     let pkts = g.received();
     let data: Vec<u8> = pkts.iter().flat_map(|p| p.data.clone()).collect();
-    assert_eq!(data, b"01234567", "no more than the guest's credit: {pkts:?}");
+    assert_eq!(
+        data, b"01234567",
+        "no more than the guest's credit: {pkts:?}"
+    );
     assert!(pkts.iter().any(|p| p.hdr.op == OP_CREDIT_REQUEST));
     // The guest consumed them: the rest follows.
     g.send(g.hdr(1234, local, OP_CREDIT_UPDATE, 8, 8), &[]);
@@ -241,7 +253,11 @@ fn fuzz_tx_chains_and_packet_headers() {
             } else {
                 rng.gen()
             };
-            let len = if rng.gen_bool(0.85) { rng.gen_range(0..200u32) } else { rng.gen() };
+            let len = if rng.gen_bool(0.85) {
+                rng.gen_range(0..200u32)
+            } else {
+                rng.gen()
+            };
             let mut flags = if rng.gen_bool(0.2) { F_WRITE } else { 0 };
             if k + 1 < n {
                 flags |= F_NEXT;
@@ -249,22 +265,47 @@ fn fuzz_tx_chains_and_packet_headers() {
             if rng.gen_bool(0.02) {
                 flags |= F_INDIRECT;
             }
-            let next = if rng.gen_bool(0.9) { (head + k + 1) % QSIZE } else { rng.gen() };
+            let next = if rng.gen_bool(0.9) {
+                (head + k + 1) % QSIZE
+            } else {
+                rng.gen()
+            };
             g.tx.write_desc(&g.mem, head + k, addr, len, flags, next);
-            if addr.checked_add(HDR_SIZE as u64).is_some_and(|e| e < MEM_SIZE as u64) {
+            if addr
+                .checked_add(HDR_SIZE as u64)
+                .is_some_and(|e| e < MEM_SIZE as u64)
+            {
                 let h = Header {
-                    src_cid: if rng.gen_bool(0.8) { GUEST_CID } else { rng.gen() },
+                    src_cid: if rng.gen_bool(0.8) {
+                        GUEST_CID
+                    } else {
+                        rng.gen()
+                    },
                     dst_cid: if rng.gen_bool(0.8) { 2 } else { rng.gen() },
                     src_port: rng.gen_range(1..4),
-                    dst_port: if rng.gen_bool(0.5) { (1 << 30) + rng.gen_range(0..4) } else { rng.gen() },
-                    len: if rng.gen_bool(0.8) { rng.gen_range(0..64) } else { rng.gen() },
-                    type_: if rng.gen_bool(0.9) { TYPE_STREAM } else { rng.gen() },
+                    dst_port: if rng.gen_bool(0.5) {
+                        (1 << 30) + rng.gen_range(0..4)
+                    } else {
+                        rng.gen()
+                    },
+                    len: if rng.gen_bool(0.8) {
+                        rng.gen_range(0..64)
+                    } else {
+                        rng.gen()
+                    },
+                    type_: if rng.gen_bool(0.9) {
+                        TYPE_STREAM
+                    } else {
+                        rng.gen()
+                    },
                     op: rng.gen_range(0..9),
                     flags: rng.gen_range(0..4),
                     buf_alloc: rng.gen(),
                     fwd_cnt: rng.gen(),
                 };
-                g.mem.write_slice(&h.to_bytes(), GuestAddress(addr)).unwrap();
+                g.mem
+                    .write_slice(&h.to_bytes(), GuestAddress(addr))
+                    .unwrap();
             }
         }
         let published = if rng.gen_bool(0.98) { head } else { rng.gen() };
