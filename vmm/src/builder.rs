@@ -137,17 +137,34 @@ pub struct PreparedVm {
     kvm: Arc<Kvm>,
     vm: VmFd,
     vcpus: Vec<kvm_ioctls::VcpuFd>,
+    /// Guest address space already registered with KVM, if its size was known.
+    memory: Option<memory::Reservation>,
 }
 
 impl PreparedVm {
-    pub fn new(vcpus: u8) -> Result<Self> {
+    /// A VM with `vcpus` vCPUs and, if `memory_mib` is given, that much guest address space
+    /// registered (a snapshot of that size then restores without registering memory).
+    pub fn new(vcpus: u8, memory_mib: Option<u32>) -> Result<Self> {
         vcpu::init_pause_signal()?;
         let kvm = Arc::new(Kvm::new().map_err(VmmError::Kvm)?);
         let vm = vm::create_vm(&kvm)?;
         let vcpus = (0..vcpus)
             .map(|id| vcpu::create(&vm, id))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { kvm, vm, vcpus })
+        let memory = match memory_mib {
+            Some(mib) => {
+                let r = memory::Reservation::new((mib as usize) << 20)?;
+                r.register(&vm)?;
+                Some(r)
+            }
+            None => None,
+        };
+        Ok(Self {
+            kvm,
+            vm,
+            vcpus,
+            memory,
+        })
     }
 }
 
@@ -157,6 +174,8 @@ pub struct MicroVm {
     mem: GuestMemoryMmap,
     _memfd: Option<File>,
     vcpus: Vec<VcpuHandle>,
+    /// Unmapped last (after the vCPUs and the VM are gone): see `Drop`.
+    reservation: Option<memory::Reservation>,
     responses: Receiver<VcpuResponse>,
     serials: Vec<Arc<Mutex<SerialDevice>>>,
     devices: Vec<(u64, u32, Arc<Mutex<MmioTransport>>)>,
@@ -447,6 +466,7 @@ impl MicroVm {
             mem,
             _memfd: memfd,
             vcpus,
+            reservation: None,
             responses,
             serials: wiring.serials,
             devices: wiring.devices,
@@ -470,19 +490,31 @@ impl MicroVm {
     ) -> Result<(MicroVm, RestoreTimings)> {
         let t0 = Instant::now();
         let (file, state): (snapshot::SnapshotFile, MicroVmState) = snapshot::read_snapshot(path)?;
-        let mem = file.map_memory()?;
         let open = t0.elapsed();
 
         let t1 = Instant::now();
         let prepared = match prepared {
             Some(p) => p,
-            None => PreparedVm::new(state.vcpus.len() as u8)?,
+            None => PreparedVm::new(state.vcpus.len() as u8, None)?,
         };
         let PreparedVm {
             kvm,
             vm: vmfd,
             mut vcpus,
+            memory: reservation,
         } = prepared;
+        // Mapped over a prepared, registered reservation of the right size, or mapped and
+        // registered now.
+        let (mem, reservation) = match reservation {
+            Some(r) if r.size() as u64 == file.mem_size => {
+                (r.map_snapshot(&file.file, file.mem_offset)?, Some(r))
+            }
+            _ => {
+                let m = file.map_memory()?;
+                memory::register(&vmfd, &m)?;
+                (m, None)
+            }
+        };
         while vcpus.len() < state.vcpus.len() {
             vcpus.push(vcpu::create(&vmfd, vcpus.len() as u8)?);
         }
@@ -490,7 +522,6 @@ impl MicroVm {
         let create = t1.elapsed();
 
         let t2 = Instant::now();
-        memory::register(&vmfd, &mem)?;
         for (fd, s) in vcpus.iter().zip(&state.vcpus) {
             vcpu::restore_state(fd, s)?;
         }
@@ -512,7 +543,8 @@ impl MicroVm {
         for (_, _, t) in &wiring.devices {
             t.lock().unwrap_or_else(|p| p.into_inner()).resume();
         }
-        let vm = Self::start(kvm, vmfd, mem, None, vcpus, wiring, panic_seen)?;
+        let mut vm = Self::start(kvm, vmfd, mem, None, vcpus, wiring, panic_seen)?;
+        vm.reservation = reservation;
         let load = t2.elapsed();
         Ok((
             vm,
@@ -676,5 +708,9 @@ impl Drop for MicroVm {
         for v in self.vcpus.drain(..) {
             let _ = v.thread.join();
         }
+        // The devices hold guest memory; the reservation goes after them.
+        self.devices.clear();
+        self.serials.clear();
+        let _ = self.reservation.take();
     }
 }

@@ -16,9 +16,11 @@ const USAGE: &str = "usage:
         [--vcpus N] [--blk PATH[=SERIAL]]... [--vsock-cid CID --vsock-uds PATH]
         [--snapshot-at TEXT --snapshot-to FILE [--stop-after-snapshot]]
         [--until TEXT [--vsock-probe PORT]] [--timeout SECONDS]
-  supermachine-vmm restore --snapshot FILE [--vsock-uds PATH] [--until TEXT [--vsock-probe PORT]]
+  supermachine-vmm restore --snapshot FILE [--vsock-uds PATH] [--prepared-memory MIB]
+        [--until TEXT [--vsock-probe PORT]]
         [--timeout SECONDS]
-  supermachine-vmm bench-restore --snapshot FILE [-n N] [--prepared]
+  supermachine-vmm bench-restore --snapshot FILE [-n N] [--prepared [--memory MIB]]
+        (--prepared: VM, vCPUs and MIB of guest address space made before each timed restore)
 
 The guest console (ttyS0) goes to stdout. `--until TEXT` ends the VM once the console
 printed TEXT (exit 0); with `--vsock-probe PORT` it first connects to guest vsock port PORT
@@ -295,9 +297,21 @@ fn restore(a: &Args) -> Result<u8, String> {
     let snap = PathBuf::from(a.value("--snapshot").ok_or("--snapshot is required")?);
     let uds = a.value("--vsock-uds").map(PathBuf::from);
     let tap = ConsoleTap::default();
+    // With --prepared-memory the VM, its vCPU and its guest address space are made first,
+    // as a worker does ahead of a restore; the restore maps the snapshot over them.
+    let prepared = match a.value("--prepared-memory") {
+        Some(mib) => Some(
+            PreparedVm::new(
+                1,
+                Some(mib.parse().map_err(|_| format!("--prepared-memory: invalid {mib:?}"))?),
+            )
+            .map_err(|e| e.to_string())?,
+        ),
+        None => None,
+    };
     let (mut vm, t) = MicroVm::restore(
         &snap,
-        None,
+        prepared,
         Box::new(tap.clone()),
         null_output(),
         uds.as_deref(),
@@ -327,11 +341,12 @@ fn bench_restore(a: &Args) -> Result<u8, String> {
     let snap = PathBuf::from(a.value("--snapshot").ok_or("--snapshot is required")?);
     let n: usize = a.parse("-n", 20)?;
     let prepared = a.has("--prepared");
+    let mem_mib: u32 = a.parse("--memory", 128)?;
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let mut samples = Vec::with_capacity(n);
     for i in 0..n {
         let p = if prepared {
-            Some(PreparedVm::new(1).map_err(|e| e.to_string())?)
+            Some(PreparedVm::new(1, Some(mem_mib)).map_err(|e| e.to_string())?)
         } else {
             None
         };
