@@ -105,6 +105,10 @@ pub struct RestoreTimings {
     pub create: Duration,
     /// vCPU, VM and device state set, vCPU threads started.
     pub load: Duration,
+    /// Part of `load`: vCPU + irqchip/PIT/clock state.
+    pub cpu_state: Duration,
+    /// Part of `load`: devices rebuilt and wired to KVM (irqfd, ioeventfd, vsock socket).
+    pub devices: Duration,
     pub total: Duration,
 }
 
@@ -526,6 +530,7 @@ impl MicroVm {
             vcpu::restore_state(fd, s)?;
         }
         vm::restore_state(&vmfd, &state.vm)?;
+        let cpu_state = t2.elapsed();
         let specs: Vec<DeviceSpec> = state.devices.iter().map(DeviceSpec::Restored).collect();
         let panic_seen = Arc::new(AtomicBool::new(false));
         let wiring = wire_devices(
@@ -543,6 +548,7 @@ impl MicroVm {
         for (_, _, t) in &wiring.devices {
             t.lock().unwrap_or_else(|p| p.into_inner()).resume();
         }
+        let devices = t2.elapsed() - cpu_state;
         let mut vm = Self::start(kvm, vmfd, mem, None, vcpus, wiring, panic_seen)?;
         vm.reservation = reservation;
         let load = t2.elapsed();
@@ -551,6 +557,8 @@ impl MicroVm {
             RestoreTimings {
                 open,
                 create,
+                cpu_state,
+                devices,
                 load,
                 total: t0.elapsed(),
             },

@@ -303,7 +303,10 @@ fn restore(a: &Args) -> Result<u8, String> {
         Some(mib) => Some(
             PreparedVm::new(
                 1,
-                Some(mib.parse().map_err(|_| format!("--prepared-memory: invalid {mib:?}"))?),
+                Some(
+                    mib.parse()
+                        .map_err(|_| format!("--prepared-memory: invalid {mib:?}"))?,
+                ),
             )
             .map_err(|e| e.to_string())?,
         ),
@@ -318,12 +321,14 @@ fn restore(a: &Args) -> Result<u8, String> {
     )
     .map_err(|e| e.to_string())?;
     eprintln!(
-        "supermachine-vmm: restored {} in {:?} (open {:?}, create {:?}, load {:?})",
+        "supermachine-vmm: restored {} in {:?} (open {:?}, create {:?}, load {:?}: cpu state {:?}, devices {:?})",
         snap.display(),
         t.total,
         t.open,
         t.create,
-        t.load
+        t.load,
+        t.cpu_state,
+        t.devices
     );
     let timeout = Duration::from_secs(a.parse("--timeout", 300u64)?);
     let code = drive(

@@ -88,7 +88,10 @@ impl Reservation {
             )
         };
         if p == libc::MAP_FAILED {
-            return Err(VmmError::io("reserving guest memory", std::io::Error::last_os_error()));
+            return Err(VmmError::io(
+                "reserving guest memory",
+                std::io::Error::last_os_error(),
+            ));
         }
         Ok(Self {
             addr: p as usize,
