@@ -146,7 +146,9 @@ pub fn read_snapshot<S: DeserializeOwned>(path: &Path) -> Result<(SnapshotFile, 
     if crc32fast::hash(&state) != crc {
         return Err(bad(path, "state checksum mismatch"));
     }
-    let (decoded, _) = bincode::serde::decode_from_slice(&state, bincode::config::standard())
+    // The limit bounds what a crafted length prefix can make the decoder allocate.
+    let config = bincode::config::standard().with_limit::<{ MAX_STATE as usize }>();
+    let (decoded, _) = bincode::serde::decode_from_slice(&state, config)
         .map_err(|e| bad(path, format!("decoding the state: {e}")))?;
     Ok((
         SnapshotFile {
@@ -201,5 +203,23 @@ mod tests {
         assert!(err.to_string().contains("inconsistent"), "{err}");
         std::fs::write(&path, b"garbage").unwrap();
         assert!(read_snapshot::<(String, Vec<u32>)>(&path).is_err());
+    }
+
+    #[test]
+    fn a_crafted_length_prefix_is_an_error_not_an_allocation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("restore.snap");
+        let (mem, _fd) = memory::create_memfd_memory(4 * PAGE_SIZE).unwrap();
+        write_snapshot(&path, &vec![0u8; 16], &mem).unwrap();
+        // A string of u64::MAX bytes, with a checksum that matches.
+        let mut state = vec![0xfdu8];
+        state.extend_from_slice(&u64::MAX.to_le_bytes());
+        state.resize(17, 0);
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&state, STATE_OFFSET).unwrap();
+        f.write_all_at(&crc32fast::hash(&state).to_le_bytes(), 52)
+            .unwrap();
+        let err = read_snapshot::<(String, Vec<u32>)>(&path).err().unwrap();
+        assert!(err.to_string().contains("decoding the state"), "{err}");
     }
 }
