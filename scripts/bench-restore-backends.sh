@@ -32,9 +32,9 @@ mksquashfs "$work/rootfs" "$work/root.sqfs" -noappend -quiet -all-root >/dev/nul
   --snapshot-at "x86/fpu: x87 FPU will use FXSAVE" --snapshot-to "$work/restore.snap" \
   --stop-after-snapshot --timeout 300 >/dev/null 2>"$work/boot.err"
 kvm_cold="$("$vmm" bench-restore --snapshot "$work/restore.snap" -n "$n")"
-kvm_prep="$("$vmm" bench-restore --snapshot "$work/restore.snap" -n "$n" --prepared --memory 128)"
+kvm_prep="$("$vmm" bench-restore --snapshot "$work/restore.snap" -n "$n" --prepared)"
 for i in $(seq 1 "$alive"); do
-  "$vmm" restore --snapshot "$work/restore.snap" --prepared-memory 128 \
+  "$vmm" restore --snapshot "$work/restore.snap" --prepared \
     --vsock-uds "$work/alive$i.sock" --timeout 60 >/dev/null 2>&1 &
   pids+=($!)
 done

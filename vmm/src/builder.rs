@@ -136,6 +136,91 @@ impl Write for PanicWatch {
     }
 }
 
+/// Where a virtio-mmio device sits and how many queues it has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceSlot {
+    pub base: u64,
+    pub irq: u32,
+    pub queues: usize,
+}
+
+/// A slot's interrupt and queue-notification eventfds, registered with KVM (irqfd,
+/// ioeventfd) — registration is slow on some hosts, so a prepared VM does it ahead.
+struct PreparedSlot {
+    slot: DeviceSlot,
+    interrupt: crate::devices::virtio::Interrupt,
+    queue_evts: Vec<EventFd>,
+}
+
+impl PreparedSlot {
+    fn new(vm: &VmFd, slot: DeviceSlot) -> Result<Self> {
+        let interrupt =
+            crate::devices::virtio::Interrupt::new().map_err(|e| VmmError::io("eventfd", e))?;
+        vm.register_irqfd(&interrupt.evt, slot.irq)
+            .map_err(VmmError::kvm("register_irqfd (virtio)"))?;
+        let mut queue_evts = Vec::with_capacity(slot.queues);
+        for q in 0..slot.queues {
+            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::io("eventfd", e))?;
+            vm.register_ioevent(
+                &evt,
+                &IoEventAddress::Mmio(slot.base + NOTIFY_REG_OFFSET),
+                q as u32,
+            )
+            .map_err(VmmError::kvm("register_ioevent"))?;
+            queue_evts.push(evt);
+        }
+        Ok(Self {
+            slot,
+            interrupt,
+            queue_evts,
+        })
+    }
+}
+
+fn serial_trigger(vm: &VmFd, irq: u32) -> Result<IrqTrigger> {
+    let trigger = IrqTrigger::new().map_err(|e| VmmError::io("eventfd", e))?;
+    vm.register_irqfd(&trigger.0, irq)
+        .map_err(VmmError::kvm("register_irqfd (serial)"))?;
+    Ok(trigger)
+}
+
+#[derive(Default)]
+struct PreparedWiring {
+    serial_triggers: Vec<IrqTrigger>,
+    slots: Vec<PreparedSlot>,
+    /// The vsock host socket, already listening.
+    vsock: Option<crate::devices::virtio::vsock::Muxer>,
+}
+
+/// What a restore of a snapshot will need, known before it (a worker reads it once).
+#[derive(Debug, Clone)]
+pub struct RestoreLayout {
+    pub vcpus: u8,
+    pub memory_mib: u32,
+    pub devices: Vec<DeviceSlot>,
+}
+
+impl RestoreLayout {
+    /// Reads (and verifies) `path` to learn its layout. Not on the restore path.
+    pub fn of(path: &Path) -> Result<Self> {
+        let (file, state): (snapshot::SnapshotFile, MicroVmState) = snapshot::read_snapshot(path)?;
+        let devices = state
+            .devices
+            .iter()
+            .map(|d| DeviceSlot {
+                base: d.base,
+                irq: d.irq,
+                queues: d.transport.queues.len(),
+            })
+            .collect();
+        Ok(Self {
+            vcpus: state.vcpus.len() as u8,
+            memory_mib: (file.mem_size >> 20) as u32,
+            devices,
+        })
+    }
+}
+
 /// A VM + vCPUs created before the snapshot to restore is known (off the restore path).
 pub struct PreparedVm {
     kvm: Arc<Kvm>,
@@ -143,6 +228,8 @@ pub struct PreparedVm {
     vcpus: Vec<kvm_ioctls::VcpuFd>,
     /// Guest address space already registered with KVM, if its size was known.
     memory: Option<memory::Reservation>,
+    wiring: PreparedWiring,
+    threads: Vec<vcpu::ParkedThread>,
 }
 
 impl PreparedVm {
@@ -168,7 +255,36 @@ impl PreparedVm {
             vm,
             vcpus,
             memory,
+            wiring: PreparedWiring::default(),
+            threads: Vec::new(),
         })
+    }
+
+    /// Everything a restore of `layout` needs that does not depend on the snapshot's
+    /// contents: VM, vCPUs and their threads, registered guest address space, the serial
+    /// and virtio interrupt and notification eventfds.
+    /// `vsock_uds`: where the restored VM's vsock socket will listen (bound now).
+    pub fn for_layout(layout: &RestoreLayout, vsock_uds: Option<&Path>) -> Result<Self> {
+        let mut p = Self::new(layout.vcpus, Some(layout.memory_mib))?;
+        if let Some(uds) = vsock_uds {
+            // The CID is set from the snapshot at restore.
+            let m = crate::devices::virtio::vsock::Muxer::new(3, uds)
+                .map_err(|e| VmmError::io(format!("vsock socket {}", uds.display()), e))?;
+            p.wiring.vsock = Some(m);
+        }
+        p.wiring.serial_triggers = vec![
+            serial_trigger(&p.vm, COM1_IRQ)?,
+            serial_trigger(&p.vm, COM2_IRQ)?,
+        ];
+        for slot in &layout.devices {
+            p.wiring.slots.push(PreparedSlot::new(&p.vm, *slot)?);
+        }
+        for _ in 0..layout.vcpus {
+            let t =
+                vcpu::ParkedThread::new().map_err(|e| VmmError::io("spawning a vCPU thread", e))?;
+            p.threads.push(t);
+        }
+        Ok(p)
     }
 }
 
@@ -199,6 +315,8 @@ enum DeviceSpec<'a> {
 }
 
 struct Wiring {
+    /// vCPU threads started ahead (a prepared restore), handed their vCPUs by `start`.
+    threads: Vec<vcpu::ParkedThread>,
     pio: Bus,
     mmio: Bus,
     serials: Vec<Arc<Mutex<SerialDevice>>>,
@@ -215,6 +333,8 @@ fn evt_clone(e: &EventFd) -> Result<EventFd> {
 /// queue notifications (ioeventfd) to KVM.
 /// The guest-facing outputs and saved pieces `wire_devices` starts from.
 struct WireInputs<'a> {
+    /// Interrupt and notification eventfds already registered with KVM.
+    prepared: PreparedWiring,
     console: Output,
     com2: Output,
     panic_seen: &'a Arc<AtomicBool>,
@@ -225,6 +345,7 @@ struct WireInputs<'a> {
 
 fn wire_devices(vm: &VmFd, mem: &GuestMemoryMmap, inputs: WireInputs) -> Result<Wiring> {
     let WireInputs {
+        prepared,
         console,
         com2,
         panic_seen,
@@ -240,13 +361,17 @@ fn wire_devices(vm: &VmFd, mem: &GuestMemoryMmap, inputs: WireInputs) -> Result<
         seen: panic_seen.clone(),
         tail: Vec::new(),
     });
+    let mut serial_triggers = prepared.serial_triggers.into_iter();
+    let mut prepared_slots = prepared.slots;
+    let mut prepared_muxer = prepared.vsock;
     for (i, (port, irq, out)) in [(COM1_PORT, COM1_IRQ, console), (COM2_PORT, COM2_IRQ, com2)]
         .into_iter()
         .enumerate()
     {
-        let trigger = IrqTrigger::new().map_err(|e| VmmError::io("eventfd", e))?;
-        vm.register_irqfd(&trigger.0, irq)
-            .map_err(VmmError::kvm("register_irqfd (serial)"))?;
+        let trigger = match serial_triggers.next() {
+            Some(t) => t,
+            None => serial_trigger(vm, irq)?,
+        };
         let dev = match serial_states.and_then(|s| s.get(i)) {
             Some(state) => {
                 SerialDevice::from_state(state, trigger, out).map_err(VmmError::Config)?
@@ -275,51 +400,69 @@ fn wire_devices(vm: &VmFd, mem: &GuestMemoryMmap, inputs: WireInputs) -> Result<
                 FIRST_VIRTIO_IRQ + i as u32,
             ),
         };
-        let transport = match spec {
-            DeviceSpec::Block(b) => {
-                let dev = Block::open(&b.path, &b.serial)
-                    .map_err(|e| VmmError::io(format!("opening {}", b.path.display()), e))?;
-                MmioTransport::new(Box::new(dev), mem.clone())
-                    .map_err(|e| VmmError::io("virtio transport", e))?
-            }
-            DeviceSpec::Vsock(v) => {
-                let dev = Vsock::new(v.cid, &v.uds_path).map_err(|e| {
+        let dev: Box<dyn VirtioDevice> =
+            match spec {
+                DeviceSpec::Block(b) => Box::new(
+                    Block::open(&b.path, &b.serial)
+                        .map_err(|e| VmmError::io(format!("opening {}", b.path.display()), e))?,
+                ),
+                DeviceSpec::Vsock(v) => Box::new(Vsock::new(v.cid, &v.uds_path).map_err(|e| {
                     VmmError::io(format!("vsock socket {}", v.uds_path.display()), e)
-                })?;
-                MmioTransport::new(Box::new(dev), mem.clone())
-                    .map_err(|e| VmmError::io("virtio transport", e))?
-            }
-            DeviceSpec::Restored(s) => {
-                let dev: Box<dyn VirtioDevice> = match &s.kind {
+                })?),
+                DeviceSpec::Restored(s) => match &s.kind {
                     DeviceKindState::Block(b) => {
                         Box::new(Block::restore(b).map_err(VmmError::Config)?)
                     }
                     DeviceKindState::Vsock(v) => {
                         let uds = vsock_uds_override.unwrap_or(&v.uds_path);
-                        Box::new(Vsock::restore(v, uds).map_err(|e| {
+                        let restored = match prepared_muxer.take() {
+                            Some(m) if m.uds_path() == uds => Vsock::restore_with(v, m),
+                            _ => Vsock::restore(v, uds),
+                        };
+                        Box::new(restored.map_err(|e| {
                             VmmError::io(format!("vsock socket {}", uds.display()), e)
                         })?)
                     }
-                };
-                MmioTransport::from_state(dev, mem.clone(), &s.transport)
-                    .map_err(VmmError::Config)?
-            }
+                },
+            };
+        let nq = dev.queue_max_sizes().len();
+        // Eventfds registered with KVM ahead of time for this slot, or made now.
+        let slot = match prepared_slots.iter().position(|p| {
+            p.slot
+                == DeviceSlot {
+                    base,
+                    irq,
+                    queues: nq,
+                }
+        }) {
+            Some(k) => prepared_slots.swap_remove(k),
+            None => PreparedSlot::new(
+                vm,
+                DeviceSlot {
+                    base,
+                    irq,
+                    queues: nq,
+                },
+            )?,
         };
-        vm.register_irqfd(&transport.interrupt.evt, irq)
-            .map_err(VmmError::kvm("register_irqfd (virtio)"))?;
-        for (q, evt) in transport.queue_evts.iter().enumerate() {
-            vm.register_ioevent(
-                evt,
-                &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET),
-                q as u32,
+        let (irq_evt, queue_evts) = (slot.interrupt, slot.queue_evts);
+        let transport = match spec {
+            DeviceSpec::Restored(s) => MmioTransport::from_state(
+                dev,
+                mem.clone(),
+                &s.transport,
+                Some((irq_evt, queue_evts)),
             )
-            .map_err(VmmError::kvm("register_ioevent"))?;
-        }
+            .map_err(VmmError::Config)?,
+            _ => MmioTransport::with_eventfds(dev, mem.clone(), irq_evt, queue_evts)
+                .map_err(|e| VmmError::io("virtio transport", e))?,
+        };
         let t = Arc::new(Mutex::new(transport));
         mmio.insert(base, MMIO_DEVICE_SIZE, t.clone());
         devices.push((base, irq, t));
     }
     Ok(Wiring {
+        threads: Vec::new(),
         pio,
         mmio,
         serials,
@@ -410,6 +553,7 @@ impl MicroVm {
             &vmfd,
             &mem,
             WireInputs {
+                prepared: PreparedWiring::default(),
                 console,
                 com2,
                 panic_seen: &panic_seen,
@@ -433,9 +577,10 @@ impl MicroVm {
         mem: GuestMemoryMmap,
         memfd: Option<File>,
         fds: Vec<kvm_ioctls::VcpuFd>,
-        wiring: Wiring,
+        mut wiring: Wiring,
         panic_seen: Arc<AtomicBool>,
     ) -> Result<MicroVm> {
+        let mut parked = std::mem::take(&mut wiring.threads);
         let event_loop = EventLoop::new()?;
         let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::io("eventfd", e))?;
         event_loop.add_vcpu_exit(&exit_evt)?;
@@ -456,9 +601,12 @@ impl MicroVm {
                 responses: resp_tx.clone(),
                 exit_evt: evt_clone(&exit_evt)?,
             };
-            let thread = runner
-                .spawn(cmd_rx)
-                .map_err(|e| VmmError::io("spawning a vCPU thread", e))?;
+            let thread = match parked.pop() {
+                Some(p) => p.start(runner, cmd_rx)?,
+                None => runner
+                    .spawn(cmd_rx)
+                    .map_err(|e| VmmError::io("spawning a vCPU thread", e))?,
+            };
             vcpus.push(VcpuHandle {
                 thread,
                 commands: cmd_tx,
@@ -506,6 +654,8 @@ impl MicroVm {
             vm: vmfd,
             mut vcpus,
             memory: reservation,
+            wiring: wiring_ahead,
+            threads,
         } = prepared;
         // Mapped over a prepared, registered reservation of the right size, or mapped and
         // registered now.
@@ -537,6 +687,7 @@ impl MicroVm {
             &vmfd,
             &mem,
             WireInputs {
+                prepared: wiring_ahead,
                 console,
                 com2,
                 panic_seen: &panic_seen,
@@ -549,6 +700,8 @@ impl MicroVm {
             t.lock().unwrap_or_else(|p| p.into_inner()).resume();
         }
         let devices = t2.elapsed() - cpu_state;
+        let mut wiring = wiring;
+        wiring.threads = threads;
         let mut vm = Self::start(kvm, vmfd, mem, None, vcpus, wiring, panic_seen)?;
         vm.reservation = reservation;
         let load = t2.elapsed();

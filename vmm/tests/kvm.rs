@@ -241,12 +241,7 @@ fn kernel_boots_to_root_mount_and_a_mid_boot_snapshot_restores() {
     let b_sock = dir.path().join("b.sock");
     let b = Command::new(VMM)
         .args(["restore", "--snapshot", snap.to_str().unwrap()])
-        .args([
-            "--vsock-uds",
-            b_sock.to_str().unwrap(),
-            "--prepared-memory",
-            "128",
-        ])
+        .args(["--vsock-uds", b_sock.to_str().unwrap(), "--prepared"])
         .args([
             "--until",
             ROOT_MOUNTED,

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use supermachine_vmm::builder::{ExitReason, MicroVm, PreparedVm};
+use supermachine_vmm::builder::{ExitReason, MicroVm, PreparedVm, RestoreLayout};
 use supermachine_vmm::{BlockConfig, VmConfig, VsockConfig};
 
 const USAGE: &str = "usage:
@@ -16,11 +16,12 @@ const USAGE: &str = "usage:
         [--vcpus N] [--blk PATH[=SERIAL]]... [--vsock-cid CID --vsock-uds PATH]
         [--snapshot-at TEXT --snapshot-to FILE [--stop-after-snapshot]]
         [--until TEXT [--vsock-probe PORT]] [--timeout SECONDS]
-  supermachine-vmm restore --snapshot FILE [--vsock-uds PATH] [--prepared-memory MIB]
+  supermachine-vmm restore --snapshot FILE [--vsock-uds PATH] [--prepared]
         [--until TEXT [--vsock-probe PORT]]
         [--timeout SECONDS]
-  supermachine-vmm bench-restore --snapshot FILE [-n N] [--prepared [--memory MIB]]
-        (--prepared: VM, vCPUs and MIB of guest address space made before each timed restore)
+  supermachine-vmm bench-restore --snapshot FILE [-n N] [--prepared]
+        (--prepared: VM, vCPU threads, guest address space and device eventfds made
+        before each timed restore, from the snapshot's layout)
 
 The guest console (ttyS0) goes to stdout. `--until TEXT` ends the VM once the console
 printed TEXT (exit 0); with `--vsock-probe PORT` it first connects to guest vsock port PORT
@@ -297,20 +298,13 @@ fn restore(a: &Args) -> Result<u8, String> {
     let snap = PathBuf::from(a.value("--snapshot").ok_or("--snapshot is required")?);
     let uds = a.value("--vsock-uds").map(PathBuf::from);
     let tap = ConsoleTap::default();
-    // With --prepared-memory the VM, its vCPU and its guest address space are made first,
-    // as a worker does ahead of a restore; the restore maps the snapshot over them.
-    let prepared = match a.value("--prepared-memory") {
-        Some(mib) => Some(
-            PreparedVm::new(
-                1,
-                Some(
-                    mib.parse()
-                        .map_err(|_| format!("--prepared-memory: invalid {mib:?}"))?,
-                ),
-            )
-            .map_err(|e| e.to_string())?,
-        ),
-        None => None,
+    // With --prepared the VM, vCPUs, their threads, the guest address space and the
+    // device eventfds are made first, as a worker does ahead of a restore.
+    let prepared = if a.has("--prepared") {
+        let layout = RestoreLayout::of(&snap).map_err(|e| e.to_string())?;
+        Some(PreparedVm::for_layout(&layout, uds.as_deref()).map_err(|e| e.to_string())?)
+    } else {
+        None
     };
     let (mut vm, t) = MicroVm::restore(
         &snap,
@@ -346,16 +340,16 @@ fn bench_restore(a: &Args) -> Result<u8, String> {
     let snap = PathBuf::from(a.value("--snapshot").ok_or("--snapshot is required")?);
     let n: usize = a.parse("-n", 20)?;
     let prepared = a.has("--prepared");
-    let mem_mib: u32 = a.parse("--memory", 128)?;
+    let layout = RestoreLayout::of(&snap).map_err(|e| e.to_string())?;
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let mut samples = Vec::with_capacity(n);
     for i in 0..n {
+        let uds = dir.path().join(format!("v{i}.sock"));
         let p = if prepared {
-            Some(PreparedVm::new(1, Some(mem_mib)).map_err(|e| e.to_string())?)
+            Some(PreparedVm::for_layout(&layout, Some(&uds)).map_err(|e| e.to_string())?)
         } else {
             None
         };
-        let uds = dir.path().join(format!("v{i}.sock"));
         let (vm, t) = MicroVm::restore(&snap, p, null_output(), null_output(), Some(&uds))
             .map_err(|e| e.to_string())?;
         samples.push(t.total);

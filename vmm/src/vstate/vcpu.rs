@@ -199,6 +199,42 @@ impl VcpuHandle {
     }
 }
 
+/// A thread started ahead of a restore that waits to be given its vCPU (spawning is
+/// then off the restore path).
+pub struct ParkedThread {
+    start: Sender<(VcpuRunner, Receiver<VcpuCommand>)>,
+    thread: JoinHandle<()>,
+}
+
+impl ParkedThread {
+    pub fn new() -> std::io::Result<Self> {
+        let (start, rx) = std::sync::mpsc::channel::<(VcpuRunner, Receiver<VcpuCommand>)>();
+        let thread = std::thread::Builder::new()
+            .name("vcpu".into())
+            .spawn(move || {
+                if let Ok((runner, commands)) = rx.recv() {
+                    runner.run(commands);
+                }
+            })?;
+        Ok(Self { start, thread })
+    }
+
+    /// Hands the thread its vCPU; it starts running the guest.
+    pub fn start(
+        self,
+        runner: VcpuRunner,
+        commands: Receiver<VcpuCommand>,
+    ) -> Result<JoinHandle<()>> {
+        self.start
+            .send((runner, commands))
+            .map_err(|_| VmmError::Vcpu {
+                id: 0,
+                reason: "the parked vCPU thread is gone".into(),
+            })?;
+        Ok(self.thread)
+    }
+}
+
 pub struct VcpuRunner {
     pub id: u8,
     pub fd: VcpuFd,

@@ -63,21 +63,39 @@ pub struct MmioTransport {
 
 impl MmioTransport {
     pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap) -> std::io::Result<Self> {
+        let n = device.queue_max_sizes().len();
+        let evts = (0..n)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::with_eventfds(device, mem, Interrupt::new()?, evts)
+    }
+
+    /// A transport using interrupt and queue eventfds made (and registered with KVM)
+    /// beforehand — one per queue of `device`.
+    pub fn with_eventfds(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        interrupt: Interrupt,
+        queue_evts: Vec<EventFd>,
+    ) -> std::io::Result<Self> {
         let queues = device
             .queue_max_sizes()
             .into_iter()
             .map(|max| Queue::new(max).map_err(|e| std::io::Error::other(format!("{e:?}"))))
             .collect::<Result<Vec<_>, _>>()?;
-        let queue_evts = queues
-            .iter()
-            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
-            .collect::<Result<Vec<_>, _>>()?;
+        if queue_evts.len() != queues.len() {
+            return Err(std::io::Error::other(format!(
+                "{} queue eventfds for {} queues",
+                queue_evts.len(),
+                queues.len()
+            )));
+        }
         Ok(Self {
             device,
             mem,
             queues,
             queue_evts,
-            interrupt: Interrupt::new()?,
+            interrupt,
             features_sel: 0,
             driver_features_sel: 0,
             driver_features: 0,
@@ -187,8 +205,13 @@ impl MmioTransport {
         device: Box<dyn VirtioDevice>,
         mem: GuestMemoryMmap,
         state: &MmioTransportState,
+        eventfds: Option<(Interrupt, Vec<EventFd>)>,
     ) -> Result<Self, String> {
-        let mut t = Self::new(device, mem).map_err(|e| e.to_string())?;
+        let mut t = match eventfds {
+            Some((irq, evts)) => Self::with_eventfds(device, mem, irq, evts),
+            None => Self::new(device, mem),
+        }
+        .map_err(|e| e.to_string())?;
         if state.queues.len() != t.queues.len() {
             return Err(format!(
                 "{} queues saved, the device has {}",

@@ -27,16 +27,21 @@ pub struct Vsock {
 impl Vsock {
     /// A vsock device for guest CID `cid`, reachable from the host at `uds_path`.
     pub fn new(cid: u64, uds_path: &Path) -> std::io::Result<Self> {
-        if cid < 3 || cid > u64::from(u32::MAX) {
-            return Err(std::io::Error::other(format!(
-                "guest CID {cid} is reserved or too large"
-            )));
-        }
+        Self::check_cid(cid)?;
         Ok(Self {
             cid,
             muxer: Muxer::new(cid, uds_path)?,
             reset_pending: false,
         })
+    }
+
+    pub(super) fn check_cid(cid: u64) -> std::io::Result<()> {
+        if cid < 3 || cid > u64::from(u32::MAX) {
+            return Err(std::io::Error::other(format!(
+                "guest CID {cid} is reserved or too large"
+            )));
+        }
+        Ok(())
     }
 
     pub fn cid(&self) -> u64 {

@@ -11,13 +11,14 @@
 
 mod csm;
 mod device;
-mod muxer;
+pub mod muxer;
 pub mod packet;
 mod persist;
 #[cfg(test)]
 mod tests;
 
 pub use device::Vsock;
+pub use muxer::Muxer;
 pub use persist::VsockState;
 
 /// The host's CID, as the guest sees it.

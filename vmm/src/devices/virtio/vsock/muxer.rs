@@ -64,6 +64,12 @@ impl Muxer {
         })
     }
 
+    /// The guest CID this muxer addresses packets to (set when a prepared muxer gets the
+    /// restored device's CID).
+    pub fn set_cid(&mut self, cid: u64) {
+        self.cid = cid;
+    }
+
     pub fn epoll_fd(&self) -> RawFd {
         self.epoll.as_raw_fd()
     }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::device::Vsock;
+use super::muxer::Muxer;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VsockState {
@@ -28,5 +29,16 @@ impl Vsock {
         let mut v = Vsock::new(state.cid, uds_path)?;
         v.reset_pending = true;
         Ok(v)
+    }
+
+    /// Restores onto a muxer made ahead of time (its socket already listening).
+    pub fn restore_with(state: &VsockState, mut muxer: Muxer) -> std::io::Result<Self> {
+        Vsock::check_cid(state.cid)?;
+        muxer.set_cid(state.cid);
+        Ok(Vsock {
+            cid: state.cid,
+            muxer,
+            reset_pending: true,
+        })
     }
 }
