@@ -547,6 +547,11 @@ impl MicroVm {
             .as_bytes()
             .len();
         boot::configure_zero_page(&mem, cmdline_len + 1, initrd)?;
+        // Without ACPI, the MP table is how the kernel finds the other vCPUs (one vCPU
+        // keeps the PIC's virtual-wire mode, which is also what the tests' kernel expects).
+        if config.vcpus > 1 {
+            crate::arch::x86_64::mptable::write_mptable(&mem, config.vcpus)?;
+        }
 
         let panic_seen = Arc::new(AtomicBool::new(false));
         let wiring = wire_devices(

@@ -315,3 +315,29 @@ fn kernel_boots_to_root_mount_and_a_mid_boot_snapshot_restores() {
         text(&o.stderr)
     );
 }
+
+/// More than one vCPU: the MP table announces them and the IOAPIC (there is no ACPI).
+/// (Bringing the second vCPU up needs its real-mode trampoline, which a PVM /dev/kvm does
+/// not run; that part is for hardware virtualization.)
+#[test]
+fn the_mp_table_announces_every_vcpu() {
+    require_kvm();
+    let kernel = pvm_test_kernel();
+    let cmdline = format!("console=ttyS0 reboot=k panic=-1 {}", PVM_PARAMS.trim());
+    let o = run(&[
+        "boot",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--vcpus",
+        "3",
+        "--cmdline",
+        &cmdline,
+        "--until",
+        "smpboot: Allowing 3 CPUs",
+        "--timeout",
+        "120",
+    ]);
+    let out = text(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{}\n{out}", text(&o.stderr));
+    assert!(out.contains("IOAPIC[0]: apic_id 4"), "{out}");
+}
