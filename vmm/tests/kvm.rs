@@ -72,6 +72,19 @@ fn tiny_kernel(dir: &Path, name: &str, code: &[u8]) -> PathBuf {
     p
 }
 
+/// Boots a tiny guest with a little memory and a minute to finish.
+fn boot_tiny(kernel: &Path) -> Output {
+    run(&[
+        "boot",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "32",
+        "--timeout",
+        "60",
+    ])
+}
+
 #[test]
 fn tiny_guests_print_reset_and_triple_fault() {
     require_kvm();
@@ -89,15 +102,7 @@ fn tiny_guests_print_reset_and_triple_fault() {
             0xf4, // hlt
         ],
     );
-    let o = run(&[
-        "boot",
-        "--kernel",
-        hello.to_str().unwrap(),
-        "--memory",
-        "32",
-        "--timeout",
-        "60",
-    ]);
+    let o = boot_tiny(&hello);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
     assert_eq!(text(&o.stdout), "hi\n");
     assert!(
@@ -109,15 +114,7 @@ fn tiny_guests_print_reset_and_triple_fault() {
     // ud2 with no usable IDT: #UD -> #DF -> triple fault. The VM ends with an error.
     let crash = tiny_kernel(dir.path(), "crash", &[0x0f, 0x0b]);
     let t = Instant::now();
-    let o = run(&[
-        "boot",
-        "--kernel",
-        crash.to_str().unwrap(),
-        "--memory",
-        "32",
-        "--timeout",
-        "60",
-    ]);
+    let o = boot_tiny(&crash);
     assert_eq!(o.status.code(), Some(3), "{}", text(&o.stderr));
     assert!(
         t.elapsed() < Duration::from_secs(50),

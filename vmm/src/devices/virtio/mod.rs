@@ -46,6 +46,18 @@ impl Interrupt {
     }
 }
 
+/// Copies `config` from `offset` into `data` (a driver read of config space); bytes past
+/// its end read as zero, whatever offset and length the guest asked for.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| config.get(o).copied())
+            .unwrap_or(0);
+    }
+}
+
 /// What a device works on once the driver has set it up.
 pub struct QueueContext<'a> {
     pub mem: &'a GuestMemoryMmap,

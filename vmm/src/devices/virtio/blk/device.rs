@@ -144,14 +144,11 @@ impl VirtioDevice for Block {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // struct virtio_blk_config: only `capacity` (le64 at 0) is meaningful here.
-        let config = self.capacity_sectors.to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| config.get(o).copied())
-                .unwrap_or(0);
-        }
+        crate::devices::virtio::read_config_bytes(
+            &self.capacity_sectors.to_le_bytes(),
+            offset,
+            data,
+        );
     }
 
     fn process_queue(&mut self, ctx: &mut QueueContext, index: usize) {
