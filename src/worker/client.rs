@@ -386,7 +386,9 @@ impl Worker {
 
     fn shutdown(&mut self) {
         let _ = self.send(&WorkerRequest::Stop, None);
-        for _ in 0..100 {
+        // A graceful stop (VM down, run directory removed) takes milliseconds, but a loaded
+        // host can stretch it past a second; SIGKILL would leave the run directory behind.
+        for _ in 0..500 {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return;
             }
