@@ -69,10 +69,15 @@ impl std::fmt::Debug for Image {
 impl Image {
     /// Opens a snapshot directory (verified: see `Snapshot::open`).
     pub fn from_snapshot(dir: impl AsRef<Path>) -> Result<Image, Error> {
-        Ok(Image {
-            snapshot: Snapshot::open(dir.as_ref())?,
+        Ok(Image::from_opened(Snapshot::open(dir.as_ref())?))
+    }
+
+    /// An image for a snapshot already opened (and verified).
+    fn from_opened(snapshot: Snapshot) -> Image {
+        Image {
+            snapshot,
             pool: Arc::new(OnceLock::new()),
-        })
+        }
     }
 
     pub fn snapshot(&self) -> &Snapshot {
@@ -227,7 +232,8 @@ impl OciImageBuilder {
             ready_timeout: self.ready_timeout,
             snapshots_dir: root,
         };
-        let out = crate::pull::pull(&req)?;
-        Image::from_snapshot(&out.snapshot.dir)
+        // pull() returns the snapshot opened and verified: no second open (which would
+        // hash the kernel again).
+        Ok(Image::from_opened(crate::pull::pull(&req)?.snapshot))
     }
 }
