@@ -447,14 +447,11 @@ fn wire_devices(vm: &VmFd, mem: &GuestMemoryMmap, inputs: WireInputs) -> Result<
         };
         let (irq_evt, queue_evts) = (slot.interrupt, slot.queue_evts);
         let transport = match spec {
-            DeviceSpec::Restored(s) => MmioTransport::from_state(
-                dev,
-                mem.clone(),
-                &s.transport,
-                Some((irq_evt, queue_evts)),
-            )
-            .map_err(VmmError::Config)?,
-            _ => MmioTransport::with_eventfds(dev, mem.clone(), irq_evt, queue_evts)
+            DeviceSpec::Restored(s) => {
+                MmioTransport::from_state(dev, mem.clone(), &s.transport, irq_evt, queue_evts)
+                    .map_err(VmmError::Config)?
+            }
+            _ => MmioTransport::new(dev, mem.clone(), irq_evt, queue_evts)
                 .map_err(|e| VmmError::io("virtio transport", e))?,
         };
         let t = Arc::new(Mutex::new(transport));

@@ -19,16 +19,3 @@ pub mod vstate;
 
 pub use builder::{BlockConfig, ExitReason, MicroVm, VmConfig, VsockConfig};
 pub use error::VmmError;
-
-/// Whether this host's /dev/kvm has hardware virtualization (VMX or SVM) — where the kvm
-/// backend can run unmodified guests. A PVM /dev/kvm (software virtualization) has neither.
-pub fn hardware_virtualization() -> bool {
-    std::path::Path::new("/dev/kvm").exists()
-        && std::fs::read_to_string("/proc/cpuinfo")
-            .map(|c| {
-                c.lines()
-                    .filter(|l| l.starts_with("flags"))
-                    .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
-            })
-            .unwrap_or(false)
-}

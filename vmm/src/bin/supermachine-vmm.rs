@@ -339,16 +339,20 @@ fn restore(a: &Args) -> Result<u8, String> {
 fn bench_restore(a: &Args) -> Result<u8, String> {
     let snap = PathBuf::from(a.value("--snapshot").ok_or("--snapshot is required")?);
     let n: usize = a.parse("-n", 20)?;
-    let prepared = a.has("--prepared");
-    let layout = RestoreLayout::of(&snap).map_err(|e| e.to_string())?;
+    // Read once, outside the timed restores, and only when VMs are prepared from it.
+    let layout = if a.has("--prepared") {
+        Some(RestoreLayout::of(&snap).map_err(|e| e.to_string())?)
+    } else {
+        None
+    };
+    let prepared = layout.is_some();
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let mut samples = Vec::with_capacity(n);
     for i in 0..n {
         let uds = dir.path().join(format!("v{i}.sock"));
-        let p = if prepared {
-            Some(PreparedVm::for_layout(&layout, Some(&uds)).map_err(|e| e.to_string())?)
-        } else {
-            None
+        let p = match &layout {
+            Some(l) => Some(PreparedVm::for_layout(l, Some(&uds)).map_err(|e| e.to_string())?),
+            None => None,
         };
         let (vm, t) = MicroVm::restore(&snap, p, null_output(), null_output(), Some(&uds))
             .map_err(|e| e.to_string())?;

@@ -62,17 +62,9 @@ pub struct MmioTransport {
 }
 
 impl MmioTransport {
-    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap) -> std::io::Result<Self> {
-        let n = device.queue_max_sizes().len();
-        let evts = (0..n)
-            .map(|_| EventFd::new(libc::EFD_NONBLOCK))
-            .collect::<Result<Vec<_>, _>>()?;
-        Self::with_eventfds(device, mem, Interrupt::new()?, evts)
-    }
-
-    /// A transport using interrupt and queue eventfds made (and registered with KVM)
-    /// beforehand — one per queue of `device`.
-    pub fn with_eventfds(
+    /// A transport for `device`, with its interrupt and queue eventfds (one per queue),
+    /// which the caller registers with KVM (irqfd, ioeventfd).
+    pub fn new(
         device: Box<dyn VirtioDevice>,
         mem: GuestMemoryMmap,
         interrupt: Interrupt,
@@ -205,13 +197,10 @@ impl MmioTransport {
         device: Box<dyn VirtioDevice>,
         mem: GuestMemoryMmap,
         state: &MmioTransportState,
-        eventfds: Option<(Interrupt, Vec<EventFd>)>,
+        interrupt: Interrupt,
+        queue_evts: Vec<EventFd>,
     ) -> Result<Self, String> {
-        let mut t = match eventfds {
-            Some((irq, evts)) => Self::with_eventfds(device, mem, irq, evts),
-            None => Self::new(device, mem),
-        }
-        .map_err(|e| e.to_string())?;
+        let mut t = Self::new(device, mem, interrupt, queue_evts).map_err(|e| e.to_string())?;
         if state.queues.len() != t.queues.len() {
             return Err(format!(
                 "{} queues saved, the device has {}",

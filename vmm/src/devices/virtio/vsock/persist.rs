@@ -26,9 +26,8 @@ impl Vsock {
     /// The restored device listens at `uds_path` (a new VM's own socket) and will send
     /// TRANSPORT_RESET once the event loop runs.
     pub fn restore(state: &VsockState, uds_path: &Path) -> std::io::Result<Self> {
-        let mut v = Vsock::new(state.cid, uds_path)?;
-        v.reset_pending = true;
-        Ok(v)
+        Vsock::check_cid(state.cid)?;
+        Self::restore_with(state, Muxer::new(state.cid, uds_path)?)
     }
 
     /// Restores onto a muxer made ahead of time (its socket already listening).
