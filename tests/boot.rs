@@ -95,12 +95,7 @@ fn env_workdir_and_user_follow_the_image_and_overrides() {
 #[test]
 fn unknown_user_is_an_error() {
     let o = boot(&["-u", "nobody-here", &image("busybox"), "--", "true"]);
-    assert_code(&o, 125);
-    assert!(
-        stderr(&o).contains("unable to find user nobody-here"),
-        "{}",
-        stderr(&o)
-    );
+    assert_fails_with(&o, "unable to find user nobody-here");
 }
 
 #[test]

@@ -19,8 +19,7 @@ fn missing_layout_dir() {
         with_cache(tmp.path()),
         &["oci-layout:/does/not/exist", "--", "true"],
     );
-    assert_code(&o, 125);
-    assert!(stderr(&o).contains("/does/not/exist"), "{}", stderr(&o));
+    assert_fails_with(&o, "/does/not/exist");
 }
 
 #[test]
@@ -44,8 +43,7 @@ fn unsupported_reference_is_quoted() {
     );
     // A malformed reference is quoted as given.
     let o = boot(&["Nginx:latest", "--", "true"]);
-    assert_code(&o, 125);
-    assert!(stderr(&o).contains("\"Nginx:latest\""), "{}", stderr(&o));
+    assert_fails_with(&o, "\"Nginx:latest\"");
 }
 
 /// Index of the manifest's layer blobs, bottom-up.
@@ -121,8 +119,7 @@ fn truncated_layer_is_refused_and_not_cached() {
         with_cache(&cache),
         &[&format!("oci-layout:{}", layout.display()), "--", "true"],
     );
-    assert_code(&o, 125);
-    assert!(stderr(&o).contains("truncated"), "{}", stderr(&o));
+    assert_fails_with(&o, "truncated");
     assert!(
         files_under(&cache.join("layers")).is_empty(),
         "{:?}",
@@ -153,8 +150,7 @@ fn kernel_panic_ends_the_run_with_an_error() {
         "--",
         "true",
     ]);
-    assert_code(&o, 125);
-    assert!(stderr(&o).contains("kernel panic"), "{}", stderr(&o));
+    assert_fails_with(&o, "kernel panic");
 }
 
 #[test]
@@ -169,12 +165,7 @@ fn silent_guest_times_out() {
         "--",
         "true",
     ]);
-    assert_code(&o, 125);
-    assert!(
-        stderr(&o).contains("did not start init within"),
-        "{}",
-        stderr(&o)
-    );
+    assert_fails_with(&o, "did not start init within");
 }
 
 #[test]
@@ -289,8 +280,7 @@ fn oci_archive_boots_and_is_unpacked_once() {
         with_cache(&cache),
         &[&format!("oci-archive:{}", junk.display()), "--", "true"],
     );
-    assert_code(&o, 125);
-    assert!(stderr(&o).contains("junk.tar"), "{}", stderr(&o));
+    assert_fails_with(&o, "junk.tar");
     assert_eq!(
         std::fs::read_dir(cache.join("archives")).unwrap().count(),
         1

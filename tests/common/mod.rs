@@ -90,6 +90,12 @@ pub fn assert_code(o: &Output, code: i32) {
     );
 }
 
+/// Asserts that supermachine itself failed (exit 125) with an error that says `needle`.
+pub fn assert_fails_with(o: &Output, needle: &str) {
+    assert_code(o, 125);
+    assert!(stderr(o).contains(needle), "{}", stderr(o));
+}
+
 /// Copies an OCI layout so a test can damage it.
 pub fn copy_layout(name: &str, dest: &Path) -> PathBuf {
     let src = images().join(name);

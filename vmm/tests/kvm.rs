@@ -19,6 +19,15 @@ const VMM: &str = env!("CARGO_BIN_EXE_supermachine-vmm");
 const PVM_PARAMS: &str = include_str!("../../kernel-config/pvm-test/cmdline");
 const ROOT_MOUNTED: &str = "VFS: Mounted root (squashfs filesystem) readonly on device 254:0.";
 const SNAPSHOT_AT: &str = "x86/fpu: x87 FPU will use FXSAVE";
+/// Run to the root mount, then connect to guest vsock port 9999 (nobody listens: RST).
+const UNTIL_ROOT_MOUNTED_THEN_PROBE: [&str; 6] = [
+    "--until",
+    ROOT_MOUNTED,
+    "--vsock-probe",
+    "9999",
+    "--timeout",
+    "400",
+];
 
 fn require_kvm() {
     assert!(
@@ -203,14 +212,7 @@ fn kernel_boots_to_root_mount_and_a_mid_boot_snapshot_restores() {
             "--snapshot-to",
             snap.to_str().unwrap(),
         ])
-        .args([
-            "--until",
-            ROOT_MOUNTED,
-            "--vsock-probe",
-            "9999",
-            "--timeout",
-            "400",
-        ])
+        .args(UNTIL_ROOT_MOUNTED_THEN_PROBE)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -239,14 +241,7 @@ fn kernel_boots_to_root_mount_and_a_mid_boot_snapshot_restores() {
     let b = Command::new(VMM)
         .args(["restore", "--snapshot", snap.to_str().unwrap()])
         .args(["--vsock-uds", b_sock.to_str().unwrap(), "--prepared"])
-        .args([
-            "--until",
-            ROOT_MOUNTED,
-            "--vsock-probe",
-            "9999",
-            "--timeout",
-            "400",
-        ])
+        .args(UNTIL_ROOT_MOUNTED_THEN_PROBE)
         .output()
         .unwrap();
     let a_out = a.wait_with_output().unwrap();

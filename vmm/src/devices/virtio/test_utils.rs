@@ -2,6 +2,7 @@
 //! (write descriptors, publish them in the avail ring, read the used ring), and the fuzz
 //! tests write whatever they like into the same structures.
 
+use rand::Rng;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -102,4 +103,71 @@ impl TestQueue {
             mem.read_obj(GuestAddress(at + 4)).unwrap(),
         )
     }
+}
+
+/// How a fuzz test shapes the random chains it throws at a device.
+pub struct ChainFuzz {
+    /// Most buffers land in `area.0 .. area.0 + area.1`; the rest anywhere in u64.
+    pub area: (u64, u64),
+    /// Most lengths are below this; the rest any u32.
+    pub max_len: u32,
+    pub max_descs: u16,
+    pub p_write: f64,
+    pub p_indirect: f64,
+}
+
+impl TestQueue {
+    /// Writes a chain of random descriptors (addresses, lengths, flags; now and then a
+    /// `next` that points anywhere) at a random head. Returns the head and the addresses.
+    pub fn write_random_chain(
+        &self,
+        mem: &GuestMemoryMmap,
+        rng: &mut impl Rng,
+        f: &ChainFuzz,
+    ) -> (u16, Vec<u64>) {
+        let n = rng.gen_range(1..=f.max_descs);
+        let head = rng.gen_range(0..QSIZE);
+        let mut addrs = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            let addr = if rng.gen_bool(0.85) {
+                f.area.0 + rng.gen_range(0..f.area.1)
+            } else {
+                rng.gen()
+            };
+            let len = if rng.gen_bool(0.85) {
+                rng.gen_range(0..f.max_len)
+            } else {
+                rng.gen()
+            };
+            let mut flags = if rng.gen_bool(f.p_write) { F_WRITE } else { 0 };
+            if i + 1 < n {
+                flags |= F_NEXT;
+            }
+            if rng.gen_bool(f.p_indirect) {
+                flags |= F_INDIRECT;
+            }
+            let next = if rng.gen_bool(0.9) {
+                (head + i + 1) % QSIZE
+            } else {
+                rng.gen()
+            };
+            self.write_desc(mem, head + i, addr, len, flags, next);
+            addrs.push(addr);
+        }
+        (head, addrs)
+    }
+
+    /// Publishes `head` — or, now and then, a random index that may name no descriptor.
+    /// Returns whether the published index is a real one (only those reach the used ring).
+    pub fn publish_fuzzed(&mut self, mem: &GuestMemoryMmap, rng: &mut impl Rng, head: u16) -> bool {
+        let published = if rng.gen_bool(0.98) { head } else { rng.gen() };
+        self.publish(mem, published);
+        published < QSIZE
+    }
+}
+
+/// Whether `len` bytes at `addr` are inside the test memory.
+pub fn fits(addr: u64, len: usize) -> bool {
+    addr.checked_add(len as u64)
+        .is_some_and(|e| e < MEM_SIZE as u64)
 }

@@ -284,34 +284,17 @@ mod tests {
         let mut queues = vec![tq.queue()];
         let iterations = 100_000;
         let mut valid = 0u16;
+        let shape = ChainFuzz {
+            area: (DATA_START, 0x8000),
+            max_len: 2048,
+            max_descs: 4,
+            p_write: 0.5,
+            p_indirect: 0.03,
+        };
         for _ in 0..iterations {
-            let n = rng.gen_range(1..=4u16);
-            let head: u16 = rng.gen_range(0..QSIZE);
-            for i in 0..n {
-                let addr = if rng.gen_bool(0.85) {
-                    DATA_START + rng.gen_range(0..0x8000u64)
-                } else {
-                    rng.gen()
-                };
-                let len = if rng.gen_bool(0.85) {
-                    rng.gen_range(0..2048u32)
-                } else {
-                    rng.gen()
-                };
-                let mut flags = if rng.gen_bool(0.5) { F_WRITE } else { 0 };
-                if i + 1 < n {
-                    flags |= F_NEXT;
-                }
-                if rng.gen_bool(0.03) {
-                    flags |= F_INDIRECT;
-                }
-                let next = if rng.gen_bool(0.9) {
-                    (head + i + 1) % QSIZE
-                } else {
-                    rng.gen()
-                };
-                tq.write_desc(&mem, head + i, addr, len, flags, next);
-                if rng.gen_bool(0.7) && addr.checked_add(16).is_some_and(|e| e < MEM_SIZE as u64) {
+            let (head, addrs) = tq.write_random_chain(&mem, &mut rng, &shape);
+            for addr in addrs {
+                if rng.gen_bool(0.7) && fits(addr, 16) {
                     let kind = [0u32, 1, 4, 8, rng.gen()][rng.gen_range(0..5)];
                     let sector = if rng.gen_bool(0.8) {
                         rng.gen_range(0..80)
@@ -321,9 +304,8 @@ mod tests {
                     header(&mem, addr, kind, sector);
                 }
             }
-            let published = if rng.gen_bool(0.98) { head } else { rng.gen() };
-            valid = valid.wrapping_add(u16::from(published < QSIZE));
-            tq.publish(&mem, published);
+            let real = tq.publish_fuzzed(&mem, &mut rng, head);
+            valid = valid.wrapping_add(u16::from(real));
             let mut ctx = QueueContext {
                 mem: &mem,
                 queues: &mut queues,

@@ -236,6 +236,13 @@ fn fuzz_tx_chains_and_packet_headers() {
     let mut hosts = Vec::new();
     let iterations = 100_000u32;
     let mut valid = 0u16;
+    let shape = ChainFuzz {
+        area: (TX_AREA, 0x10_0000),
+        max_len: 200,
+        max_descs: 3,
+        p_write: 0.2,
+        p_indirect: 0.02,
+    };
     for i in 0..iterations {
         if i % 5000 == 0 {
             if let Ok(mut s) = UnixStream::connect(&g.uds) {
@@ -245,36 +252,9 @@ fn fuzz_tx_chains_and_packet_headers() {
             }
             g.with_ctx(|d, ctx| d.process_backend(ctx));
         }
-        let n = rng.gen_range(1..=3u16);
-        let head = rng.gen_range(0..QSIZE);
-        for k in 0..n {
-            let addr = if rng.gen_bool(0.85) {
-                TX_AREA + rng.gen_range(0..0x10_0000u64)
-            } else {
-                rng.gen()
-            };
-            let len = if rng.gen_bool(0.85) {
-                rng.gen_range(0..200u32)
-            } else {
-                rng.gen()
-            };
-            let mut flags = if rng.gen_bool(0.2) { F_WRITE } else { 0 };
-            if k + 1 < n {
-                flags |= F_NEXT;
-            }
-            if rng.gen_bool(0.02) {
-                flags |= F_INDIRECT;
-            }
-            let next = if rng.gen_bool(0.9) {
-                (head + k + 1) % QSIZE
-            } else {
-                rng.gen()
-            };
-            g.tx.write_desc(&g.mem, head + k, addr, len, flags, next);
-            if addr
-                .checked_add(HDR_SIZE as u64)
-                .is_some_and(|e| e < MEM_SIZE as u64)
-            {
+        let (head, addrs) = g.tx.write_random_chain(&g.mem, &mut rng, &shape);
+        for addr in addrs {
+            if fits(addr, HDR_SIZE) {
                 let h = Header {
                     src_cid: if rng.gen_bool(0.8) {
                         GUEST_CID
@@ -308,9 +288,8 @@ fn fuzz_tx_chains_and_packet_headers() {
                     .unwrap();
             }
         }
-        let published = if rng.gen_bool(0.98) { head } else { rng.gen() };
-        valid = valid.wrapping_add(u16::from(published < QSIZE));
-        g.tx.publish(&g.mem, published);
+        let real = g.tx.publish_fuzzed(&g.mem, &mut rng, head);
+        valid = valid.wrapping_add(u16::from(real));
         g.with_ctx(|d, ctx| d.process_queue(ctx, 1));
         if i % 64 == 0 {
             let _ = g.received();
