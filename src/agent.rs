@@ -1,7 +1,8 @@
 //! Host side of the agent protocol: one stream per request to the guest's shim.
 
 use std::io::{self, Read, Write};
-use std::net::TcpStream;
+use std::net::{Shutdown, TcpStream};
+use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use std::sync::{Arc, Mutex};
@@ -11,6 +12,120 @@ use supermachine_protocol::agent::{
     AgentRequest, DataChunk, Hello, Reply, CHUNK_LEN, PROTOCOL_VERSION,
 };
 use supermachine_protocol::{write_frame, FrameError, FrameReader};
+
+/// A byte stream to the guest: TCP through QEMU's forwarded port, or a unix stream through
+/// the kvm backend's vsock socket (after its `CONNECT` handshake).
+#[derive(Debug)]
+pub enum GuestStream {
+    Tcp(TcpStream),
+    Vsock(UnixStream),
+}
+
+impl GuestStream {
+    pub fn try_clone(&self) -> io::Result<GuestStream> {
+        Ok(match self {
+            GuestStream::Tcp(s) => GuestStream::Tcp(s.try_clone()?),
+            GuestStream::Vsock(s) => GuestStream::Vsock(s.try_clone()?),
+        })
+    }
+
+    pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        match self {
+            GuestStream::Tcp(s) => s.shutdown(how),
+            GuestStream::Vsock(s) => s.shutdown(how),
+        }
+    }
+
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            GuestStream::Tcp(s) => s.set_read_timeout(t),
+            GuestStream::Vsock(s) => s.set_read_timeout(t),
+        }
+    }
+
+    /// Opens a stream to the agent's endpoint (for vsock: through the handshake).
+    fn connect(endpoint: &AgentEndpoint, timeout: Duration) -> io::Result<GuestStream> {
+        match endpoint {
+            AgentEndpoint::Tcp(addr) => {
+                let s = TcpStream::connect_timeout(addr, timeout)?;
+                s.set_nodelay(true)?;
+                Ok(GuestStream::Tcp(s))
+            }
+            AgentEndpoint::Vsock { uds, port } => {
+                let mut s = UnixStream::connect(uds)?;
+                s.set_read_timeout(Some(timeout))?;
+                s.write_all(format!("CONNECT {port}\n").as_bytes())?;
+                // One byte at a time: what follows the line is the guest's.
+                let mut line = Vec::new();
+                let mut b = [0u8];
+                while line.len() < 64 {
+                    match s.read(&mut b)? {
+                        0 => break,
+                        _ if b[0] == b'\n' => break,
+                        _ => line.push(b[0]),
+                    }
+                }
+                if line.starts_with(b"OK ") {
+                    Ok(GuestStream::Vsock(s))
+                } else if line.is_empty() {
+                    Err(io::Error::new(
+                        io::ErrorKind::ConnectionRefused,
+                        format!("guest vsock port {port} refused the connection"),
+                    ))
+                } else {
+                    Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "vsock handshake for port {port}: {:?}",
+                            String::from_utf8_lossy(&line)
+                        ),
+                    ))
+                }
+            }
+        }
+    }
+}
+
+impl Read for GuestStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            GuestStream::Tcp(s) => s.read(buf),
+            GuestStream::Vsock(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for GuestStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            GuestStream::Tcp(s) => s.write(buf),
+            GuestStream::Vsock(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            GuestStream::Tcp(s) => s.flush(),
+            GuestStream::Vsock(s) => s.flush(),
+        }
+    }
+}
+
+/// A stream whose write side can be closed alone (for the copy loops).
+pub(crate) trait HalfClose: Read + Write {
+    fn close_write(&self);
+}
+
+impl HalfClose for TcpStream {
+    fn close_write(&self) {
+        let _ = self.shutdown(Shutdown::Write);
+    }
+}
+
+impl HalfClose for GuestStream {
+    fn close_write(&self) {
+        let _ = self.shutdown(Shutdown::Write);
+    }
+}
 
 /// How many times a stream that never reached the shim is retried.
 const HANDSHAKE_ATTEMPTS: u32 = 8;
@@ -32,7 +147,7 @@ pub(crate) fn frame_io(e: FrameError) -> io::Error {
 }
 
 /// Reads the one `Reply` that ends a simple request.
-fn read_reply(s: TcpStream) -> io::Result<()> {
+fn read_reply(s: GuestStream) -> io::Result<()> {
     let reply: Reply = FrameReader::new(s)
         .read()
         .map_err(frame_io)?
@@ -63,7 +178,7 @@ impl AgentClient {
 
     /// Opens a stream that reached the shim (its `Hello` arrived) and sends `req`. Streams
     /// that die before the `Hello` never carried a request, so retrying them is safe.
-    pub fn open(&self, req: &AgentRequest) -> io::Result<TcpStream> {
+    pub fn open(&self, req: &AgentRequest) -> io::Result<GuestStream> {
         let mut last_err = None;
         for attempt in 0..HANDSHAKE_ATTEMPTS {
             if attempt > 0 {
@@ -81,14 +196,12 @@ impl AgentClient {
         Err(last_err.unwrap_or_else(|| io::Error::other("no attempt made")))
     }
 
-    fn handshake(&self) -> io::Result<TcpStream> {
-        let AgentEndpoint::Tcp(addr) = &self.endpoint;
+    fn handshake(&self) -> io::Result<GuestStream> {
         let _serial = self
             .handshake
             .lock()
             .map_err(|_| io::Error::other("agent handshake lock poisoned"))?;
-        let s = TcpStream::connect_timeout(addr, Duration::from_secs(10))?;
-        s.set_nodelay(true)?;
+        let s = GuestStream::connect(&self.endpoint, Duration::from_secs(10))?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
         let mut r = FrameReader::new(s);
         let hello: Hello = r.read().map_err(frame_io)?.ok_or_else(|| {
@@ -179,7 +292,7 @@ impl AgentClient {
     }
 
     /// A raw byte stream to `port` on the guest's loopback.
-    pub fn connect(&self, port: u16) -> io::Result<TcpStream> {
+    pub fn connect(&self, port: u16) -> io::Result<GuestStream> {
         let s = self.open(&AgentRequest::Connect { port })?;
         let mut r = FrameReader::new(s);
         let reply: Reply = r.read().map_err(frame_io)?.ok_or_else(|| {
@@ -192,7 +305,7 @@ impl AgentClient {
 }
 
 /// Copies until EOF, then half-closes the destination; returns the bytes copied.
-pub(crate) fn pump(mut from: TcpStream, mut to: TcpStream) -> u64 {
+pub(crate) fn pump(mut from: impl Read, mut to: impl HalfClose) -> u64 {
     let mut buf = vec![0u8; 64 * 1024];
     let mut total = 0u64;
     loop {
@@ -206,6 +319,6 @@ pub(crate) fn pump(mut from: TcpStream, mut to: TcpStream) -> u64 {
             }
         }
     }
-    let _ = to.shutdown(std::net::Shutdown::Write);
+    to.close_write();
     total
 }

@@ -1,7 +1,6 @@
 //! `docker exec` for a VM: [`ExecBuilder`] -> [`ExecChild`] (streams) or [`ExecOutcome`].
 
 use std::io::{self, Read, Write};
-use std::net::TcpStream;
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -9,7 +8,7 @@ use std::time::{Duration, Instant};
 use supermachine_protocol::agent::{AgentRequest, ExecInput, ExecOutput, ExecRequest};
 use supermachine_protocol::{write_frame, ExitStatus, FrameReader};
 
-use crate::agent::{frame_io, AgentClient};
+use crate::agent::{frame_io, AgentClient, GuestStream};
 use crate::Error;
 
 /// What the command reads on stdin.
@@ -190,7 +189,7 @@ impl ExecBuilder {
 
 /// A running exec.
 pub struct ExecChild {
-    writer: Arc<Mutex<TcpStream>>,
+    writer: Arc<Mutex<GuestStream>>,
     stdin: Option<ExecStdinWriter>,
     stdout: Option<ChannelReader>,
     stderr: Option<ChannelReader>,
@@ -258,7 +257,7 @@ impl ExecChild {
     }
 }
 
-fn send_input(w: &Arc<Mutex<TcpStream>>, msg: &ExecInput) -> io::Result<()> {
+fn send_input(w: &Arc<Mutex<GuestStream>>, msg: &ExecInput) -> io::Result<()> {
     let mut w = w
         .lock()
         .map_err(|_| io::Error::other("exec stream lock poisoned"))?;
@@ -267,7 +266,7 @@ fn send_input(w: &Arc<Mutex<TcpStream>>, msg: &ExecInput) -> io::Result<()> {
 
 /// Writes to the command's stdin; [`close`](Self::close) or drop ends the input.
 pub struct ExecStdinWriter {
-    writer: Arc<Mutex<TcpStream>>,
+    writer: Arc<Mutex<GuestStream>>,
     closed: bool,
 }
 

@@ -2,7 +2,7 @@
 //! through the guest agent: exec, files, signals, a byte stream to a guest port, TCP
 //! forwarders. Dropping it kills the VM.
 
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -16,7 +16,7 @@ use supermachine_protocol::{
     ExitStatus, FrameError, FrameReader, GuestEvent, HostCommand, OutputStream,
 };
 
-use crate::agent::AgentClient;
+use crate::agent::{AgentClient, GuestStream};
 use crate::boot::{BootRequest, BootTimings, LiveRunDir};
 use crate::exec::ExecBuilder;
 use crate::forward::TcpForwarder;
@@ -504,15 +504,14 @@ impl Vm {
             .ok_or_else(|| Error::Exec("this VM has no guest agent".into()))
     }
 
-    /// The host address of the guest agent (for `supermachine exec` from other processes).
-    pub fn agent_addr(&self) -> Option<SocketAddr> {
-        match self.agent.as_ref()?.endpoint() {
-            AgentEndpoint::Tcp(a) => Some(*a),
-        }
+    /// Where the guest agent is reached from the host (for `supermachine exec` from other
+    /// processes).
+    pub fn agent_endpoint(&self) -> Option<AgentEndpoint> {
+        Some(self.agent.as_ref()?.endpoint().clone())
     }
 
     /// A byte stream to TCP `guest_port` on the guest's loopback.
-    pub fn connect(&self, guest_port: u16) -> Result<TcpStream, Error> {
+    pub fn connect(&self, guest_port: u16) -> Result<GuestStream, Error> {
         self.agent()?
             .connect(guest_port)
             .map_err(|e| Error::Network(format!("connecting to guest port {guest_port}: {e}")))

@@ -1,8 +1,10 @@
 //! The backend seam: everything above it (bake, CLI, later worker and router) boots VMs
 //! through [`Backend`] and talks to the guest through the control channel a [`Machine`]
-//! hands out. Implementations: [`qemu`] today; our own KVM VMM joins behind the same trait.
+//! hands out. Implementations: [`qemu`] (QEMU as a child process) and [`kvm`] (our own VMM,
+//! `supermachine-vmm`, in this process).
 
 pub mod accel;
+pub mod kvm;
 pub mod qemu;
 pub mod spawn;
 
@@ -87,6 +89,57 @@ pub struct RestoreTimings {
 pub enum AgentEndpoint {
     /// A host TCP address forwarded to the agent (QEMU user-mode networking).
     Tcp(std::net::SocketAddr),
+    /// A guest vsock port behind the VM's unix socket (the kvm backend): connect, write
+    /// `CONNECT <port>\n`, read `OK <host port>\n`, then the stream is the guest's.
+    Vsock { uds: PathBuf, port: u32 },
+}
+
+/// The text form other processes get (worker replies, the registry, the admin API): a TCP
+/// address as `127.0.0.1:PORT`, a vsock port as `vsock:PORT:/path/to/vsock.sock`.
+impl std::fmt::Display for AgentEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AgentEndpoint::Tcp(a) => write!(f, "{a}"),
+            AgentEndpoint::Vsock { uds, port } => write!(f, "vsock:{port}:{}", uds.display()),
+        }
+    }
+}
+
+impl std::str::FromStr for AgentEndpoint {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(rest) = s.strip_prefix("vsock:") {
+            let (port, uds) = rest
+                .split_once(':')
+                .ok_or_else(|| format!("bad vsock agent endpoint {s:?}"))?;
+            let port = port
+                .parse()
+                .map_err(|_| format!("bad vsock port in agent endpoint {s:?}"))?;
+            if uds.is_empty() {
+                return Err(format!("no socket path in agent endpoint {s:?}"));
+            }
+            return Ok(AgentEndpoint::Vsock {
+                uds: PathBuf::from(uds),
+                port,
+            });
+        }
+        s.parse()
+            .map(AgentEndpoint::Tcp)
+            .map_err(|_| format!("bad agent endpoint {s:?}"))
+    }
+}
+
+impl serde::Serialize for AgentEndpoint {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for AgentEndpoint {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +157,8 @@ pub enum BackendError {
     StartTimeout(Duration),
     #[error("QMP: {0}")]
     Qmp(String),
+    #[error("boot: {0}")]
+    Boot(String),
     #[error("snapshot: {0}")]
     Snapshot(String),
     #[error("restore: {0}")]
@@ -208,6 +263,31 @@ pub trait PendingRestore: Send {
         files: &SnapshotFiles,
     ) -> Result<(Box<dyn Machine>, RestoreTimings), BackendError>;
     fn monitor_pid(&self) -> u32;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AgentEndpoint;
+
+    #[test]
+    fn agent_endpoints_round_trip_through_text() {
+        for e in [
+            AgentEndpoint::Tcp(([127, 0, 0, 1], 4100).into()),
+            AgentEndpoint::Vsock {
+                uds: "/tmp/run:dir/vsock.sock".into(),
+                port: 1024,
+            },
+        ] {
+            assert_eq!(e.to_string().parse::<AgentEndpoint>(), Ok(e));
+        }
+        assert_eq!(
+            "127.0.0.1:80".parse(),
+            Ok(AgentEndpoint::Tcp(([127, 0, 0, 1], 80).into()))
+        );
+        for bad in ["vsock:x:/a", "vsock:5:", "vsock:5", "localhost"] {
+            assert!(bad.parse::<AgentEndpoint>().is_err(), "{bad}");
+        }
+    }
 }
 
 /// Last `max` bytes of a text file, for error messages (missing file: empty).

@@ -138,7 +138,7 @@ pub fn run(args: BootArgs) -> i32 {
             Err(e) => return fail(&e),
         }
     }
-    let _registration = match (&args.name, vm.agent_addr()) {
+    let _registration = match (&args.name, vm.agent_endpoint()) {
         (Some(name), Some(agent)) => match registry::register(&registry::Entry {
             name: name.clone(),
             pid: std::process::id() as i32,

@@ -85,14 +85,14 @@ pub fn run(args: ExecArgs) -> i32 {
             return EXIT_INTERNAL;
         }
     };
-    let agent = match entry.agent.map(Ok).unwrap_or_else(|| daemon_agent(&entry)) {
+    let agent = match entry.agent.clone().map(Ok).unwrap_or_else(|| daemon_agent(&entry)) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("supermachine: error: {e}");
             return EXIT_INTERNAL;
         }
     };
-    let mut b = ExecBuilder::new(AgentClient::new(AgentEndpoint::Tcp(agent)))
+    let mut b = ExecBuilder::new(AgentClient::new(agent))
         .argv(args.command.clone())
         .tty(args.tty)
         .stdin(if args.interactive {
@@ -171,7 +171,7 @@ pub fn run(args: ExecArgs) -> i32 {
 }
 
 /// A `run` daemon's VM: ask its admin endpoint for a worker's agent.
-fn daemon_agent(entry: &registry::Entry) -> Result<std::net::SocketAddr, String> {
+fn daemon_agent(entry: &registry::Entry) -> Result<AgentEndpoint, String> {
     use std::io::{Read, Write};
     let admin = entry.admin.ok_or_else(|| {
         format!(

@@ -33,7 +33,7 @@ pub struct Entry {
     pub pid: i32,
     /// The guest agent (`boot --name`).
     #[serde(default)]
-    pub agent: Option<SocketAddr>,
+    pub agent: Option<supermachine_backend::AgentEndpoint>,
     /// The daemon's admin endpoint (`run`), which knows its workers' agents.
     #[serde(default)]
     pub admin: Option<SocketAddr>,

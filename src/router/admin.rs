@@ -65,7 +65,7 @@ fn route(path: &str, metrics: &Metrics, pools: &[Arc<ImagePool>]) -> Response<Fu
         "/_supermachine/agents" => {
             let agents: Vec<String> = pools
                 .iter()
-                .flat_map(|p| p.agent_addrs())
+                .flat_map(|p| p.agent_endpoints())
                 .map(|a| a.to_string())
                 .collect();
             (

@@ -222,14 +222,14 @@ impl ImagePool {
     }
 
     /// Host addresses of the guest agents of live workers (for `exec` into a daemon).
-    pub fn agent_addrs(&self) -> Vec<std::net::SocketAddr> {
+    pub fn agent_endpoints(&self) -> Vec<supermachine_backend::AgentEndpoint> {
         let Ok(i) = self.inner.lock() else {
             return vec![];
         };
         i.serving
             .iter()
-            .filter_map(|s| s.worker.agent_addr())
-            .chain(i.ready.iter().filter_map(|w| w.agent_addr()))
+            .filter_map(|s| s.worker.agent_endpoint())
+            .chain(i.ready.iter().filter_map(|w| w.agent_endpoint()))
             .collect()
     }
 

@@ -1,7 +1,6 @@
 //! The host's handle on one worker process.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
@@ -206,10 +205,8 @@ impl Worker {
                 restore_ms,
                 ready_ms,
             } => {
-                let addr: SocketAddr = agent
-                    .parse()
-                    .map_err(|_| Error::Worker(format!("bad agent address {agent:?}")))?;
-                self.agent = Some(AgentClient::new(AgentEndpoint::Tcp(addr)));
+                let endpoint: AgentEndpoint = agent.parse().map_err(Error::Worker)?;
+                self.agent = Some(AgentClient::new(endpoint));
                 self.start_reader()?;
                 Ok(WorkerTimings {
                     restore: Duration::from_secs_f64(restore_ms / 1000.0),
@@ -345,11 +342,9 @@ impl Worker {
         !self.state.exited.load(Ordering::SeqCst) && matches!(self.child.try_wait(), Ok(None))
     }
 
-    /// The guest agent's host address, once restored.
-    pub fn agent_addr(&self) -> Option<SocketAddr> {
-        match self.agent.as_ref()?.endpoint() {
-            AgentEndpoint::Tcp(a) => Some(*a),
-        }
+    /// Where the guest agent is reached from the host, once restored.
+    pub fn agent_endpoint(&self) -> Option<AgentEndpoint> {
+        Some(self.agent.as_ref()?.endpoint().clone())
     }
 
     /// The worker process id.
@@ -369,7 +364,7 @@ impl Worker {
     }
 
     /// A byte stream to a guest port (straight to the guest agent, not through the worker).
-    pub fn connect(&self, guest_port: u16) -> Result<std::net::TcpStream, Error> {
+    pub fn connect(&self, guest_port: u16) -> Result<crate::agent::GuestStream, Error> {
         self.agent()?
             .connect(guest_port)
             .map_err(|e| Error::Network(format!("connecting to guest port {guest_port}: {e}")))

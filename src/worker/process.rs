@@ -103,7 +103,7 @@ pub fn main() -> i32 {
                     Ok(v) => {
                         let tm = v.timings();
                         let restore = tm.restore.unwrap_or_default();
-                        let agent = v.agent_addr().map(|a| a.to_string()).unwrap_or_default();
+                        let agent = v.agent_endpoint().map(|a| a.to_string()).unwrap_or_default();
                         let v = Arc::new(v);
                         watch_exit(v.clone(), control.try_clone().ok());
                         vm = Some(v);
@@ -216,7 +216,10 @@ fn serve_connection(
 }
 
 /// Guest -> client copy that also notes the status code of the first response.
-fn pump_observing_status(mut from: TcpStream, mut to: TcpStream) -> (u64, Option<u16>) {
+fn pump_observing_status(
+    mut from: crate::agent::GuestStream,
+    mut to: TcpStream,
+) -> (u64, Option<u16>) {
     use std::io::{Read, Write};
     let mut buf = vec![0u8; 64 * 1024];
     let mut total = 0u64;

@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver};
@@ -19,7 +20,8 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::x86_64::{boot, layout::*};
 use crate::devices::bus::Bus;
 use crate::devices::legacy::i8042::ResetDevice;
-use crate::devices::legacy::serial::{Output, SerialDevice, SerialDeviceState};
+use crate::devices::legacy::serial::{InputDrained, Output, SerialDevice, SerialDeviceState};
+use crate::devices::legacy::serial_input::{SerialInput, StreamWatch};
 use crate::devices::virtio::blk::{Block, BlockState};
 use crate::devices::virtio::mmio::{MmioTransport, NOTIFY_REG_OFFSET};
 use crate::devices::virtio::persist::MmioTransportState;
@@ -298,8 +300,14 @@ pub struct MicroVm {
     reservation: Option<memory::Reservation>,
     responses: Receiver<VcpuResponse>,
     serials: Vec<Arc<Mutex<SerialDevice>>>,
+    /// Per UART: written when the guest empties its input FIFO.
+    serial_drained: Vec<EventFd>,
+    /// Host input feeding a UART (the control channel), if attached.
+    serial_input: Option<SerialInput>,
     devices: Vec<(u64, u32, Arc<Mutex<MmioTransport>>)>,
     event_loop: EventLoop,
+    /// Wakes the event loop for the VM's owner (see [`MicroVm::waker`]).
+    waker: EventFd,
     exit_evt: EventFd,
     reset_evt: EventFd,
     panic_seen: Arc<AtomicBool>,
@@ -320,6 +328,7 @@ struct Wiring {
     pio: Bus,
     mmio: Bus,
     serials: Vec<Arc<Mutex<SerialDevice>>>,
+    serial_drained: Vec<EventFd>,
     devices: Vec<(u64, u32, Arc<Mutex<MmioTransport>>)>,
     reset_evt: EventFd,
 }
@@ -356,6 +365,7 @@ fn wire_devices(vm: &VmFd, mem: &GuestMemoryMmap, inputs: WireInputs) -> Result<
     let mut pio = Bus::default();
     let mut mmio = Bus::default();
     let mut serials = Vec::new();
+    let mut serial_drained = Vec::new();
     let console: Output = Box::new(PanicWatch {
         inner: console,
         seen: panic_seen.clone(),
@@ -372,11 +382,14 @@ fn wire_devices(vm: &VmFd, mem: &GuestMemoryMmap, inputs: WireInputs) -> Result<
             Some(t) => t,
             None => serial_trigger(vm, irq)?,
         };
+        let drained = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::io("eventfd", e))?;
+        let events = InputDrained(evt_clone(&drained)?);
+        serial_drained.push(drained);
         let dev = match serial_states.and_then(|s| s.get(i)) {
             Some(state) => {
-                SerialDevice::from_state(state, trigger, out).map_err(VmmError::Config)?
+                SerialDevice::from_state(state, trigger, events, out).map_err(VmmError::Config)?
             }
-            None => SerialDevice::new(trigger, out),
+            None => SerialDevice::new(trigger, events, out),
         };
         let dev = Arc::new(Mutex::new(dev));
         pio.insert(u64::from(port), 8, dev.clone());
@@ -463,6 +476,7 @@ fn wire_devices(vm: &VmFd, mem: &GuestMemoryMmap, inputs: WireInputs) -> Result<
         pio,
         mmio,
         serials,
+        serial_drained,
         devices,
         reset_evt,
     })
@@ -587,6 +601,8 @@ impl MicroVm {
         let exit_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::io("eventfd", e))?;
         event_loop.add_vcpu_exit(&exit_evt)?;
         event_loop.add_reset(&wiring.reset_evt)?;
+        let waker = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::io("eventfd", e))?;
+        event_loop.add_waker(&waker)?;
         for (i, (_, _, t)) in wiring.devices.iter().enumerate() {
             event_loop.add_device(i, t)?;
         }
@@ -623,8 +639,11 @@ impl MicroVm {
             reservation: None,
             responses,
             serials: wiring.serials,
+            serial_drained: wiring.serial_drained,
+            serial_input: None,
             devices: wiring.devices,
             event_loop,
+            waker,
             exit_evt,
             reset_evt: wiring.reset_evt,
             panic_seen,
@@ -758,6 +777,28 @@ impl MicroVm {
                         }
                     }
                 }
+                Wake::Woken => {
+                    let _ = self.waker.read();
+                }
+                Wake::SerialInput | Wake::SerialDrained => {
+                    if let Some(input) = self.serial_input.as_mut() {
+                        let fd = input.stream_fd();
+                        let watch = if wake == Wake::SerialInput {
+                            input.on_readable()
+                        } else {
+                            input.on_drained()
+                        };
+                        match watch {
+                            StreamWatch::Read => self.event_loop.watch_serial_input(fd, true)?,
+                            StreamWatch::Pause => {
+                                self.event_loop.watch_serial_input(fd, false)?
+                            }
+                            StreamWatch::Closed => {
+                                let _ = self.event_loop.remove(fd);
+                            }
+                        }
+                    }
+                }
                 Wake::Reset => {
                     let _ = self.reset_evt.read();
                     self.exited = Some(if self.panic_seen.load(Ordering::SeqCst) {
@@ -833,6 +874,30 @@ impl MicroVm {
             }
             self.paused = false;
         }
+    }
+
+    /// Feeds what the host writes to `stream` into UART `index` (0: ttyS0, 1: ttyS1) as
+    /// the guest reads it. At most one UART takes host input.
+    pub fn attach_serial_input(&mut self, index: usize, stream: UnixStream) -> Result<()> {
+        let (Some(serial), Some(drained)) =
+            (self.serials.get(index), self.serial_drained.get(index))
+        else {
+            return Err(VmmError::Config(format!("no UART {index}")));
+        };
+        if self.serial_input.is_some() {
+            return Err(VmmError::Config("a UART already takes host input".into()));
+        }
+        let input = SerialInput::new(stream, serial.clone(), evt_clone(drained)?);
+        self.event_loop
+            .add_serial_input(input.stream_fd(), input.drained_fd())?;
+        self.serial_input = Some(input);
+        Ok(())
+    }
+
+    /// An eventfd that, written, makes [`MicroVm::run`] return: how another thread gets
+    /// the attention of the one running the VM.
+    pub fn waker(&self) -> Result<EventFd> {
+        evt_clone(&self.waker)
     }
 
     /// Input for the guest's ttyS0.

@@ -3,16 +3,30 @@
 use std::io::Write;
 
 use serde::{Deserialize, Serialize};
-use vm_superio::serial::{NoEvents, SerialState};
+use vm_superio::serial::{SerialEvents, SerialState};
 use vm_superio::Serial;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::bus::BusDevice;
 use crate::devices::IrqTrigger;
 
 pub type Output = Box<dyn Write + Send>;
 
+/// Signals (an eventfd the event loop watches) when the guest has read every queued input
+/// byte, so more host input can be queued: the UART's FIFO holds only 64 bytes.
+pub struct InputDrained(pub EventFd);
+
+impl SerialEvents for InputDrained {
+    fn buffer_read(&self) {}
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {
+        let _ = self.0.write(1);
+    }
+}
+
 pub struct SerialDevice {
-    uart: Serial<IrqTrigger, NoEvents, Output>,
+    uart: Serial<IrqTrigger, InputDrained, Output>,
 }
 
 /// What a snapshot keeps of a UART: its registers and unread input.
@@ -23,9 +37,9 @@ pub struct SerialDeviceState {
 }
 
 impl SerialDevice {
-    pub fn new(irq: IrqTrigger, out: Output) -> Self {
+    pub fn new(irq: IrqTrigger, drained: InputDrained, out: Output) -> Self {
         Self {
-            uart: Serial::new(irq, out),
+            uart: Serial::with_events(irq, drained, out),
         }
     }
 
@@ -50,6 +64,7 @@ impl SerialDevice {
     pub fn from_state(
         state: &SerialDeviceState,
         irq: IrqTrigger,
+        drained: InputDrained,
         out: Output,
     ) -> Result<Self, String> {
         let r = state.regs;
@@ -66,14 +81,19 @@ impl SerialDevice {
             in_buffer: state.in_buffer.clone(),
         };
         Ok(Self {
-            uart: Serial::from_state(&s, irq, NoEvents, out)
+            uart: Serial::from_state(&s, irq, drained, out)
                 .map_err(|e| format!("serial state: {e:?}"))?,
         })
     }
 
-    /// Bytes for the guest to read.
+    /// Bytes for the guest to read; returns how many fit in the FIFO.
     pub fn enqueue(&mut self, input: &[u8]) -> usize {
         self.uart.enqueue_raw_bytes(input).unwrap_or(0)
+    }
+
+    /// Free room in the input FIFO.
+    pub fn input_room(&self) -> usize {
+        self.uart.fifo_capacity()
     }
 }
 

@@ -1,0 +1,522 @@
+//! The kvm backend: our own VMM (`supermachine-vmm`) in this process — one VM per process,
+//! as the worker model wants. A thread per VM owns the [`MicroVm`] and runs its event loop;
+//! the [`KvmMachine`] handle talks to it through a command channel and the VM's waker.
+//!
+//! Channels: the console is a file in the run dir; the control channel is the second UART
+//! (ttyS1), bridged to one end of a socket pair whose other end is the host's
+//! [`ControlChannel`]; the agent is a guest vsock port reached through the VM's vsock unix
+//! socket (`CONNECT <port>\n`). A snapshot is one `restore.snap` holding state and RAM; a
+//! restore maps it copy-on-write into a VM prepared before the snapshot was named.
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use supermachine_vmm::builder::{PreparedVm, RestoreLayout};
+use supermachine_vmm::{BlockConfig, ExitReason, MicroVm, VmConfig, VsockConfig};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::{
+    AgentEndpoint, Backend, BackendError, BackendKind, BootSpec, ControlChannel, Machine,
+    MachineExit, PendingRestore, RestoreTimings, SnapshotFiles, StartTimings,
+};
+
+/// Base kernel command line: console on ttyS0 (quiet), reset through the i8042 (the VMM's
+/// clean exit), reboot at once on panic so a crashed guest never hangs.
+pub const BASE_CMDLINE: &str =
+    "console=ttyS0 quiet reboot=k panic=-1 oops=panic i8042.noaux tsc=reliable";
+
+/// The guest's vsock CID (any value ≥ 3 works: each VM has its own device).
+const GUEST_CID: u64 = 3;
+/// The control channel is the second UART.
+const CONTROL_UART: usize = 1;
+
+#[derive(Debug, Clone, Default)]
+pub struct KvmBackend;
+
+impl KvmBackend {
+    pub fn new() -> Self {
+        Self
+    }
+}
+
+struct RunPaths {
+    console: PathBuf,
+    vsock: PathBuf,
+}
+
+impl RunPaths {
+    fn new(dir: &Path) -> Self {
+        Self {
+            console: dir.join("console.log"),
+            vsock: dir.join("vsock.sock"),
+        }
+    }
+}
+
+fn check_files(spec: &BootSpec) -> Result<(), BackendError> {
+    for (what, p) in [
+        ("guest kernel", &spec.kernel),
+        ("initramfs", &spec.initramfs),
+    ] {
+        if !p.is_file() {
+            return Err(BackendError::MissingFile(what.into(), p.clone()));
+        }
+    }
+    for d in &spec.disks {
+        if !d.path.is_file() {
+            return Err(BackendError::MissingFile(
+                format!("disk {}", d.serial),
+                d.path.clone(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn vcpus_of(spec: &BootSpec) -> Result<u8, BackendError> {
+    u8::try_from(spec.vcpus)
+        .map_err(|_| BackendError::Restore(format!("{} vCPUs: at most 32", spec.vcpus)))
+}
+
+/// The pieces every VM thread starts from: where the console goes, the VMM's end of the
+/// control channel, and the host's.
+struct Io {
+    console: std::fs::File,
+    control_vmm: UnixStream,
+    control_host: UnixStream,
+}
+
+impl Io {
+    fn new(paths: &RunPaths) -> Result<Self, BackendError> {
+        let console = std::fs::File::create(&paths.console)
+            .map_err(|e| BackendError::io(format!("creating {}", paths.console.display()), e))?;
+        let (control_host, control_vmm) =
+            UnixStream::pair().map_err(|e| BackendError::io("control channel socket pair", e))?;
+        Ok(Self {
+            console,
+            control_vmm,
+            control_host,
+        })
+    }
+}
+
+/// Sets up a built VM's control input: what the host writes reaches the guest's ttyS1.
+fn attach_control(vm: &mut MicroVm, control_vmm: UnixStream) -> Result<(), String> {
+    vm.attach_serial_input(CONTROL_UART, control_vmm)
+        .map_err(|e| e.to_string())
+}
+
+fn com2_output(control_vmm: &UnixStream) -> Result<Box<dyn std::io::Write + Send>, BackendError> {
+    Ok(Box::new(control_vmm.try_clone().map_err(|e| {
+        BackendError::io("duplicating the control channel", e)
+    })?))
+}
+
+impl Backend for KvmBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Kvm
+    }
+
+    fn boot(&self, spec: &BootSpec) -> Result<Box<dyn Machine>, BackendError> {
+        let requested = Instant::now();
+        check_files(spec)?;
+        let paths = RunPaths::new(&spec.run_dir);
+        let io = Io::new(&paths)?;
+        let mut cmdline = BASE_CMDLINE.to_string();
+        for extra in &spec.extra_cmdline {
+            cmdline.push(' ');
+            cmdline.push_str(extra);
+        }
+        let config = VmConfig {
+            kernel: spec.kernel.clone(),
+            cmdline,
+            initrd: Some(spec.initramfs.clone()),
+            memory_mib: spec.memory_mib,
+            vcpus: vcpus_of(spec)?,
+            blocks: spec
+                .disks
+                .iter()
+                .map(|d| BlockConfig {
+                    path: d.path.clone(),
+                    serial: d.serial.clone(),
+                })
+                .collect(),
+            vsock: spec.agent_port.map(|_| VsockConfig {
+                cid: GUEST_CID,
+                uds_path: paths.vsock.clone(),
+            }),
+        };
+        let console = io
+            .console
+            .try_clone()
+            .map_err(|e| BackendError::io("console file", e))?;
+        let com2 = com2_output(&io.control_vmm)?;
+        let control_vmm = io.control_vmm;
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let thread = VmThread::spawn(ready_tx, move |ready| {
+            let mut vm = match MicroVm::boot(&config, Box::new(console), com2) {
+                Ok(vm) => vm,
+                Err(e) => {
+                    let _ = ready.send(Err(e.to_string()));
+                    return None;
+                }
+            };
+            if let Err(e) = attach_control(&mut vm, control_vmm) {
+                let _ = ready.send(Err(e));
+                return None;
+            }
+            let _ = ready.send(Ok(()));
+            Some(vm)
+        })?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(BackendError::Boot(e)),
+            Err(_) => return Err(BackendError::Boot("the VM thread died while booting".into())),
+        }
+        Ok(Box::new(KvmMachine {
+            thread: Some(thread),
+            channel: Some(Box::new(io.control_host)),
+            console: paths.console,
+            timings: StartTimings {
+                requested,
+                monitor_ready: Instant::now(),
+            },
+            agent: spec.agent_port.map(|port| AgentEndpoint::Vsock {
+                uds: paths.vsock.clone(),
+                port: u32::from(port),
+            }),
+        }))
+    }
+
+    fn prepare_restore(&self, spec: &BootSpec) -> Result<Box<dyn PendingRestore>, BackendError> {
+        let started = Instant::now();
+        check_files(spec)?;
+        let snapshot = spec
+            .memory_file
+            .as_ref()
+            .map(|m| m.path.clone())
+            .ok_or_else(|| BackendError::Restore("no snapshot file given".into()))?;
+        let layout = RestoreLayout::of(&snapshot)
+            .map_err(|e| BackendError::Restore(format!("{}: {e}", snapshot.display())))?;
+        let paths = RunPaths::new(&spec.run_dir);
+        let io = Io::new(&paths)?;
+        let vsock = paths.vsock.clone();
+        let console = io
+            .console
+            .try_clone()
+            .map_err(|e| BackendError::io("console file", e))?;
+        let com2 = com2_output(&io.control_vmm)?;
+        let control_vmm = io.control_vmm;
+        let (resume_tx, resume_rx) = mpsc::channel::<(PathBuf, Sender<ResumeResult>)>();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let thread = VmThread::spawn(ready_tx, move |ready| {
+            let uds = layout_uses_vsock(&layout).then_some(vsock.as_path());
+            let prepared = match PreparedVm::for_layout(&layout, uds) {
+                Ok(p) => p,
+                Err(e) => {
+                    let _ = ready.send(Err(e.to_string()));
+                    return None;
+                }
+            };
+            let _ = ready.send(Ok(()));
+            // Dropping the pending restore closes the channel: the prepared VM goes.
+            let (path, reply) = resume_rx.recv().ok()?;
+            let loading = Instant::now();
+            let mut vm = match MicroVm::restore(&path, Some(prepared), Box::new(console), com2, uds)
+            {
+                Ok((vm, _)) => vm,
+                Err(e) => {
+                    let _ = reply.send(Err(e.to_string()));
+                    return None;
+                }
+            };
+            if let Err(e) = attach_control(&mut vm, control_vmm) {
+                let _ = reply.send(Err(e));
+                return None;
+            }
+            let _ = reply.send(Ok(loading.elapsed()));
+            Some(vm)
+        })?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(BackendError::Restore(format!("preparing the VM: {e}"))),
+            Err(_) => return Err(BackendError::Restore("the VM thread died".into())),
+        }
+        Ok(Box::new(KvmPendingRestore {
+            thread,
+            resume: resume_tx,
+            channel: Box::new(io.control_host),
+            console: paths.console,
+            agent: spec.agent_port.map(|port| AgentEndpoint::Vsock {
+                uds: paths.vsock.clone(),
+                port: u32::from(port),
+            }),
+            monitor_start: started.elapsed(),
+        }))
+    }
+}
+
+/// The snapshot has a vsock device: the restored VM needs its socket bound.
+fn layout_uses_vsock(layout: &RestoreLayout) -> bool {
+    // Virtio devices sit one per slot; the vsock device has three queues, blk one.
+    layout.devices.iter().any(|d| d.queues == 3)
+}
+
+type ResumeResult = Result<Duration, String>;
+
+struct KvmPendingRestore {
+    /// Dropped before `thread` (fields drop in order): the thread waiting on it then ends.
+    resume: Sender<(PathBuf, Sender<ResumeResult>)>,
+    thread: VmThread,
+    channel: Box<dyn ControlChannel>,
+    console: PathBuf,
+    agent: Option<AgentEndpoint>,
+    monitor_start: Duration,
+}
+
+impl PendingRestore for KvmPendingRestore {
+    fn resume(
+        self: Box<Self>,
+        files: &SnapshotFiles,
+    ) -> Result<(Box<dyn Machine>, RestoreTimings), BackendError> {
+        let requested = Instant::now();
+        let (reply_tx, reply_rx) = mpsc::channel();
+        let _ = self.resume.send((files.state.clone(), reply_tx));
+        let load_and_resume = match reply_rx.recv() {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => return Err(BackendError::Restore(e)),
+            Err(_) => return Err(BackendError::Restore("the VM thread died".into())),
+        };
+        let machine = KvmMachine {
+            thread: Some(self.thread),
+            channel: Some(self.channel),
+            console: self.console,
+            timings: StartTimings {
+                requested,
+                monitor_ready: Instant::now(),
+            },
+            agent: self.agent,
+        };
+        Ok((
+            Box::new(machine),
+            RestoreTimings {
+                monitor_start: self.monitor_start,
+                load_and_resume,
+            },
+        ))
+    }
+
+    fn monitor_pid(&self) -> u32 {
+        std::process::id()
+    }
+}
+
+enum Command {
+    Snapshot(PathBuf, Sender<Result<(), String>>),
+    Stop,
+}
+
+/// How a VM thread ended, shared with the handle.
+type Ended = Arc<(Mutex<Option<MachineExit>>, Condvar)>;
+
+/// The thread that owns one VM: builds it (`build`), then runs its event loop, obeying
+/// commands, until the guest stops or the handle stops it.
+struct VmThread {
+    join: Option<std::thread::JoinHandle<()>>,
+    commands: Sender<Command>,
+    /// Set once the VM is built.
+    waker: Arc<Mutex<Option<EventFd>>>,
+    ended: Ended,
+}
+
+impl VmThread {
+    fn spawn<R: Send + 'static>(
+        ready: Sender<R>,
+        build: impl FnOnce(&Sender<R>) -> Option<MicroVm> + Send + 'static,
+    ) -> Result<Self, BackendError> {
+        let (commands, rx) = mpsc::channel();
+        let ended: Ended = Arc::new((Mutex::new(None), Condvar::new()));
+        let waker = Arc::new(Mutex::new(None));
+        let (e, w) = (ended.clone(), waker.clone());
+        let join = std::thread::Builder::new()
+            .name("vmm".into())
+            .spawn(move || {
+                let exit = match build(&ready) {
+                    Some(vm) => run_vm(vm, &rx, &w),
+                    None => MachineExit::MonitorDied {
+                        detail: "the VM was not started".into(),
+                    },
+                };
+                let (lock, cv) = &*e;
+                *lock.lock().unwrap_or_else(|p| p.into_inner()) = Some(exit);
+                cv.notify_all();
+            })
+            .map_err(|e| BackendError::io("spawning the VM thread", e))?;
+        Ok(Self {
+            join: Some(join),
+            commands,
+            waker,
+            ended,
+        })
+    }
+
+    fn send(&self, cmd: Command) {
+        let _ = self.commands.send(cmd);
+        if let Some(w) = self.waker.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            let _ = w.write(1);
+        }
+    }
+
+    fn wait_timeout(&self, timeout: Duration) -> Option<MachineExit> {
+        let (lock, cv) = &*self.ended;
+        let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let (guard, _) = cv
+            .wait_timeout_while(guard, timeout, |e| e.is_none())
+            .unwrap_or_else(|p| p.into_inner());
+        guard.clone()
+    }
+
+    fn stop(&mut self) {
+        self.send(Command::Stop);
+        if let Some(j) = self.join.take() {
+            let _ = j.join();
+        }
+    }
+}
+
+impl Drop for VmThread {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn run_vm(
+    mut vm: MicroVm,
+    commands: &Receiver<Command>,
+    waker: &Mutex<Option<EventFd>>,
+) -> MachineExit {
+    match vm.waker() {
+        Ok(w) => *waker.lock().unwrap_or_else(|p| p.into_inner()) = Some(w),
+        Err(e) => {
+            return MachineExit::MonitorDied {
+                detail: e.to_string(),
+            }
+        }
+    }
+    loop {
+        while let Ok(cmd) = commands.try_recv() {
+            match cmd {
+                Command::Snapshot(path, reply) => {
+                    let r = vm.pause_and_snapshot(&path).map(|_| ());
+                    let _ = reply.send(r.map_err(|e| e.to_string()));
+                }
+                Command::Stop => {
+                    return MachineExit::MonitorDied {
+                        detail: "killed".into(),
+                    }
+                }
+            }
+        }
+        match vm.run(None) {
+            Ok(None) => {}
+            Ok(Some(ExitReason::Reset)) => return MachineExit::GuestStopped,
+            Ok(Some(ExitReason::GuestPanic)) => {
+                return MachineExit::MonitorDied {
+                    detail: "guest kernel panic".into(),
+                }
+            }
+            Ok(Some(ExitReason::TripleFault)) => {
+                return MachineExit::MonitorDied {
+                    detail: "the guest triple-faulted".into(),
+                }
+            }
+            Ok(Some(ExitReason::Failed(why))) => {
+                return MachineExit::MonitorDied {
+                    detail: format!("KVM: {why}"),
+                }
+            }
+            Err(e) => {
+                return MachineExit::MonitorDied {
+                    detail: format!("VMM: {e}"),
+                }
+            }
+        }
+    }
+}
+
+pub struct KvmMachine {
+    thread: Option<VmThread>,
+    channel: Option<Box<dyn ControlChannel>>,
+    console: PathBuf,
+    timings: StartTimings,
+    agent: Option<AgentEndpoint>,
+}
+
+impl Machine for KvmMachine {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Kvm
+    }
+
+    fn take_channel(&mut self) -> Option<Box<dyn ControlChannel>> {
+        self.channel.take()
+    }
+
+    fn console_log(&self) -> &Path {
+        &self.console
+    }
+
+    fn timings(&self) -> StartTimings {
+        self.timings
+    }
+
+    fn agent_endpoint(&self) -> Option<AgentEndpoint> {
+        self.agent.clone()
+    }
+
+    /// The VM runs in this process.
+    fn pid(&self) -> u32 {
+        std::process::id()
+    }
+
+    fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<MachineExit>, BackendError> {
+        Ok(match &self.thread {
+            Some(t) => t.wait_timeout(timeout),
+            None => Some(MachineExit::MonitorDied {
+                detail: "already stopped".into(),
+            }),
+        })
+    }
+
+    fn kill(&mut self) -> Result<(), BackendError> {
+        if let Some(mut t) = self.thread.take() {
+            t.stop();
+        }
+        Ok(())
+    }
+
+    /// Writes the whole snapshot — state and RAM — to `files.state` (a `restore.snap`);
+    /// `files.memory` names the same file. The VM stays paused.
+    fn snapshot(&mut self, files: &SnapshotFiles) -> Result<(), BackendError> {
+        let t = self
+            .thread
+            .as_ref()
+            .ok_or_else(|| BackendError::Snapshot("the VM is stopped".into()))?;
+        let (tx, rx) = mpsc::channel();
+        t.send(Command::Snapshot(files.state.clone(), tx));
+        match rx.recv() {
+            Ok(r) => r.map_err(BackendError::Snapshot),
+            Err(_) => Err(BackendError::Snapshot(
+                "the VM stopped before its snapshot".into(),
+            )),
+        }
+    }
+}
+
+impl Drop for KvmMachine {
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
+}
