@@ -62,6 +62,8 @@ pub struct BootRequest {
     pub cache: Cache,
     /// Pull policy, platform and registry settings for reading the image's source.
     pub pull: PullOptions,
+    /// Which backend boots the VM (default: `SUPERMACHINE_BACKEND`, else auto).
+    pub backend: supermachine_backend::BackendChoice,
 }
 
 impl BootRequest {
@@ -78,6 +80,7 @@ impl BootRequest {
             memory_file: None,
             cache: Cache::new(Cache::default_root()),
             pull: PullOptions::default(),
+            backend: supermachine_backend::BackendChoice::from_env(),
         }
     }
 }

@@ -135,6 +135,7 @@ impl Image {
             env: Vec::new(),
             snapshots_dir: None,
             ready_timeout: std::time::Duration::from_secs(120),
+            backend: supermachine_backend::BackendChoice::from_env(),
         }
     }
 }
@@ -152,12 +153,20 @@ pub struct OciImageBuilder {
     env: Vec<String>,
     snapshots_dir: Option<std::path::PathBuf>,
     ready_timeout: std::time::Duration,
+    backend: supermachine_backend::BackendChoice,
 }
 
 impl OciImageBuilder {
     /// Snapshot name (default: derived from the reference).
     pub fn name(mut self, name: &str) -> Self {
         self.name = Some(name.to_string());
+        self
+    }
+
+    /// Which backend bakes (and so restores) the snapshot; default: `SUPERMACHINE_BACKEND`,
+    /// else auto (kvm only where /dev/kvm has hardware virtualization).
+    pub fn backend(mut self, backend: supermachine_backend::BackendChoice) -> Self {
+        self.backend = backend;
         self
     }
 
@@ -225,6 +234,7 @@ impl OciImageBuilder {
         boot.memory_mib = self.memory_mib;
         boot.vcpus = self.vcpus;
         boot.pull = self.pull;
+        boot.backend = self.backend;
         let req = crate::PullRequest {
             boot,
             name,

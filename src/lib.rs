@@ -21,6 +21,7 @@ pub mod snapshot;
 mod vm;
 pub mod worker;
 
+pub use agent::GuestStream;
 pub use boot::{BootReport, BootRequest, BootTimings};
 pub use error::Error;
 pub use exec::{ExecBuilder, ExecChild, ExecOutcome, ExecStdin, ExecStdinWriter};
@@ -28,8 +29,7 @@ pub use forward::TcpForwarder;
 pub use image::{Image, OciImageBuilder, PullPolicy, VmConfig};
 pub use pool::{Pool, PooledVm};
 pub use pull::{PullOutcome, PullRequest};
-pub use agent::GuestStream;
-pub use supermachine_backend::{Accel, AgentEndpoint, BackendKind};
+pub use supermachine_backend::{Accel, AgentEndpoint, BackendChoice, BackendKind};
 pub use supermachine_bake::{Cache, ImageRef, Overrides};
 pub use supermachine_bake::{Platform, PullOptions};
 pub use supermachine_protocol::ExitStatus;

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
+use supermachine_backend::BackendKind;
 
 use sha2::Digest as _;
 
@@ -70,6 +71,8 @@ fn file_record(path: &Path) -> Result<FileRecord, Error> {
 /// what it resolved to (or any other input) changed.
 pub fn pull(req: &PullRequest) -> Result<PullOutcome, Error> {
     let dest = req.snapshots_dir.join(&req.name);
+    // Decided once: the snapshot records the backend, which restores it.
+    let kind = supermachine_backend::select::select(req.boot.backend)?.kind();
     match req.boot.pull.policy {
         PullPolicy::Never => {
             return Ok(PullOutcome {
@@ -79,10 +82,12 @@ pub fn pull(req: &PullRequest) -> Result<PullOutcome, Error> {
         }
         PullPolicy::Missing => {
             if let Ok(snapshot) = Snapshot::open(&dest) {
-                return Ok(PullOutcome {
-                    snapshot,
-                    cached: true,
-                });
+                if snapshot.backend_kind() == kind {
+                    return Ok(PullOutcome {
+                        snapshot,
+                        cached: true,
+                    });
+                }
             }
         }
         PullPolicy::Always => {}
@@ -106,6 +111,11 @@ pub fn pull(req: &PullRequest) -> Result<PullOutcome, Error> {
         b.memory_mib, b.vcpus, req.port, b.kernel_args
     ));
     h.update(&kernel_rec.sha256);
+    // (Only kvm is hashed, so the inputs of snapshots baked before backends were recorded
+    // stay valid.)
+    if kind == BackendKind::Kvm {
+        h.update("backend=kvm");
+    }
     for p in [&init, &shim] {
         h.update(
             snapshot::sha256_file(p)
@@ -132,6 +142,10 @@ pub fn pull(req: &PullRequest) -> Result<PullOutcome, Error> {
     let state = tmp.path().join(snapshot::STATE_FILE);
 
     let mut boot = b.clone();
+    boot.backend = match kind {
+        BackendKind::Kvm => supermachine_backend::BackendChoice::Kvm,
+        BackendKind::Qemu => supermachine_backend::BackendChoice::Qemu,
+    };
     boot.kernel = Some(kernel.clone());
     boot.init = Some(init.clone());
     boot.memory_file = Some(memory.clone());
@@ -158,6 +172,15 @@ pub fn pull(req: &PullRequest) -> Result<PullOutcome, Error> {
             kept.display()
         )));
     }
+    // The kvm backend writes one file, state and RAM together; QEMU's RAM already lives
+    // in `memory` (booted with it as a shared memory file).
+    let (state, memory) = match kind {
+        BackendKind::Kvm => {
+            let snap = tmp.path().join(snapshot::KVM_SNAPSHOT_FILE);
+            (snap.clone(), snap)
+        }
+        BackendKind::Qemu => (state, memory),
+    };
     vm.snapshot(&state, &memory)?;
     save_log(&vm);
     std::fs::copy(
@@ -174,10 +197,22 @@ pub fn pull(req: &PullRequest) -> Result<PullOutcome, Error> {
             .and_then(|f| f.sync_all())
             .map_err(|e| Error::io(format!("fsync {}", f.display()), e))?;
     }
-    let state_rec = file_record(&state)?;
+    let (state_sha256, state_size) = match kind {
+        // 128 MiB+ would be hashed on every open; restore.snap checks itself instead.
+        BackendKind::Kvm => (
+            String::new(),
+            std::fs::metadata(&state)
+                .map_err(|e| Error::io(format!("{}", state.display()), e))?
+                .len(),
+        ),
+        BackendKind::Qemu => {
+            let r = file_record(&state)?;
+            (r.sha256, r.size)
+        }
+    };
     let meta = Metadata {
         format_version: FORMAT_VERSION,
-        backend: "qemu".into(),
+        backend: kind.to_string(),
         accel: backend,
         name: req.name.clone(),
         image_ref: prepared.reference.clone(),
@@ -201,11 +236,14 @@ pub fn pull(req: &PullRequest) -> Result<PullOutcome, Error> {
         guest_port: req.port,
         kernel: kernel_rec,
         kernel_args: b.kernel_args.clone(),
-        state_sha256: state_rec.sha256,
-        state_size: state_rec.size,
-        memory_size: std::fs::metadata(&memory)
-            .map_err(|e| Error::io("memory file", e))?
-            .len(),
+        state_sha256,
+        state_size,
+        memory_size: match kind {
+            BackendKind::Kvm => u64::from(b.memory_mib) << 20,
+            BackendKind::Qemu => std::fs::metadata(&memory)
+                .map_err(|e| Error::io("memory file", e))?
+                .len(),
+        },
         bake_inputs: inputs,
         created_unix: SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)

@@ -16,6 +16,9 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const METADATA: &str = "metadata.json";
 pub const STATE_FILE: &str = "state.bin";
 pub const MEMORY_FILE: &str = "memory.ram";
+/// The kvm backend's snapshot: state and RAM in one file, RAM page-aligned so it is mapped
+/// in place (its header and state carry their own checksum, checked at every restore).
+pub const KVM_SNAPSHOT_FILE: &str = "restore.snap";
 pub const INITRAMFS_FILE: &str = "initramfs.cpio";
 pub const BAKE_LOG: &str = "bake.log";
 
@@ -125,40 +128,24 @@ impl Snapshot {
         }
         let meta: Metadata =
             serde_json::from_value(v).map_err(|e| invalid(format!("{METADATA}: {e}")))?;
-        if meta.backend != "qemu" {
-            return Err(invalid(format!(
-                "baked by backend {:?}, which this build cannot restore",
-                meta.backend
-            )));
-        }
         let size_of = |p: &Path| fs::metadata(p).map(|m| m.len());
-        let state = dir.join(STATE_FILE);
-        match size_of(&state) {
-            Ok(n) if n == meta.state_size => {}
-            Ok(n) => {
+        match meta.backend.as_str() {
+            "qemu" => Self::check_qemu_files(dir, &meta).map_err(invalid)?,
+            "kvm" => match size_of(&dir.join(KVM_SNAPSHOT_FILE)) {
+                Ok(n) if n == meta.state_size => {}
+                Ok(n) => {
+                    return Err(invalid(format!(
+                        "{KVM_SNAPSHOT_FILE} is {n} bytes, expected {} (truncated?)",
+                        meta.state_size
+                    )))
+                }
+                Err(e) => return Err(invalid(format!("{KVM_SNAPSHOT_FILE}: {e}"))),
+            },
+            other => {
                 return Err(invalid(format!(
-                    "{STATE_FILE} is {n} bytes, expected {}",
-                    meta.state_size
+                    "baked by backend {other:?}, which this build cannot restore"
                 )))
             }
-            Err(e) => return Err(invalid(format!("{STATE_FILE}: {e}"))),
-        }
-        let digest = sha256_file(&state).map_err(|e| invalid(format!("{STATE_FILE}: {e}")))?;
-        if digest != meta.state_sha256 {
-            return Err(invalid(format!(
-                "{STATE_FILE} is corrupt (sha256 {digest}, expected {})",
-                meta.state_sha256
-            )));
-        }
-        match size_of(&dir.join(MEMORY_FILE)) {
-            Ok(n) if n == meta.memory_size && n == u64::from(meta.memory_mib) << 20 => {}
-            Ok(n) => {
-                return Err(invalid(format!(
-                    "{MEMORY_FILE} is {n} bytes, expected {} (truncated?)",
-                    u64::from(meta.memory_mib) << 20
-                )))
-            }
-            Err(e) => return Err(invalid(format!("{MEMORY_FILE}: {e}"))),
         }
         if !dir.join(INITRAMFS_FILE).is_file() {
             return Err(invalid(format!("{INITRAMFS_FILE} is missing")));
@@ -197,12 +184,63 @@ impl Snapshot {
         })
     }
 
-    pub fn state_path(&self) -> PathBuf {
-        self.dir.join(STATE_FILE)
+    /// The QEMU backend's files: the migration stream (checked by sha256) and the RAM file.
+    fn check_qemu_files(dir: &Path, meta: &Metadata) -> Result<(), String> {
+        let size_of = |p: &Path| fs::metadata(p).map(|m| m.len());
+        let state = dir.join(STATE_FILE);
+        match size_of(&state) {
+            Ok(n) if n == meta.state_size => {}
+            Ok(n) => {
+                return Err(format!(
+                    "{STATE_FILE} is {n} bytes, expected {}",
+                    meta.state_size
+                ))
+            }
+            Err(e) => return Err(format!("{STATE_FILE}: {e}")),
+        }
+        let digest = sha256_file(&state).map_err(|e| format!("{STATE_FILE}: {e}"))?;
+        if digest != meta.state_sha256 {
+            return Err(format!(
+                "{STATE_FILE} is corrupt (sha256 {digest}, expected {})",
+                meta.state_sha256
+            ));
+        }
+        match size_of(&dir.join(MEMORY_FILE)) {
+            Ok(n) if n == meta.memory_size && n == u64::from(meta.memory_mib) << 20 => {}
+            Ok(n) => {
+                return Err(format!(
+                    "{MEMORY_FILE} is {n} bytes, expected {} (truncated?)",
+                    u64::from(meta.memory_mib) << 20
+                ))
+            }
+            Err(e) => return Err(format!("{MEMORY_FILE}: {e}")),
+        }
+        Ok(())
     }
 
+    /// Which backend baked this snapshot (and so restores it).
+    pub fn backend_kind(&self) -> supermachine_backend::BackendKind {
+        if self.meta.backend == "kvm" {
+            supermachine_backend::BackendKind::Kvm
+        } else {
+            supermachine_backend::BackendKind::Qemu
+        }
+    }
+
+    /// The backend's state: QEMU's migration stream, or the kvm backend's `restore.snap`.
+    pub fn state_path(&self) -> PathBuf {
+        match self.backend_kind() {
+            supermachine_backend::BackendKind::Kvm => self.dir.join(KVM_SNAPSHOT_FILE),
+            supermachine_backend::BackendKind::Qemu => self.dir.join(STATE_FILE),
+        }
+    }
+
+    /// Guest RAM: QEMU's RAM file, or the kvm backend's `restore.snap` (which holds both).
     pub fn memory_path(&self) -> PathBuf {
-        self.dir.join(MEMORY_FILE)
+        match self.backend_kind() {
+            supermachine_backend::BackendKind::Kvm => self.dir.join(KVM_SNAPSHOT_FILE),
+            supermachine_backend::BackendKind::Qemu => self.dir.join(MEMORY_FILE),
+        }
     }
 
     pub fn initramfs_path(&self) -> PathBuf {

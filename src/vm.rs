@@ -7,8 +7,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use supermachine_backend::{
-    qemu::QemuBackend, tail_of, AgentEndpoint, Backend, BootSpec, Disk, Machine, MemoryFile,
-    SnapshotFiles,
+    tail_of, AgentEndpoint, BootSpec, Disk, Machine, MemoryFile, SnapshotFiles,
 };
 use supermachine_bake::initramfs;
 use supermachine_protocol::agent::AGENT_PORT;
@@ -121,9 +120,10 @@ impl Vm {
                 .clone()
                 .map(|path| MemoryFile { path, shared: true }),
         };
-        let backend = QemuBackend::new();
-        let backend_name = format!("qemu ({})", backend.accel());
-        let machine = backend.boot(&spec)?;
+        let selected = supermachine_backend::select::select(req.backend)?;
+        tracing::info!(backend = %selected.name, reason = %selected.reason, "backend");
+        let backend_name = selected.name;
+        let machine = selected.backend.boot(&spec)?;
         let t = machine.timings();
         timings.backend_start = t.monitor_ready - t.requested;
         let vm = Vm::assemble(
@@ -189,9 +189,9 @@ impl Vm {
             state: snapshot.state_path(),
             memory: snapshot.memory_path(),
         };
-        let backend = QemuBackend::new();
-        let backend_name = format!("qemu ({})", backend.accel());
-        let pending = backend.prepare_restore(&spec)?;
+        let selected = supermachine_backend::select::for_kind(snapshot.backend_kind());
+        let backend_name = selected.name;
+        let pending = selected.backend.prepare_restore(&spec)?;
         Ok(PreparedRestore {
             pending,
             files,
@@ -401,7 +401,13 @@ impl Vm {
             Ok(m) => m,
             Err(p) => p.into_inner(),
         };
-        let _ = m.wait_timeout(Duration::from_secs(2));
+        // How the VM itself ended says more than the closed channel that noticed it.
+        let reason = match m.wait_timeout(Duration::from_secs(2)) {
+            Ok(Some(supermachine_backend::MachineExit::MonitorDied { detail })) => {
+                format!("{reason}; the VM ended: {detail}")
+            }
+            _ => reason,
+        };
         let console = tail_of(m.console_log(), 4000);
         let reason = if console.contains("Kernel panic") {
             format!("guest kernel panic ({reason})")
@@ -491,6 +497,14 @@ impl Vm {
 
     pub fn backend_name(&self) -> &str {
         &self.backend_name
+    }
+
+    /// Which backend runs this VM.
+    pub fn backend_kind(&self) -> supermachine_backend::BackendKind {
+        match self.machine.lock() {
+            Ok(m) => m.kind(),
+            Err(p) => p.into_inner().kind(),
+        }
     }
 
     /// The VM monitor's host pid.

@@ -174,7 +174,11 @@ impl Backend for KvmBackend {
         match ready_rx.recv() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(BackendError::Boot(e)),
-            Err(_) => return Err(BackendError::Boot("the VM thread died while booting".into())),
+            Err(_) => {
+                return Err(BackendError::Boot(
+                    "the VM thread died while booting".into(),
+                ))
+            }
         }
         Ok(Box::new(KvmMachine {
             thread: Some(thread),
@@ -365,7 +369,12 @@ impl VmThread {
 
     fn send(&self, cmd: Command) {
         let _ = self.commands.send(cmd);
-        if let Some(w) = self.waker.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+        if let Some(w) = self
+            .waker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
             let _ = w.write(1);
         }
     }

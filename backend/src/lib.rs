@@ -6,6 +6,7 @@
 pub mod accel;
 pub mod kvm;
 pub mod qemu;
+pub mod select;
 pub mod spawn;
 
 use std::io::{Read, Write};
@@ -13,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub use accel::Accel;
+pub use select::{BackendChoice, Selected};
 
 /// Which implementation baked or runs a VM (recorded in snapshots later).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,6 +159,8 @@ pub enum BackendError {
     StartTimeout(Duration),
     #[error("QMP: {0}")]
     Qmp(String),
+    #[error("{0}")]
+    Unavailable(String),
     #[error("boot: {0}")]
     Boot(String),
     #[error("snapshot: {0}")]
@@ -265,6 +269,13 @@ pub trait PendingRestore: Send {
     fn monitor_pid(&self) -> u32;
 }
 
+/// Last `max` bytes of a text file, for error messages (missing file: empty).
+pub fn tail_of(path: &Path, max: usize) -> String {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let start = bytes.len().saturating_sub(max);
+    String::from_utf8_lossy(&bytes[start..]).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::AgentEndpoint;
@@ -288,11 +299,4 @@ mod tests {
             assert!(bad.parse::<AgentEndpoint>().is_err(), "{bad}");
         }
     }
-}
-
-/// Last `max` bytes of a text file, for error messages (missing file: empty).
-pub fn tail_of(path: &Path, max: usize) -> String {
-    let bytes = std::fs::read(path).unwrap_or_default();
-    let start = bytes.len().saturating_sub(max);
-    String::from_utf8_lossy(&bytes[start..]).into_owned()
 }

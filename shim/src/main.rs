@@ -1,8 +1,8 @@
 //! supermachine-shim: the guest agent. init starts it after the image's root is assembled
 //! and before the workload; it chroots itself into that root (its own binary stays in the
 //! initramfs, invisible to the workload) and serves one request per stream from the
-//! listener the backend provides (TCP through QEMU's user-mode network today, AF_VSOCK on
-//! the KVM backend).
+//! listeners the backend needs: TCP (QEMU forwards a host port to it through its user-mode
+//! network) and, when the VM has a virtio vsock device (the kvm backend), AF_VSOCK.
 
 mod exec;
 mod files;
@@ -48,11 +48,22 @@ fn run(args: &[String]) -> Result<(), String> {
     .map_err(|e| format!("opening /run/supermachine: {e}"))?;
     // SAFETY: `open` just returned this descriptor and nothing else owns it.
     let run_dir = unsafe { OwnedFd::from_raw_fd(run_dir) };
+    // Listeners are bound before the chroot (the vsock check reads init's /sys). TCP is
+    // what QEMU's user-mode network forwards to; vsock is how the kvm backend's host
+    // reaches the guest. Both run when the VM has a vsock device.
+    let mut listeners: Vec<Box<dyn AgentListener>> = vec![Box::new(
+        listener::TcpAgentListener::bind(AGENT_PORT)
+            .map_err(|e| format!("binding the agent port: {e}"))?,
+    )];
+    if listener::vsock_device_present() {
+        listeners.push(Box::new(
+            listener::VsockAgentListener::bind(u32::from(AGENT_PORT))
+                .map_err(|e| format!("binding vsock port {AGENT_PORT}: {e}"))?,
+        ));
+    }
     nix::unistd::chroot(new_root.as_str()).map_err(|e| format!("chroot {new_root}: {e}"))?;
     nix::unistd::chdir("/").map_err(|e| format!("chdir /: {e}"))?;
 
-    let listener = listener::TcpAgentListener::bind(AGENT_PORT)
-        .map_err(|e| format!("binding the agent port: {e}"))?;
     let ready: i32 = ready_fd
         .parse()
         .map_err(|_| format!("bad READY_FD {ready_fd:?}"))?;
@@ -62,6 +73,17 @@ fn run(args: &[String]) -> Result<(), String> {
     drop(ready);
 
     let ctx: &'static Context = Box::leak(Box::new(Context { config, run_dir }));
+    let accepting: Vec<_> = listeners
+        .into_iter()
+        .map(|l| std::thread::spawn(move || accept_forever(ctx, l.as_ref())))
+        .collect();
+    for t in accepting {
+        let _ = t.join();
+    }
+    Err("every agent listener stopped".into())
+}
+
+fn accept_forever(ctx: &'static Context, listener: &dyn AgentListener) {
     loop {
         match listener.accept() {
             Ok(stream) => {

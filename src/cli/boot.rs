@@ -61,6 +61,8 @@ pub struct BootArgs {
     publish: Vec<String>,
     #[command(flatten)]
     source: SourceArgs,
+    #[command(flatten)]
+    backend: crate::cli::backend::BackendArgs,
     /// The image: a registry reference (NAME[:TAG][@DIGEST]), oci-layout:DIR[:TAG] or
     /// oci-archive:FILE[:TAG].
     image: String,
@@ -126,6 +128,13 @@ pub fn run(args: BootArgs) -> i32 {
             }
         }
     }
+    req.backend = match args.backend.resolve() {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("supermachine: error: {e}");
+            return EXIT_INTERNAL;
+        }
+    };
     let sink = boot::output_sink(Box::new(std::io::stdout()), Box::new(std::io::stderr()));
     let vm = match Vm::boot(&req, sink) {
         Ok(vm) => vm,

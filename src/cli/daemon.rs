@@ -35,6 +35,8 @@ pub struct RunArgs {
     vcpus: u32,
     #[command(flatten)]
     source: SourceArgs,
+    #[command(flatten)]
+    backend: crate::cli::backend::BackendArgs,
     /// VMs serving (shared isolation).
     #[arg(long, default_value_t = 1)]
     replicas: usize,
@@ -70,6 +72,11 @@ fn snapshot_for(a: &RunArgs, guest_port: u16, root: &std::path::Path) -> Result<
         .pull_options(
             a.source
                 .options(crate::PullPolicy::Missing)
+                .map_err(|e| Error::Image(supermachine_bake::BakeError::Unsupported(e)))?,
+        )
+        .backend(
+            a.backend
+                .resolve()
                 .map_err(|e| Error::Image(supermachine_bake::BakeError::Unsupported(e)))?,
         )
         .memory_mib(a.memory)

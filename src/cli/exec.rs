@@ -85,7 +85,12 @@ pub fn run(args: ExecArgs) -> i32 {
             return EXIT_INTERNAL;
         }
     };
-    let agent = match entry.agent.clone().map(Ok).unwrap_or_else(|| daemon_agent(&entry)) {
+    let agent = match entry
+        .agent
+        .clone()
+        .map(Ok)
+        .unwrap_or_else(|| daemon_agent(&entry))
+    {
         Ok(a) => a,
         Err(e) => {
             eprintln!("supermachine: error: {e}");

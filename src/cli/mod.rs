@@ -2,6 +2,7 @@
 //! when it ran, 125 when supermachine itself failed, 126/127 when the command could not
 //! be invoked / was not found.
 
+mod backend;
 mod bench;
 mod bench_http;
 pub(crate) mod boot;

@@ -43,6 +43,8 @@ pub struct PullArgs {
     snapshots_dir: Option<PathBuf>,
     #[command(flatten)]
     source: SourceArgs,
+    #[command(flatten)]
+    backend: crate::cli::backend::BackendArgs,
     /// The image: a registry reference (NAME[:TAG][@DIGEST]), oci-layout:DIR[:TAG] or
     /// oci-archive:FILE[:TAG].
     image: String,
@@ -90,6 +92,10 @@ pub fn run_pull(a: PullArgs) -> i32 {
     // Like `docker pull`, `pull` asks the source again unless told otherwise.
     boot.pull = match a.source.options(PullPolicy::Always) {
         Ok(o) => o,
+        Err(e) => return err(e),
+    };
+    boot.backend = match a.backend.resolve() {
+        Ok(b) => b,
         Err(e) => return err(e),
     };
     let req = PullRequest {

@@ -58,10 +58,18 @@ pub struct ServeArgs {
     /// Single image: every worker accepts on the listening socket itself.
     #[arg(long)]
     accept_in_workers: bool,
+    /// For images baked here (a snapshot is restored by the backend that baked it).
+    #[command(flatten)]
+    backend: crate::cli::backend::BackendArgs,
 }
 
 /// A snapshot dir for IMAGE: an existing snapshot (dir or name), or a fresh bake.
-fn resolve_image(image: &str, port: u16, root: &Path) -> Result<PathBuf, String> {
+fn resolve_image(
+    image: &str,
+    port: u16,
+    root: &Path,
+    backend: &crate::cli::backend::BackendArgs,
+) -> Result<PathBuf, String> {
     let as_dir = PathBuf::from(image);
     if as_dir.join(snapshot::METADATA).is_file() {
         return Ok(as_dir);
@@ -70,8 +78,10 @@ fn resolve_image(image: &str, port: u16, root: &Path) -> Result<PathBuf, String>
         return Ok(root.join(image));
     }
     let reference = ImageRef::parse(image).map_err(|e| e.to_string())?;
+    let mut boot = BootRequest::new(reference);
+    boot.backend = backend.resolve()?;
     let req = PullRequest {
-        boot: BootRequest::new(reference),
+        boot,
         name: pull::default_name(image),
         port,
         ready_timeout: Duration::from_secs(120),
@@ -109,7 +119,7 @@ pub fn run(a: ServeArgs) -> i32 {
         return EXIT_INTERNAL;
     }
     for (host, image) in specs {
-        match resolve_image(&image, a.port, &root) {
+        match resolve_image(&image, a.port, &root, &a.backend) {
             Ok(dir) => routes.push(Route {
                 host,
                 snapshot: dir,

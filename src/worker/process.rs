@@ -103,7 +103,10 @@ pub fn main() -> i32 {
                     Ok(v) => {
                         let tm = v.timings();
                         let restore = tm.restore.unwrap_or_default();
-                        let agent = v.agent_endpoint().map(|a| a.to_string()).unwrap_or_default();
+                        let agent = v
+                            .agent_endpoint()
+                            .map(|a| a.to_string())
+                            .unwrap_or_default();
                         let v = Arc::new(v);
                         watch_exit(v.clone(), control.try_clone().ok());
                         vm = Some(v);

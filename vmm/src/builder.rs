@@ -790,9 +790,7 @@ impl MicroVm {
                         };
                         match watch {
                             StreamWatch::Read => self.event_loop.watch_serial_input(fd, true)?,
-                            StreamWatch::Pause => {
-                                self.event_loop.watch_serial_input(fd, false)?
-                            }
+                            StreamWatch::Pause => self.event_loop.watch_serial_input(fd, false)?,
                             StreamWatch::Closed => {
                                 let _ = self.event_loop.remove(fd);
                             }

@@ -15,8 +15,13 @@ use crate::error::{Result, VmmError};
 /// What woke the loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Wake {
-    Queue { device: usize, queue: usize },
-    Backend { device: usize },
+    Queue {
+        device: usize,
+        queue: usize,
+    },
+    Backend {
+        device: usize,
+    },
     VcpuExit,
     Reset,
     /// The VM's owner has a command for the thread running the loop.

@@ -153,7 +153,11 @@ mod tests {
 
         let mut got = Vec::new();
         let mut watch = input.on_readable();
-        assert_eq!(watch, StreamWatch::Pause, "1000 bytes do not fit a 64-byte FIFO");
+        assert_eq!(
+            watch,
+            StreamWatch::Pause,
+            "1000 bytes do not fit a 64-byte FIFO"
+        );
         while got.len() < sent.len() {
             got.extend(guest_reads(&serial));
             watch = match watch {
