@@ -698,7 +698,7 @@ impl MicroVm {
 
         let t2 = Instant::now();
         for (fd, s) in vcpus.iter().zip(&state.vcpus) {
-            vcpu::restore_state(fd, s)?;
+            vcpu::restore_state(&kvm, fd, s)?;
         }
         vm::restore_state(&vmfd, &state.vm)?;
         let cpu_state = t2.elapsed();

@@ -1,6 +1,7 @@
-//! `supermachine-vmm`: run the kvm backend directly — boot a kernel, snapshot it when
-//! its console prints a line, restore a snapshot, measure restores. The worker and the
-//! tests drive the VMM through this binary (one VM per process).
+//! `supermachine-vmm`: run our VMM directly — boot a kernel, snapshot it when its console
+//! prints a line, restore a snapshot, measure restores. The product (bake, worker, router)
+//! uses the VMM as a library through `supermachine-backend`'s kvm backend; this binary is
+//! for kernels without our init, the VMM's own tests and restore benchmarks.
 
 use std::io::Write;
 use std::path::PathBuf;

@@ -24,7 +24,8 @@ use crate::error::{Result, VmmError};
 use crate::vstate::memory::{self, GuestMemoryMmap, PAGE_SIZE};
 
 pub const MAGIC: &[u8; 8] = b"SMSNAP\0\x01";
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: vCPU state carries the XSAVE area past 4 KiB (KVM_GET_XSAVE2).
+pub const FORMAT_VERSION: u32 = 2;
 const HEADER_SIZE: usize = 72;
 const STATE_OFFSET: u64 = 4096;
 /// A state larger than this is not ours (devices and vCPUs serialize to a few hundred KiB).

@@ -9,9 +9,9 @@ use std::thread::JoinHandle;
 
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_run, kvm_sregs,
-    kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Xsave,
 };
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
@@ -66,7 +66,11 @@ pub struct VcpuState {
     pub msrs: Vec<(u32, u64)>,
     pub regs: kvm_regs,
     pub sregs: kvm_sregs,
+    /// The legacy 4 KiB XSAVE area...
     pub xsave: kvm_xsave,
+    /// ...and what KVM_GET_XSAVE2 returns beyond it (state components past 4 KiB, such as
+    /// AMX tiles); empty where the host's XSAVE area fits 4 KiB.
+    pub xsave_extra: Vec<u32>,
     pub xcrs: kvm_xcrs,
     pub lapic: kvm_lapic_state,
     pub events: kvm_vcpu_events,
@@ -117,17 +121,71 @@ pub fn configure_for_boot(
     Ok(())
 }
 
+/// u32 words of the XSAVE area past the legacy 4 KiB on this host (KVM_CAP_XSAVE2 gives
+/// the whole area's size in bytes; 0 where the capability is missing).
+fn xsave_extra_words(kvm: &Kvm) -> usize {
+    let size = usize::try_from(kvm.check_extension_int(Cap::Xsave2)).unwrap_or(0);
+    size.saturating_sub(std::mem::size_of::<kvm_xsave>())
+        .div_ceil(std::mem::size_of::<u32>())
+}
+
+/// The XSAVE area: through KVM_GET_XSAVE2 when it is larger than 4 KiB here.
+fn save_xsave(kvm: &Kvm, vcpu: &VcpuFd) -> Result<(kvm_xsave, Vec<u32>)> {
+    let extra = xsave_extra_words(kvm);
+    if extra == 0 {
+        return Ok((
+            vcpu.get_xsave().map_err(VmmError::kvm("get_xsave"))?,
+            Vec::new(),
+        ));
+    }
+    let mut x = Xsave::new(extra).map_err(|e| VmmError::Config(format!("xsave2: {e:?}")))?;
+    // SAFETY: `x` has room for the size KVM_CAP_XSAVE2 reported, read just above; no XSTATE
+    // feature is enabled dynamically by this process in between.
+    unsafe { vcpu.get_xsave2(&mut x) }.map_err(VmmError::kvm("get_xsave2"))?;
+    let legacy = kvm_xsave {
+        region: x.as_fam_struct_ref().xsave.region,
+        ..Default::default()
+    };
+    Ok((legacy, x.as_slice().to_vec()))
+}
+
+/// Sets a saved XSAVE area. KVM_SET_XSAVE reads as many bytes as *this* host's guest FPU
+/// area has, so the buffer is always that large: the saved words, zero-padded (components
+/// not in the saved XSTATE_BV are ignored). A saved area larger than this host's is refused.
+fn restore_xsave(kvm: &Kvm, vcpu: &VcpuFd, s: &VcpuState) -> Result<()> {
+    let extra = xsave_extra_words(kvm);
+    if extra == 0 && s.xsave_extra.is_empty() {
+        // SAFETY: this host's XSAVE area fits the 4 KiB kvm_xsave that KVM_SET_XSAVE reads.
+        return unsafe { vcpu.set_xsave(&s.xsave) }.map_err(VmmError::kvm("set_xsave"));
+    }
+    if s.xsave_extra.len() > extra {
+        return Err(VmmError::Config(format!(
+            "the snapshot's XSAVE area ({} bytes) is larger than this host's ({} bytes)",
+            4096 + 4 * s.xsave_extra.len(),
+            4096 + 4 * extra
+        )));
+    }
+    let mut x = Xsave::new(extra).map_err(|e| VmmError::Config(format!("xsave2: {e:?}")))?;
+    // SAFETY: only the plain-data header of the FAM struct is written; its length stays.
+    unsafe { x.as_mut_fam_struct() }.xsave.region = s.xsave.region;
+    x.as_mut_slice()[..s.xsave_extra.len()].copy_from_slice(&s.xsave_extra);
+    // SAFETY: `x` is as large as KVM_CAP_XSAVE2 says this host's XSAVE area is.
+    unsafe { vcpu.set_xsave2(&x) }.map_err(VmmError::kvm("set_xsave2"))
+}
+
 pub fn save_state(kvm: &Kvm, vcpu: &VcpuFd, id: u8) -> Result<VcpuState> {
     let cpuid = vcpu
         .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .map_err(VmmError::kvm("get_cpuid2"))?;
+    let (xsave, xsave_extra) = save_xsave(kvm, vcpu)?;
     Ok(VcpuState {
         id,
         cpuid: cpuid.as_slice().to_vec(),
         msrs: msr::save_msrs(kvm, vcpu)?,
         regs: vcpu.get_regs().map_err(VmmError::kvm("get_regs"))?,
         sregs: vcpu.get_sregs().map_err(VmmError::kvm("get_sregs"))?,
-        xsave: vcpu.get_xsave().map_err(VmmError::kvm("get_xsave"))?,
+        xsave,
+        xsave_extra,
         xcrs: vcpu.get_xcrs().map_err(VmmError::kvm("get_xcrs"))?,
         lapic: vcpu.get_lapic().map_err(VmmError::kvm("get_lapic"))?,
         events: vcpu
@@ -142,7 +200,7 @@ pub fn save_state(kvm: &Kvm, vcpu: &VcpuFd, id: u8) -> Result<VcpuState> {
 
 /// Sets a saved state in KVM's order: CPUID, MSRs, sregs before regs, FPU/XSAVE, XCRs,
 /// LAPIC, events, mp_state, debug registers.
-pub fn restore_state(vcpu: &VcpuFd, s: &VcpuState) -> Result<()> {
+pub fn restore_state(kvm: &Kvm, vcpu: &VcpuFd, s: &VcpuState) -> Result<()> {
     let cpuid = CpuId::from_entries(&s.cpuid)
         .map_err(|e| VmmError::Config(format!("saved CPUID: {e:?}")))?;
     vcpu.set_cpuid2(&cpuid)
@@ -151,8 +209,7 @@ pub fn restore_state(vcpu: &VcpuFd, s: &VcpuState) -> Result<()> {
     vcpu.set_sregs(&s.sregs)
         .map_err(VmmError::kvm("set_sregs"))?;
     vcpu.set_regs(&s.regs).map_err(VmmError::kvm("set_regs"))?;
-    // SAFETY: a kvm_xsave (4 KiB) is what KVM_SET_XSAVE reads; no XSAVE2 extension is used.
-    unsafe { vcpu.set_xsave(&s.xsave) }.map_err(VmmError::kvm("set_xsave"))?;
+    restore_xsave(kvm, vcpu, s)?;
     vcpu.set_xcrs(&s.xcrs).map_err(VmmError::kvm("set_xcrs"))?;
     vcpu.set_lapic(&s.lapic)
         .map_err(VmmError::kvm("set_lapic"))?;
@@ -357,4 +414,45 @@ pub fn create(vm: &VmFd, id: u8) -> Result<VcpuFd> {
         id: id as usize,
         reason: format!("create: {e}"),
     })
+}
+
+#[cfg(test)]
+mod xsave_tests {
+    use super::*;
+    use crate::vstate::vm;
+
+    /// A vCPU's XSAVE area survives save -> restore into another VM, through KVM_GET_XSAVE2
+    /// where this host's area is larger than 4 KiB and the legacy ioctls elsewhere.
+    #[test]
+    fn xsave_area_round_trips_between_vms() {
+        let kvm = Kvm::new().expect("/dev/kvm (hardware virtualization or PVM)");
+        let vm_a = vm::create_vm(&kvm).unwrap();
+        let a = create(&vm_a, 0).unwrap();
+        let (mut xsave, extra) = save_xsave(&kvm, &a).unwrap();
+        assert_eq!(extra.len(), xsave_extra_words(&kvm));
+        // x87 control word (bytes 0-1 of the legacy area) to a recognisable value, and
+        // MXCSR (bytes 24-27); XSTATE_BV (byte 512) says x87 and SSE state are present, or
+        // they would load as their init values.
+        xsave.region[0] = (xsave.region[0] & !0xffff) | 0x027f;
+        xsave.region[6] = 0x1f80 | 0x6000;
+        xsave.region[128] |= 0b11;
+        let state = VcpuState {
+            xsave,
+            xsave_extra: extra,
+            ..save_state(&kvm, &a, 0).unwrap()
+        };
+        let vm_b = vm::create_vm(&kvm).unwrap();
+        let b = create(&vm_b, 0).unwrap();
+        restore_xsave(&kvm, &b, &state).unwrap();
+        let (back, back_extra) = save_xsave(&kvm, &b).unwrap();
+        assert_eq!(back.region[0] & 0xffff, 0x027f);
+        assert_eq!(back.region[6], 0x1f80 | 0x6000);
+        assert_eq!(back_extra.len(), state.xsave_extra.len());
+
+        let too_big = VcpuState {
+            xsave_extra: vec![0; xsave_extra_words(&kvm) + 16],
+            ..state
+        };
+        assert!(restore_xsave(&kvm, &b, &too_big).is_err());
+    }
 }
