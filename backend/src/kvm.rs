@@ -56,35 +56,16 @@ impl RunPaths {
     }
 }
 
-fn check_files(spec: &BootSpec) -> Result<(), BackendError> {
-    for (what, p) in [
-        ("guest kernel", &spec.kernel),
-        ("initramfs", &spec.initramfs),
-    ] {
-        if !p.is_file() {
-            return Err(BackendError::MissingFile(what.into(), p.clone()));
-        }
-    }
-    for d in &spec.disks {
-        if !d.path.is_file() {
-            return Err(BackendError::MissingFile(
-                format!("disk {}", d.serial),
-                d.path.clone(),
-            ));
-        }
-    }
-    Ok(())
-}
-
 fn vcpus_of(spec: &BootSpec) -> Result<u8, BackendError> {
     u8::try_from(spec.vcpus)
         .map_err(|_| BackendError::Restore(format!("{} vCPUs: at most 32", spec.vcpus)))
 }
 
-/// The pieces every VM thread starts from: where the console goes, the VMM's end of the
-/// control channel, and the host's.
+/// What a VM thread starts from: the console file (ttyS0), the VMM's end of the control
+/// channel as ttyS1's output and its input, and the host's end.
 struct Io {
     console: std::fs::File,
+    com2: Box<dyn std::io::Write + Send>,
     control_vmm: UnixStream,
     control_host: UnixStream,
 }
@@ -95,24 +76,51 @@ impl Io {
             .map_err(|e| BackendError::io(format!("creating {}", paths.console.display()), e))?;
         let (control_host, control_vmm) =
             UnixStream::pair().map_err(|e| BackendError::io("control channel socket pair", e))?;
+        let com2 = Box::new(
+            control_vmm
+                .try_clone()
+                .map_err(|e| BackendError::io("duplicating the control channel", e))?,
+        );
         Ok(Self {
             console,
+            com2,
             control_vmm,
             control_host,
         })
     }
 }
 
-/// Sets up a built VM's control input: what the host writes reaches the guest's ttyS1.
-fn attach_control(vm: &mut MicroVm, control_vmm: UnixStream) -> Result<(), String> {
-    vm.attach_serial_input(CONTROL_UART, control_vmm)
-        .map_err(|e| e.to_string())
+/// The agent's vsock port behind the VM's socket.
+fn agent_endpoint(spec: &BootSpec, paths: &RunPaths) -> Option<AgentEndpoint> {
+    spec.agent_port.map(|port| AgentEndpoint::Vsock {
+        uds: paths.vsock.clone(),
+        port: u32::from(port),
+    })
 }
 
-fn com2_output(control_vmm: &UnixStream) -> Result<Box<dyn std::io::Write + Send>, BackendError> {
-    Ok(Box::new(control_vmm.try_clone().map_err(|e| {
-        BackendError::io("duplicating the control channel", e)
-    })?))
+/// Finishes a VM built on its thread — what the host writes to the control channel now
+/// reaches the guest's ttyS1 — and tells whoever waits how that went (`ok()` on success).
+fn report_built<T>(
+    built: Result<MicroVm, String>,
+    control_vmm: UnixStream,
+    reply: &Sender<Result<T, String>>,
+    ok: impl FnOnce() -> T,
+) -> Option<MicroVm> {
+    let attached = built.and_then(|mut vm| {
+        vm.attach_serial_input(CONTROL_UART, control_vmm)
+            .map(|()| vm)
+            .map_err(|e| e.to_string())
+    });
+    match attached {
+        Ok(vm) => {
+            let _ = reply.send(Ok(ok()));
+            Some(vm)
+        }
+        Err(e) => {
+            let _ = reply.send(Err(e));
+            None
+        }
+    }
 }
 
 impl Backend for KvmBackend {
@@ -122,17 +130,12 @@ impl Backend for KvmBackend {
 
     fn boot(&self, spec: &BootSpec) -> Result<Box<dyn Machine>, BackendError> {
         let requested = Instant::now();
-        check_files(spec)?;
+        spec.check_files()?;
         let paths = RunPaths::new(&spec.run_dir);
         let io = Io::new(&paths)?;
-        let mut cmdline = BASE_CMDLINE.to_string();
-        for extra in &spec.extra_cmdline {
-            cmdline.push(' ');
-            cmdline.push_str(extra);
-        }
         let config = VmConfig {
             kernel: spec.kernel.clone(),
-            cmdline,
+            cmdline: spec.cmdline(BASE_CMDLINE),
             initrd: Some(spec.initramfs.clone()),
             memory_mib: spec.memory_mib,
             vcpus: vcpus_of(spec)?,
@@ -149,27 +152,16 @@ impl Backend for KvmBackend {
                 uds_path: paths.vsock.clone(),
             }),
         };
-        let console = io
-            .console
-            .try_clone()
-            .map_err(|e| BackendError::io("console file", e))?;
-        let com2 = com2_output(&io.control_vmm)?;
-        let control_vmm = io.control_vmm;
+        let Io {
+            console,
+            com2,
+            control_vmm,
+            control_host,
+        } = io;
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread = VmThread::spawn(ready_tx, move |ready| {
-            let mut vm = match MicroVm::boot(&config, Box::new(console), com2) {
-                Ok(vm) => vm,
-                Err(e) => {
-                    let _ = ready.send(Err(e.to_string()));
-                    return None;
-                }
-            };
-            if let Err(e) = attach_control(&mut vm, control_vmm) {
-                let _ = ready.send(Err(e));
-                return None;
-            }
-            let _ = ready.send(Ok(()));
-            Some(vm)
+            let built = MicroVm::boot(&config, Box::new(console), com2);
+            report_built(built.map_err(|e| e.to_string()), control_vmm, ready, || ())
         })?;
         match ready_rx.recv() {
             Ok(Ok(())) => {}
@@ -182,22 +174,19 @@ impl Backend for KvmBackend {
         }
         Ok(Box::new(KvmMachine {
             thread: Some(thread),
-            channel: Some(Box::new(io.control_host)),
+            channel: Some(Box::new(control_host)),
+            agent: agent_endpoint(spec, &paths),
             console: paths.console,
             timings: StartTimings {
                 requested,
                 monitor_ready: Instant::now(),
             },
-            agent: spec.agent_port.map(|port| AgentEndpoint::Vsock {
-                uds: paths.vsock.clone(),
-                port: u32::from(port),
-            }),
         }))
     }
 
     fn prepare_restore(&self, spec: &BootSpec) -> Result<Box<dyn PendingRestore>, BackendError> {
         let started = Instant::now();
-        check_files(spec)?;
+        spec.check_files()?;
         let snapshot = spec
             .memory_file
             .as_ref()
@@ -208,12 +197,12 @@ impl Backend for KvmBackend {
         let paths = RunPaths::new(&spec.run_dir);
         let io = Io::new(&paths)?;
         let vsock = paths.vsock.clone();
-        let console = io
-            .console
-            .try_clone()
-            .map_err(|e| BackendError::io("console file", e))?;
-        let com2 = com2_output(&io.control_vmm)?;
-        let control_vmm = io.control_vmm;
+        let Io {
+            console,
+            com2,
+            control_vmm,
+            control_host,
+        } = io;
         let (resume_tx, resume_rx) = mpsc::channel::<(PathBuf, Sender<ResumeResult>)>();
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread = VmThread::spawn(ready_tx, move |ready| {
@@ -229,20 +218,9 @@ impl Backend for KvmBackend {
             // Dropping the pending restore closes the channel: the prepared VM goes.
             let (path, reply) = resume_rx.recv().ok()?;
             let loading = Instant::now();
-            let mut vm = match MicroVm::restore(&path, Some(prepared), Box::new(console), com2, uds)
-            {
-                Ok((vm, _)) => vm,
-                Err(e) => {
-                    let _ = reply.send(Err(e.to_string()));
-                    return None;
-                }
-            };
-            if let Err(e) = attach_control(&mut vm, control_vmm) {
-                let _ = reply.send(Err(e));
-                return None;
-            }
-            let _ = reply.send(Ok(loading.elapsed()));
-            Some(vm)
+            let built = MicroVm::restore(&path, Some(prepared), Box::new(console), com2, uds);
+            let built = built.map(|(vm, _)| vm).map_err(|e| e.to_string());
+            report_built(built, control_vmm, &reply, || loading.elapsed())
         })?;
         match ready_rx.recv() {
             Ok(Ok(())) => {}
@@ -252,12 +230,9 @@ impl Backend for KvmBackend {
         Ok(Box::new(KvmPendingRestore {
             thread,
             resume: resume_tx,
-            channel: Box::new(io.control_host),
+            channel: Box::new(control_host),
+            agent: agent_endpoint(spec, &paths),
             console: paths.console,
-            agent: spec.agent_port.map(|port| AgentEndpoint::Vsock {
-                uds: paths.vsock.clone(),
-                port: u32::from(port),
-            }),
             monitor_start: started.elapsed(),
         }))
     }

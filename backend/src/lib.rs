@@ -61,6 +61,39 @@ pub struct BootSpec {
     pub memory_file: Option<MemoryFile>,
 }
 
+impl BootSpec {
+    /// Kernel, initramfs and every disk must exist: a missing one is named.
+    pub fn check_files(&self) -> Result<(), BackendError> {
+        for (what, p) in [
+            ("guest kernel", &self.kernel),
+            ("initramfs", &self.initramfs),
+        ] {
+            if !p.is_file() {
+                return Err(BackendError::MissingFile(what.into(), p.clone()));
+            }
+        }
+        for d in &self.disks {
+            if !d.path.is_file() {
+                return Err(BackendError::MissingFile(
+                    format!("disk {}", d.serial),
+                    d.path.clone(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The backend's base kernel command line followed by `extra_cmdline`.
+    pub fn cmdline(&self, base: &str) -> String {
+        let mut cmdline = base.to_string();
+        for extra in &self.extra_cmdline {
+            cmdline.push(' ');
+            cmdline.push_str(extra);
+        }
+        cmdline
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct MemoryFile {
     pub path: PathBuf,

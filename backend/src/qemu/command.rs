@@ -58,11 +58,7 @@ impl QemuCommand {
         ]);
         let kernel = spec.kernel.display().to_string();
         let initrd = spec.initramfs.display().to_string();
-        let mut cmdline = BASE_CMDLINE.to_string();
-        for extra in &spec.extra_cmdline {
-            cmdline.push(' ');
-            cmdline.push_str(extra);
-        }
+        let cmdline = spec.cmdline(BASE_CMDLINE);
         push(&["-kernel", &kernel, "-initrd", &initrd, "-append", &cmdline]);
         let console_dev = format!("file,id=console,path={}", console.display());
         push(&["-chardev", &console_dev, "-serial", "chardev:console"]);

@@ -149,22 +149,7 @@ impl QemuBackend {
 
     fn boot_once(&self, spec: &BootSpec, incoming: bool) -> Result<QemuMachine, BackendError> {
         let requested = Instant::now();
-        for (what, p) in [
-            ("guest kernel", &spec.kernel),
-            ("initramfs", &spec.initramfs),
-        ] {
-            if !p.is_file() {
-                return Err(BackendError::MissingFile(what.into(), p.clone()));
-            }
-        }
-        for d in &spec.disks {
-            if !d.path.is_file() {
-                return Err(BackendError::MissingFile(
-                    format!("disk {}", d.serial),
-                    d.path.clone(),
-                ));
-            }
-        }
+        spec.check_files()?;
         let paths = RunPaths::new(&spec.run_dir);
         let listener = UnixListener::bind(&paths.channel)
             .map_err(|e| BackendError::io(format!("binding {}", paths.channel.display()), e))?;
