@@ -71,16 +71,12 @@ pub struct Metadata {
 /// The snapshots root: `$SUPERMACHINE_SNAPSHOTS`, else `$XDG_DATA_HOME/supermachine/snapshots`,
 /// else `~/.local/share/supermachine/snapshots`.
 pub fn default_root() -> PathBuf {
-    if let Some(p) = std::env::var_os("SUPERMACHINE_SNAPSHOTS") {
-        return PathBuf::from(p);
-    }
-    if let Some(p) = std::env::var_os("XDG_DATA_HOME") {
-        return PathBuf::from(p).join("supermachine/snapshots");
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| "/root".into());
-    home.join(".local/share/supermachine/snapshots")
+    supermachine_bake::cache::user_dir(
+        "SUPERMACHINE_SNAPSHOTS",
+        "XDG_DATA_HOME",
+        "supermachine/snapshots",
+        ".local/share/supermachine/snapshots",
+    )
 }
 
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {

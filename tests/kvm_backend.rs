@@ -83,8 +83,7 @@ fn pvm_test_kernel() -> PathBuf {
     if let Some(p) = std::env::var_os("SUPERMACHINE_PVM_TEST_KERNEL") {
         return PathBuf::from(p);
     }
-    let k = PathBuf::from(std::env::var("HOME").unwrap())
-        .join(".cache/supermachine/kernel/pvm-test/vmlinux");
+    let k = supermachine::Cache::default_root().join("kernel/pvm-test/vmlinux");
     assert!(
         k.is_file(),
         "{} is missing: build it with kernel-config/build.sh --variant pvm-test (scripts/test.sh does)",

@@ -21,16 +21,12 @@ impl Cache {
 
     /// The default location, honouring `SUPERMACHINE_CACHE` and `XDG_CACHE_HOME`.
     pub fn default_root() -> PathBuf {
-        if let Some(p) = std::env::var_os("SUPERMACHINE_CACHE") {
-            return PathBuf::from(p);
-        }
-        if let Some(p) = std::env::var_os("XDG_CACHE_HOME") {
-            return PathBuf::from(p).join("supermachine");
-        }
-        let home = std::env::var_os("HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| "/root".into());
-        home.join(".cache/supermachine")
+        user_dir(
+            "SUPERMACHINE_CACHE",
+            "XDG_CACHE_HOME",
+            "supermachine",
+            ".cache/supermachine",
+        )
     }
 
     pub fn root(&self) -> &Path {
@@ -99,4 +95,19 @@ impl AtomicFile {
         }
         Ok(dest)
     }
+}
+
+/// A per-user directory: `$override_var` if set, else `$xdg_var/under_xdg`, else
+/// `$HOME/under_home` (`/root` without a HOME).
+pub fn user_dir(override_var: &str, xdg_var: &str, under_xdg: &str, under_home: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(override_var) {
+        return PathBuf::from(p);
+    }
+    if let Some(p) = std::env::var_os(xdg_var) {
+        return PathBuf::from(p).join(under_xdg);
+    }
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/root".into())
+        .join(under_home)
 }
