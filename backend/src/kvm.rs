@@ -67,6 +67,8 @@ struct Io {
     console: std::fs::File,
     com2: Box<dyn std::io::Write + Send>,
     control_vmm: UnixStream,
+    /// Another handle on the VMM's end, for the VM thread's stop (see `VmThread`).
+    stop_handle: UnixStream,
     control_host: UnixStream,
 }
 
@@ -76,14 +78,15 @@ impl Io {
             .map_err(|e| BackendError::io(format!("creating {}", paths.console.display()), e))?;
         let (control_host, control_vmm) =
             UnixStream::pair().map_err(|e| BackendError::io("control channel socket pair", e))?;
-        let com2 = Box::new(
+        let dup = || {
             control_vmm
                 .try_clone()
-                .map_err(|e| BackendError::io("duplicating the control channel", e))?,
-        );
+                .map_err(|e| BackendError::io("duplicating the control channel", e))
+        };
         Ok(Self {
             console,
-            com2,
+            com2: Box::new(dup()?),
+            stop_handle: dup()?,
             control_vmm,
             control_host,
         })
@@ -156,10 +159,11 @@ impl Backend for KvmBackend {
             console,
             com2,
             control_vmm,
+            stop_handle,
             control_host,
         } = io;
         let (ready_tx, ready_rx) = mpsc::channel();
-        let thread = VmThread::spawn(ready_tx, move |ready| {
+        let thread = VmThread::spawn(stop_handle, ready_tx, move |ready| {
             let built = MicroVm::boot(&config, Box::new(console), com2);
             report_built(built.map_err(|e| e.to_string()), control_vmm, ready, || ())
         })?;
@@ -201,11 +205,12 @@ impl Backend for KvmBackend {
             console,
             com2,
             control_vmm,
+            stop_handle,
             control_host,
         } = io;
         let (resume_tx, resume_rx) = mpsc::channel::<(PathBuf, Sender<ResumeResult>)>();
         let (ready_tx, ready_rx) = mpsc::channel();
-        let thread = VmThread::spawn(ready_tx, move |ready| {
+        let thread = VmThread::spawn(stop_handle, ready_tx, move |ready| {
             let uds = layout_uses_vsock(&layout).then_some(vsock.as_path());
             let prepared = match PreparedVm::for_layout(&layout, uds) {
                 Ok(p) => p,
@@ -309,10 +314,15 @@ struct VmThread {
     /// Set once the VM is built.
     waker: Arc<Mutex<Option<EventFd>>>,
     ended: Ended,
+    /// The VMM's end of the control channel: shut down on stop, so a vCPU blocked writing
+    /// ttyS1 to a host that stopped reading (a guest flooding it) gets an error and can
+    /// obey the stop.
+    control: UnixStream,
 }
 
 impl VmThread {
     fn spawn<R: Send + 'static>(
+        control: UnixStream,
         ready: Sender<R>,
         build: impl FnOnce(&Sender<R>) -> Option<MicroVm> + Send + 'static,
     ) -> Result<Self, BackendError> {
@@ -339,6 +349,7 @@ impl VmThread {
             commands,
             waker,
             ended,
+            control,
         })
     }
 
@@ -365,6 +376,7 @@ impl VmThread {
 
     fn stop(&mut self) {
         self.send(Command::Stop);
+        let _ = self.control.shutdown(std::net::Shutdown::Both);
         if let Some(j) = self.join.take() {
             let _ = j.join();
         }

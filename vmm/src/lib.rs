@@ -15,6 +15,7 @@ pub mod devices;
 pub mod error;
 pub mod event_loop;
 pub mod snapshot;
+pub mod testing;
 pub mod vstate;
 
 pub use builder::{BlockConfig, ExitReason, MicroVm, VmConfig, VsockConfig};

@@ -47,38 +47,8 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// A 64-bit ELF "kernel" whose only segment is `code`, loaded and entered at 2 MiB.
 fn tiny_kernel(dir: &Path, name: &str, code: &[u8]) -> PathBuf {
-    let entry: u64 = 0x20_0000;
-    let mut elf = Vec::new();
-    elf.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
-    elf.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-    elf.extend_from_slice(&0x3eu16.to_le_bytes()); // x86_64
-    elf.extend_from_slice(&1u32.to_le_bytes());
-    elf.extend_from_slice(&entry.to_le_bytes());
-    elf.extend_from_slice(&64u64.to_le_bytes()); // phoff
-    elf.extend_from_slice(&0u64.to_le_bytes()); // shoff
-    elf.extend_from_slice(&0u32.to_le_bytes());
-    elf.extend_from_slice(&64u16.to_le_bytes()); // ehsize
-    elf.extend_from_slice(&56u16.to_le_bytes()); // phentsize
-    elf.extend_from_slice(&1u16.to_le_bytes()); // phnum
-    elf.extend_from_slice(&64u16.to_le_bytes());
-    elf.extend_from_slice(&0u16.to_le_bytes());
-    elf.extend_from_slice(&0u16.to_le_bytes());
-    // PT_LOAD, R+X, file offset 0x1000 -> 2 MiB
-    elf.extend_from_slice(&1u32.to_le_bytes());
-    elf.extend_from_slice(&5u32.to_le_bytes());
-    elf.extend_from_slice(&0x1000u64.to_le_bytes());
-    elf.extend_from_slice(&entry.to_le_bytes());
-    elf.extend_from_slice(&entry.to_le_bytes());
-    elf.extend_from_slice(&(code.len() as u64).to_le_bytes());
-    elf.extend_from_slice(&(code.len() as u64).to_le_bytes());
-    elf.extend_from_slice(&0x1000u64.to_le_bytes());
-    elf.resize(0x1000, 0);
-    elf.extend_from_slice(code);
-    let p = dir.join(name);
-    std::fs::write(&p, elf).unwrap();
-    p
+    supermachine_vmm::testing::tiny_kernel(dir, name, code).unwrap()
 }
 
 /// Boots a tiny guest with a little memory and a minute to finish.
