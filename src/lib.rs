@@ -1,10 +1,11 @@
 //! supermachine: run OCI images as hardware-isolated microVMs.
 //!
-//! Today the crate boots an image from an OCI layout in a fresh VM and runs its command to
-//! completion ([`boot::run`]); snapshots, restore, the worker pool and the router build on it.
-//! The pieces live in their own crates: `supermachine-bake` (image preparation),
-//! `supermachine-backend` (the backend trait and QEMU), `supermachine-protocol` (wire
-//! types shared with the guest), `supermachine-init` (the guest's PID 1).
+//! The crate boots an image (registry, OCI layout or archive) in a fresh VM and runs its
+//! command to completion ([`boot::run`]); snapshots, restore, the worker pool and the router
+//! build on it. The pieces live in their own crates: `supermachine-bake` (image
+//! preparation), `supermachine-backend` (the backend trait, QEMU, and the kvm backend over
+//! `supermachine-vmm`, our own VMM), `supermachine-protocol` (wire types shared with the
+//! guest), `supermachine-init` (the guest's PID 1), `supermachine-shim` (the guest agent).
 
 mod agent;
 pub mod boot;
