@@ -330,6 +330,9 @@ impl VmThread {
         let ended: Ended = Arc::new((Mutex::new(None), Condvar::new()));
         let waker = Arc::new(Mutex::new(None));
         let (e, w) = (ended.clone(), waker.clone());
+        let at_end = control
+            .try_clone()
+            .map_err(|e| BackendError::io("duplicating the control channel", e))?;
         let join = std::thread::Builder::new()
             .name("vmm".into())
             .spawn(move || {
@@ -339,6 +342,9 @@ impl VmThread {
                         detail: "the VM was not started".into(),
                     },
                 };
+                // The host reads end-of-file once the VM is gone (handles on the VMM's
+                // end outlive the VM: shut the socket, not just this descriptor).
+                let _ = at_end.shutdown(std::net::Shutdown::Both);
                 let (lock, cv) = &*e;
                 *lock.lock().unwrap_or_else(|p| p.into_inner()) = Some(exit);
                 cv.notify_all();

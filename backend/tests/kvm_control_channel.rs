@@ -155,3 +155,31 @@ fn guest_output_reaches_the_host_and_a_flooding_guest_still_dies_on_kill() {
     std::thread::sleep(Duration::from_secs(2));
     kill_within(machine, Duration::from_secs(10));
 }
+
+#[test]
+fn when_the_guest_ends_the_host_reads_its_last_bytes_then_end_of_file() {
+    // "bye" to COM2, then a reset through the i8042 (the VM's clean exit).
+    let bye = [
+        0x66, 0xba, 0xf8, 0x02, // mov dx, 0x2f8
+        0xb0, b'b', 0xee, // 'b'
+        0xb0, b'y', 0xee, // 'y'
+        0xb0, b'e', 0xee, // 'e'
+        0xb0, 0xfe, 0xe6, 0x64, // mov al, 0xfe; out 0x64, al
+        0xf4, // hlt
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = tiny_kernel(dir.path(), "bye", &bye).unwrap();
+    let mut machine = KvmBackend::new().boot(&spec(dir.path(), kernel)).unwrap();
+    let mut channel = machine.take_channel().unwrap();
+    assert_eq!(
+        machine.wait_timeout(Duration::from_secs(60)).unwrap(),
+        Some(MachineExit::GuestStopped)
+    );
+    // The Vm above this trait learns of a dead guest from this end-of-file.
+    channel
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut got = Vec::new();
+    channel.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"bye");
+}
