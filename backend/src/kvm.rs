@@ -56,9 +56,10 @@ impl RunPaths {
     }
 }
 
+/// The VMM counts vCPUs in a u8 (and takes at most 32; it says so itself).
 fn vcpus_of(spec: &BootSpec) -> Result<u8, BackendError> {
     u8::try_from(spec.vcpus)
-        .map_err(|_| BackendError::Restore(format!("{} vCPUs: at most 32", spec.vcpus)))
+        .map_err(|_| BackendError::Boot(format!("{} vCPUs: must be 1 to 32", spec.vcpus)))
 }
 
 /// What a VM thread starts from: the console file (ttyS0), the VMM's end of the control
