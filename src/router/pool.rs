@@ -58,6 +58,9 @@ pub struct ImagePool {
     stopping: AtomicBool,
     /// `--accept-in-workers`: the listening socket every worker accepts on.
     listener: Option<std::net::TcpListener>,
+    /// The maintainer thread; `shutdown` waits for it, so no worker it is restoring at
+    /// that moment outlives the pool (and gets SIGKILLed, leaving its run dir behind).
+    maintainer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 type HandoffError = (Error, Option<TcpStream>);
@@ -87,9 +90,13 @@ impl ImagePool {
             wake: Condvar::new(),
             stopping: AtomicBool::new(false),
             listener,
+            maintainer: Mutex::new(None),
         });
         let weak = Arc::downgrade(&pool);
-        std::thread::spawn(move || maintain(weak));
+        let handle = std::thread::spawn(move || maintain(weak));
+        if let Ok(mut m) = pool.maintainer.lock() {
+            *m = Some(handle);
+        }
         Ok(pool)
     }
 
@@ -250,6 +257,10 @@ impl ImagePool {
     pub fn shutdown(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         self.wake.notify_all();
+        let maintainer = self.maintainer.lock().ok().and_then(|mut m| m.take());
+        if let Some(h) = maintainer {
+            let _ = h.join();
+        }
         let workers: Vec<Worker> = match self.inner.lock() {
             Ok(mut i) => {
                 let mut v: Vec<Worker> = i.serving.drain(..).map(|s| s.worker).collect();
@@ -325,6 +336,13 @@ fn maintain(pool: Weak<ImagePool>) {
         }
         if need {
             let result = p.restore_one();
+            if p.stopping.load(Ordering::SeqCst) {
+                // Shut down while restoring: this worker is no one's to stop but ours.
+                if let Ok(w) = result {
+                    w.stop();
+                }
+                return;
+            }
             if let Ok(mut i) = p.inner.lock() {
                 i.starting = i.starting.saturating_sub(1);
                 match result {
