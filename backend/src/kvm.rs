@@ -136,7 +136,6 @@ impl Backend for KvmBackend {
         let requested = Instant::now();
         spec.check_files()?;
         let paths = RunPaths::new(&spec.run_dir);
-        let io = Io::new(&paths)?;
         let config = VmConfig {
             kernel: spec.kernel.clone(),
             cmdline: spec.cmdline(BASE_CMDLINE),
@@ -162,7 +161,7 @@ impl Backend for KvmBackend {
             control_vmm,
             stop_handle,
             control_host,
-        } = io;
+        } = Io::new(&paths)?;
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread = VmThread::spawn(stop_handle, ready_tx, move |ready| {
             let built = MicroVm::boot(&config, Box::new(console), com2);
@@ -200,7 +199,6 @@ impl Backend for KvmBackend {
         let layout = RestoreLayout::of(&snapshot)
             .map_err(|e| BackendError::Restore(format!("{}: {e}", snapshot.display())))?;
         let paths = RunPaths::new(&spec.run_dir);
-        let io = Io::new(&paths)?;
         let vsock = paths.vsock.clone();
         let Io {
             console,
@@ -208,11 +206,11 @@ impl Backend for KvmBackend {
             control_vmm,
             stop_handle,
             control_host,
-        } = io;
+        } = Io::new(&paths)?;
         let (resume_tx, resume_rx) = mpsc::channel::<(PathBuf, Sender<ResumeResult>)>();
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread = VmThread::spawn(stop_handle, ready_tx, move |ready| {
-            let uds = layout_uses_vsock(&layout).then_some(vsock.as_path());
+            let uds = layout.vsock.then_some(vsock.as_path());
             let prepared = match PreparedVm::for_layout(&layout, uds) {
                 Ok(p) => p,
                 Err(e) => {
@@ -242,12 +240,6 @@ impl Backend for KvmBackend {
             monitor_start: started.elapsed(),
         }))
     }
-}
-
-/// The snapshot has a vsock device: the restored VM needs its socket bound.
-fn layout_uses_vsock(layout: &RestoreLayout) -> bool {
-    // Virtio devices sit one per slot; the vsock device has three queues, blk one.
-    layout.devices.iter().any(|d| d.queues == 3)
 }
 
 type ResumeResult = Result<Duration, String>;

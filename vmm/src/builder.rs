@@ -200,6 +200,8 @@ pub struct RestoreLayout {
     pub vcpus: u8,
     pub memory_mib: u32,
     pub devices: Vec<DeviceSlot>,
+    /// The snapshot has a vsock device (so the restored VM needs its own socket).
+    pub vsock: bool,
 }
 
 impl RestoreLayout {
@@ -219,6 +221,10 @@ impl RestoreLayout {
             vcpus: state.vcpus.len() as u8,
             memory_mib: (file.mem_size >> 20) as u32,
             devices,
+            vsock: state
+                .devices
+                .iter()
+                .any(|d| matches!(d.kind, DeviceKindState::Vsock(_))),
         })
     }
 }
@@ -300,8 +306,6 @@ pub struct MicroVm {
     reservation: Option<memory::Reservation>,
     responses: Receiver<VcpuResponse>,
     serials: Vec<Arc<Mutex<SerialDevice>>>,
-    /// Per UART: written when the guest empties its input FIFO.
-    serial_drained: Vec<EventFd>,
     /// Host input feeding a UART (the control channel), if attached.
     serial_input: Option<SerialInput>,
     devices: Vec<(u64, u32, Arc<Mutex<MmioTransport>>)>,
@@ -328,7 +332,6 @@ struct Wiring {
     pio: Bus,
     mmio: Bus,
     serials: Vec<Arc<Mutex<SerialDevice>>>,
-    serial_drained: Vec<EventFd>,
     devices: Vec<(u64, u32, Arc<Mutex<MmioTransport>>)>,
     reset_evt: EventFd,
 }
@@ -365,7 +368,6 @@ fn wire_devices(vm: &VmFd, mem: &GuestMemoryMmap, inputs: WireInputs) -> Result<
     let mut pio = Bus::default();
     let mut mmio = Bus::default();
     let mut serials = Vec::new();
-    let mut serial_drained = Vec::new();
     let console: Output = Box::new(PanicWatch {
         inner: console,
         seen: panic_seen.clone(),
@@ -382,9 +384,8 @@ fn wire_devices(vm: &VmFd, mem: &GuestMemoryMmap, inputs: WireInputs) -> Result<
             Some(t) => t,
             None => serial_trigger(vm, irq)?,
         };
-        let drained = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::io("eventfd", e))?;
-        let events = InputDrained(evt_clone(&drained)?);
-        serial_drained.push(drained);
+        let events =
+            InputDrained(EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmmError::io("eventfd", e))?);
         let dev = match serial_states.and_then(|s| s.get(i)) {
             Some(state) => {
                 SerialDevice::from_state(state, trigger, events, out).map_err(VmmError::Config)?
@@ -476,7 +477,6 @@ fn wire_devices(vm: &VmFd, mem: &GuestMemoryMmap, inputs: WireInputs) -> Result<
         pio,
         mmio,
         serials,
-        serial_drained,
         devices,
         reset_evt,
     })
@@ -639,7 +639,6 @@ impl MicroVm {
             reservation: None,
             responses,
             serials: wiring.serials,
-            serial_drained: wiring.serial_drained,
             serial_input: None,
             devices: wiring.devices,
             event_loop,
@@ -877,15 +876,18 @@ impl MicroVm {
     /// Feeds what the host writes to `stream` into UART `index` (0: ttyS0, 1: ttyS1) as
     /// the guest reads it. At most one UART takes host input.
     pub fn attach_serial_input(&mut self, index: usize, stream: UnixStream) -> Result<()> {
-        let (Some(serial), Some(drained)) =
-            (self.serials.get(index), self.serial_drained.get(index))
-        else {
+        let Some(serial) = self.serials.get(index) else {
             return Err(VmmError::Config(format!("no UART {index}")));
         };
         if self.serial_input.is_some() {
             return Err(VmmError::Config("a UART already takes host input".into()));
         }
-        let input = SerialInput::new(stream, serial.clone(), evt_clone(drained)?);
+        let drained = serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .input_drained_evt()
+            .map_err(|e| VmmError::io("duplicating an eventfd", e))?;
+        let input = SerialInput::new(stream, serial.clone(), drained);
         self.event_loop
             .add_serial_input(input.stream_fd(), input.drained_fd())?;
         self.serial_input = Some(input);

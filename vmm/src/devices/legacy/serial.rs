@@ -91,9 +91,9 @@ impl SerialDevice {
         self.uart.enqueue_raw_bytes(input).unwrap_or(0)
     }
 
-    /// Free room in the input FIFO.
-    pub fn input_room(&self) -> usize {
-        self.uart.fifo_capacity()
+    /// The eventfd written when the guest has read every queued input byte.
+    pub fn input_drained_evt(&self) -> std::io::Result<EventFd> {
+        self.uart.events().0.try_clone()
     }
 }
 
