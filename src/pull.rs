@@ -142,10 +142,7 @@ pub fn pull(req: &PullRequest) -> Result<PullOutcome, Error> {
     let state = tmp.path().join(snapshot::STATE_FILE);
 
     let mut boot = b.clone();
-    boot.backend = match kind {
-        BackendKind::Kvm => supermachine_backend::BackendChoice::Kvm,
-        BackendKind::Qemu => supermachine_backend::BackendChoice::Qemu,
-    };
+    boot.backend = kind.into();
     boot.kernel = Some(kernel.clone());
     boot.init = Some(init.clone());
     boot.memory_file = Some(memory.clone());

@@ -7,6 +7,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use supermachine_backend::BackendKind;
 use supermachine_protocol::RunConfig;
 
 use crate::Error;
@@ -125,9 +126,9 @@ impl Snapshot {
         let meta: Metadata =
             serde_json::from_value(v).map_err(|e| invalid(format!("{METADATA}: {e}")))?;
         let size_of = |p: &Path| fs::metadata(p).map(|m| m.len());
-        match meta.backend.as_str() {
-            "qemu" => Self::check_qemu_files(dir, &meta).map_err(invalid)?,
-            "kvm" => match size_of(&dir.join(KVM_SNAPSHOT_FILE)) {
+        match meta.backend.parse() {
+            Ok(BackendKind::Qemu) => Self::check_qemu_files(dir, &meta).map_err(invalid)?,
+            Ok(BackendKind::Kvm) => match size_of(&dir.join(KVM_SNAPSHOT_FILE)) {
                 Ok(n) if n == meta.state_size => {}
                 Ok(n) => {
                     return Err(invalid(format!(
@@ -137,9 +138,10 @@ impl Snapshot {
                 }
                 Err(e) => return Err(invalid(format!("{KVM_SNAPSHOT_FILE}: {e}"))),
             },
-            other => {
+            Err(_) => {
                 return Err(invalid(format!(
-                    "baked by backend {other:?}, which this build cannot restore"
+                    "baked by backend {:?}, which this build cannot restore",
+                    meta.backend
                 )))
             }
         }
@@ -215,27 +217,24 @@ impl Snapshot {
     }
 
     /// Which backend baked this snapshot (and so restores it).
-    pub fn backend_kind(&self) -> supermachine_backend::BackendKind {
-        if self.meta.backend == "kvm" {
-            supermachine_backend::BackendKind::Kvm
-        } else {
-            supermachine_backend::BackendKind::Qemu
-        }
+    pub fn backend_kind(&self) -> BackendKind {
+        // `open` refused any other value.
+        self.meta.backend.parse().unwrap_or(BackendKind::Qemu)
     }
 
     /// The backend's state: QEMU's migration stream, or the kvm backend's `restore.snap`.
     pub fn state_path(&self) -> PathBuf {
         match self.backend_kind() {
-            supermachine_backend::BackendKind::Kvm => self.dir.join(KVM_SNAPSHOT_FILE),
-            supermachine_backend::BackendKind::Qemu => self.dir.join(STATE_FILE),
+            BackendKind::Kvm => self.dir.join(KVM_SNAPSHOT_FILE),
+            BackendKind::Qemu => self.dir.join(STATE_FILE),
         }
     }
 
     /// Guest RAM: QEMU's RAM file, or the kvm backend's `restore.snap` (which holds both).
     pub fn memory_path(&self) -> PathBuf {
         match self.backend_kind() {
-            supermachine_backend::BackendKind::Kvm => self.dir.join(KVM_SNAPSHOT_FILE),
-            supermachine_backend::BackendKind::Qemu => self.dir.join(MEMORY_FILE),
+            BackendKind::Kvm => self.dir.join(KVM_SNAPSHOT_FILE),
+            BackendKind::Qemu => self.dir.join(MEMORY_FILE),
         }
     }
 

@@ -32,6 +32,17 @@ impl std::fmt::Display for BackendKind {
     }
 }
 
+impl std::str::FromStr for BackendKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "kvm" => Ok(BackendKind::Kvm),
+            "qemu" => Ok(BackendKind::Qemu),
+            other => Err(format!("unknown backend {other:?}")),
+        }
+    }
+}
+
 /// A block device given to the guest.
 #[derive(Debug, Clone)]
 pub struct Disk {

@@ -37,6 +37,16 @@ impl FromStr for BackendChoice {
     }
 }
 
+/// The explicit choice of a decided backend (so a later `select` cannot decide otherwise).
+impl From<BackendKind> for BackendChoice {
+    fn from(kind: BackendKind) -> Self {
+        match kind {
+            BackendKind::Kvm => Self::Kvm,
+            BackendKind::Qemu => Self::Qemu,
+        }
+    }
+}
+
 impl fmt::Display for BackendChoice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -57,6 +67,23 @@ pub struct Selected {
 }
 
 impl Selected {
+    /// The backend of `kind`, picked for `reason`.
+    fn of(kind: BackendKind, reason: &str) -> Self {
+        let (backend, name): (Box<dyn Backend>, String) = match kind {
+            BackendKind::Kvm => (Box::new(KvmBackend::new()), "kvm (supermachine-vmm)".into()),
+            BackendKind::Qemu => {
+                let q = QemuBackend::new();
+                let name = format!("qemu ({})", q.accel());
+                (Box::new(q), name)
+            }
+        };
+        Self {
+            backend,
+            name,
+            reason: reason.into(),
+        }
+    }
+
     pub fn kind(&self) -> BackendKind {
         self.backend.kind()
     }
@@ -91,25 +118,9 @@ pub fn select(choice: BackendChoice) -> Result<Selected, BackendError> {
 
 /// The decision, separate from probing the host (so every case can be tested).
 pub fn select_on(choice: BackendChoice, host: HostSupport) -> Result<Selected, BackendError> {
-    let kvm = || Selected {
-        backend: Box::new(KvmBackend::new()),
-        name: "kvm (supermachine-vmm)".into(),
-        reason: String::new(),
-    };
-    let qemu = || {
-        let q = QemuBackend::new();
-        let name = format!("qemu ({})", q.accel());
-        Selected {
-            backend: Box::new(q),
-            name,
-            reason: String::new(),
-        }
-    };
-    let mut s = match choice {
-        BackendChoice::Qemu => Selected {
-            reason: "--backend qemu".into(),
-            ..qemu()
-        },
+    use BackendKind::{Kvm, Qemu};
+    Ok(match choice {
+        BackendChoice::Qemu => Selected::of(Qemu, "--backend qemu"),
         BackendChoice::Kvm if !host.kvm_device => {
             return Err(BackendError::Unavailable(
                 "the kvm backend needs /dev/kvm, which cannot be opened read-write here \
@@ -117,64 +128,27 @@ pub fn select_on(choice: BackendChoice, host: HostSupport) -> Result<Selected, B
                     .into(),
             ))
         }
-        BackendChoice::Kvm if !host.hardware_virtualization => Selected {
-            reason: "--backend kvm, although /dev/kvm has no hardware virtualization \
-                     (VMX/SVM): guest kernel code is emulated and an unmodified guest may \
-                     not reach userspace"
-                .into(),
-            ..kvm()
-        },
-        BackendChoice::Kvm => Selected {
-            reason: "--backend kvm".into(),
-            ..kvm()
-        },
-        BackendChoice::Auto if host.hardware_virtualization => Selected {
-            reason: "auto: /dev/kvm has hardware virtualization".into(),
-            ..kvm()
-        },
-        BackendChoice::Auto if host.kvm_device => Selected {
-            reason: "auto: /dev/kvm has no hardware virtualization (VMX/SVM)".into(),
-            ..qemu()
-        },
-        BackendChoice::Auto => Selected {
-            reason: "auto: no usable /dev/kvm".into(),
-            ..qemu()
-        },
-    };
-    if s.reason.is_empty() {
-        s.reason = choice.to_string();
-    }
-    Ok(s)
+        BackendChoice::Kvm if !host.hardware_virtualization => Selected::of(
+            Kvm,
+            "--backend kvm, although /dev/kvm has no hardware virtualization \
+             (VMX/SVM): guest kernel code is emulated and an unmodified guest may \
+             not reach userspace",
+        ),
+        BackendChoice::Kvm => Selected::of(Kvm, "--backend kvm"),
+        BackendChoice::Auto if host.hardware_virtualization => {
+            Selected::of(Kvm, "auto: /dev/kvm has hardware virtualization")
+        }
+        BackendChoice::Auto if host.kvm_device => Selected::of(
+            Qemu,
+            "auto: /dev/kvm has no hardware virtualization (VMX/SVM)",
+        ),
+        BackendChoice::Auto => Selected::of(Qemu, "auto: no usable /dev/kvm"),
+    })
 }
 
 /// The backend that restores a snapshot baked by `kind`.
 pub fn for_kind(kind: BackendKind) -> Selected {
-    match kind {
-        BackendKind::Kvm => Selected {
-            backend: Box::new(KvmBackend::new()),
-            name: "kvm (supermachine-vmm)".into(),
-            reason: "the snapshot was baked by kvm".into(),
-        },
-        BackendKind::Qemu => {
-            let q = QemuBackend::new();
-            Selected {
-                name: format!("qemu ({})", q.accel()),
-                backend: Box::new(q),
-                reason: "the snapshot was baked by qemu".into(),
-            }
-        }
-    }
-}
-
-impl FromStr for BackendKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "kvm" => Ok(BackendKind::Kvm),
-            "qemu" => Ok(BackendKind::Qemu),
-            other => Err(format!("unknown backend {other:?}")),
-        }
-    }
+    Selected::of(kind, &format!("the snapshot was baked by {kind}"))
 }
 
 #[cfg(test)]

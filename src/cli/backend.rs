@@ -2,7 +2,7 @@
 //! that tells the user which backend was picked and why.
 
 use clap::Args;
-use supermachine_backend::{select, BackendChoice, BackendKind};
+use supermachine_backend::{select, BackendChoice};
 
 #[derive(Args, Debug, Clone)]
 pub struct BackendArgs {
@@ -24,9 +24,6 @@ impl BackendArgs {
     pub fn resolve(&self) -> Result<BackendChoice, String> {
         let s = select::select(self.backend).map_err(|e| e.to_string())?;
         eprintln!("supermachine: backend {} [{}]", s.name, s.reason);
-        Ok(match s.kind() {
-            BackendKind::Kvm => BackendChoice::Kvm,
-            BackendKind::Qemu => BackendChoice::Qemu,
-        })
+        Ok(s.kind().into())
     }
 }
