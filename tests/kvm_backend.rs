@@ -16,7 +16,7 @@
 mod common;
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -79,19 +79,6 @@ fn backend_flag_auto_says_what_it_picked_and_kvm_boots_in_our_vmm() {
     );
 }
 
-fn pvm_test_kernel() -> PathBuf {
-    if let Some(p) = std::env::var_os("SUPERMACHINE_PVM_TEST_KERNEL") {
-        return PathBuf::from(p);
-    }
-    let k = supermachine::Cache::default_root().join("kernel/pvm-test/vmlinux");
-    assert!(
-        k.is_file(),
-        "{} is missing: build it with kernel-config/build.sh --variant pvm-test (scripts/test.sh does)",
-        k.display()
-    );
-    k
-}
-
 fn console_has(path: &Path, text: &str) -> bool {
     std::fs::read(path)
         .map(|b| b.windows(text.len()).any(|w| w == text.as_bytes()))
@@ -121,7 +108,7 @@ fn kvm_backend_boots_the_product_initramfs_snapshots_mid_boot_and_restores() {
         Path::new("/dev/kvm").exists(),
         "/dev/kvm is needed for the kvm backend"
     );
-    let kernel = pvm_test_kernel();
+    let kernel = supermachine_vmm::testing::pvm_test_kernel();
     let (_, init) = guest();
     let shim = init.with_file_name("supermachine-shim");
     let cache = supermachine::Cache::new(supermachine::Cache::default_root());

@@ -1,5 +1,6 @@
-//! Hand-assembled guests for tests: a 64-bit ELF "kernel" around a few bytes of machine
-//! code, which the VMM loads and enters in long mode like a real vmlinux.
+//! Guests for tests: a hand-assembled 64-bit ELF "kernel" around a few bytes of machine
+//! code, which the VMM loads and enters in long mode like a real vmlinux, and where the
+//! pvm-test kernel lives.
 
 use std::path::{Path, PathBuf};
 
@@ -35,4 +36,27 @@ pub fn tiny_kernel(dir: &Path, name: &str, code: &[u8]) -> std::io::Result<PathB
     let p = dir.join(name);
     std::fs::write(&p, elf)?;
     Ok(p)
+}
+
+/// The pvm-test kernel (`kernel-config/build.sh --variant pvm-test`, which
+/// `scripts/test.sh` runs): `$SUPERMACHINE_PVM_TEST_KERNEL`, else the build's cache under
+/// `$SUPERMACHINE_CACHE` or `~/.cache/supermachine`. Panics, saying how to build it, when
+/// it is missing.
+pub fn pvm_test_kernel() -> PathBuf {
+    if let Some(p) = std::env::var_os("SUPERMACHINE_PVM_TEST_KERNEL") {
+        return PathBuf::from(p);
+    }
+    let cache = std::env::var_os("SUPERMACHINE_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                .join(".cache/supermachine")
+        });
+    let k = cache.join("kernel/pvm-test/vmlinux");
+    assert!(
+        k.is_file(),
+        "{} is missing: build it with kernel-config/build.sh --variant pvm-test (scripts/test.sh does)",
+        k.display()
+    );
+    k
 }

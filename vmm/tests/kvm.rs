@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use supermachine_vmm::testing::pvm_test_kernel;
+
 const VMM: &str = env!("CARGO_BIN_EXE_supermachine-vmm");
 /// Parameters the pvm-test kernel needs on a PVM host (kernel-config/pvm-test/cmdline).
 const PVM_PARAMS: &str = include_str!("../../kernel-config/pvm-test/cmdline");
@@ -115,24 +117,6 @@ fn tiny_guests_print_reset_and_triple_fault() {
         "{}",
         text(&o.stderr)
     );
-}
-
-fn pvm_test_kernel() -> PathBuf {
-    if let Some(p) = std::env::var_os("SUPERMACHINE_PVM_TEST_KERNEL") {
-        return PathBuf::from(p);
-    }
-    let cache = std::env::var_os("SUPERMACHINE_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/supermachine")
-        });
-    let k = cache.join("kernel/pvm-test/vmlinux");
-    assert!(
-        k.is_file(),
-        "{} is missing: build it with kernel-config/build.sh --variant pvm-test (scripts/test.sh does)",
-        k.display()
-    );
-    k
 }
 
 /// A squashfs root filesystem (what the kernel mounts before it would run /sbin/init).
