@@ -39,6 +39,18 @@ pub struct Connection {
     pub credit_requested: bool,
     /// The host hung up; the socket is no longer watched.
     pub host_gone: bool,
+    /// The host's stream reached end-of-file and the guest was told (SHUTDOWN_SEND): the
+    /// host may have closed only its write side, so data still flows to it.
+    pub host_eof: bool,
+    /// The guest will send no more (SHUTDOWN_SEND): the host's stream is shut for writing
+    /// once what it sent has been written.
+    pub guest_eof: bool,
+    /// The guest closed (SHUTDOWN of both sides, or RST): the connection ends once what it
+    /// sent has been written; `owe_rst` says whether the guest still waits for our RST.
+    pub guest_closed: bool,
+    pub owe_rst: bool,
+    /// The host stream's write side was shut (after `guest_eof`).
+    pub host_write_shut: bool,
 }
 
 impl Connection {
@@ -56,6 +68,11 @@ impl Connection {
             peer_fwd_cnt: Wrapping(0),
             credit_requested: false,
             host_gone: false,
+            host_eof: false,
+            guest_eof: false,
+            guest_closed: false,
+            owe_rst: false,
+            host_write_shut: false,
         }
     }
 

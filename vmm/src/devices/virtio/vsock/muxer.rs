@@ -124,7 +124,9 @@ impl Muxer {
     fn set_interest(&self, key: ConnKey, want_in: bool) {
         if let Some(c) = self.conns.get(&key).filter(|c| !c.host_gone) {
             let mut ev = EventSet::empty();
-            if want_in {
+            // Once the host's end-of-file was passed on, reading again would only see it
+            // again (a hang-up is reported regardless).
+            if want_in && !c.host_eof {
                 ev |= EventSet::IN | EventSet::READ_HANG_UP;
             }
             if c.has_pending_tx() {
@@ -169,6 +171,31 @@ impl Muxer {
         self.remove(key);
     }
 
+    /// Acts on the guest's end of its side once every byte it sent has reached the host's
+    /// stream: shut the stream for writing (SHUTDOWN_SEND), or end the connection (closed
+    /// or reset). True when the connection is gone.
+    fn finish_guest_side(&mut self, key: ConnKey) -> bool {
+        let Some(c) = self.conns.get_mut(&key) else {
+            return true;
+        };
+        if c.has_pending_tx() {
+            return false;
+        }
+        if c.guest_closed {
+            if c.owe_rst {
+                self.kill(key);
+            } else {
+                self.remove(key);
+            }
+            return true;
+        }
+        if c.guest_eof && !c.host_write_shut {
+            c.host_write_shut = true;
+            let _ = c.stream.shutdown(std::net::Shutdown::Write);
+        }
+        false
+    }
+
     /// Handles whatever the host side has ready (the muxer's epoll fd fired).
     pub fn process_events(&mut self) {
         let mut events = [EpollEvent::default(); 32];
@@ -209,6 +236,9 @@ impl Muxer {
                             .is_some_and(|c| c.needs_credit_update())
                         {
                             self.push_ctrl(key, OP_CREDIT_UPDATE, 0);
+                        }
+                        if self.finish_guest_side(key) {
+                            continue;
                         }
                     }
                     if set.intersects(EventSet::HANG_UP | EventSet::ERROR) {
@@ -380,17 +410,30 @@ impl Muxer {
             OP_CREDIT_REQUEST => self.push_ctrl(key, OP_CREDIT_UPDATE, 0),
             OP_CREDIT_UPDATE => {}
             OP_SHUTDOWN => {
+                let Some(c) = self.conns.get_mut(&key) else {
+                    return;
+                };
+                if h.flags & SHUTDOWN_SEND != 0 {
+                    c.guest_eof = true;
+                }
                 if h.flags & (SHUTDOWN_RCV | SHUTDOWN_SEND) == SHUTDOWN_RCV | SHUTDOWN_SEND {
-                    self.kill(key);
+                    c.guest_closed = true;
+                    c.owe_rst = true;
+                }
+                if self.finish_guest_side(key) {
                     return;
                 }
-                if h.flags & SHUTDOWN_SEND != 0 {
-                    if let Some(c) = self.conns.get(&key) {
-                        let _ = c.stream.shutdown(std::net::Shutdown::Write);
-                    }
-                }
             }
-            OP_RST => self.remove(key),
+            OP_RST => {
+                // What the guest sent before its reset is still the host's to read.
+                if let Some(c) = self.conns.get_mut(&key) {
+                    c.guest_eof = true;
+                    c.guest_closed = true;
+                    c.owe_rst = false;
+                }
+                self.finish_guest_side(key);
+                return;
+            }
             _ => self.kill(key),
         }
         if resumed && self.conns.contains_key(&key) && !self.rx_ready.contains(&key) {
@@ -432,10 +475,30 @@ impl Muxer {
                 continue;
             }
             let max = max_data.min(MAX_PKT_DATA as usize);
+            if c.host_eof && !c.host_gone {
+                continue;
+            }
+            if c.host_eof {
+                // Half-closed earlier, now hung up for good.
+                c.state = ConnState::LocalClosed;
+                let h = self.header(key, OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND);
+                return Some(Packet {
+                    hdr: h,
+                    data: Vec::new(),
+                });
+            }
             match c.read_for_guest(max) {
-                Ok(Some(data)) if data.is_empty() => {
+                Ok(Some(data)) if data.is_empty() && c.host_gone => {
                     c.state = ConnState::LocalClosed;
                     let h = self.header(key, OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND);
+                    return Some(Packet { hdr: h, data });
+                }
+                Ok(Some(data)) if data.is_empty() => {
+                    // End-of-file without a hang-up: the host shut only its write side, and
+                    // may still read what the guest sends.
+                    c.host_eof = true;
+                    let h = self.header(key, OP_SHUTDOWN, SHUTDOWN_SEND);
+                    self.set_interest(key, false);
                     return Some(Packet { hdr: h, data });
                 }
                 Ok(Some(data)) => {

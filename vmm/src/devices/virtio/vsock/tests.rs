@@ -227,6 +227,92 @@ fn host_eof_becomes_a_guest_shutdown() {
         .any(|p| p.hdr.op == OP_SHUTDOWN && p.hdr.flags == SHUTDOWN_RCV | SHUTDOWN_SEND));
 }
 
+/// Opens a host-initiated connection and has the guest accept it with `buf_alloc` of room.
+fn established(g: &mut Guest, port: u32, buf_alloc: u32) -> (UnixStream, u32) {
+    let mut host = UnixStream::connect(&g.uds).unwrap();
+    host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    host.write_all(format!("CONNECT {port}\n").as_bytes())
+        .unwrap();
+    g.poll_host();
+    let local = g.received()[0].hdr.src_port;
+    g.send(g.hdr(port, local, OP_RESPONSE, buf_alloc, 0), &[]);
+    assert_eq!(read_line(&mut host), format!("OK {local}"));
+    (host, local)
+}
+
+/// A host that shuts only its write side (a request sent, the answer awaited) still gets
+/// the answer: the guest is told SHUTDOWN_SEND, not a full shutdown that would reset it.
+#[test]
+fn a_host_half_close_still_gets_the_answer() {
+    let mut g = Guest::new();
+    let (mut host, local) = established(&mut g, 80, 4096);
+    host.write_all(b"request").unwrap();
+    host.shutdown(std::net::Shutdown::Write).unwrap();
+    g.poll_host();
+    let pkts = g.received();
+    let data: Vec<u8> = pkts.iter().flat_map(|p| p.data.clone()).collect();
+    assert_eq!(data, b"request");
+    let shutdowns: Vec<u32> = pkts
+        .iter()
+        .filter(|p| p.hdr.op == OP_SHUTDOWN)
+        .map(|p| p.hdr.flags)
+        .collect();
+    assert_eq!(shutdowns, vec![SHUTDOWN_SEND], "{pkts:?}");
+    assert!(!pkts.iter().any(|p| p.hdr.op == OP_RST));
+
+    let mut h = g.hdr(80, local, OP_RW, 4096, 7);
+    h.len = 6;
+    g.send(h, b"answer");
+    let mut sd = g.hdr(80, local, OP_SHUTDOWN, 4096, 7);
+    sd.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+    g.send(sd, &[]);
+    let mut got = Vec::new();
+    host.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"answer");
+    assert!(g.received().iter().any(|p| p.hdr.op == OP_RST));
+    assert_eq!(g.dev.connection_count(), 0);
+}
+
+/// What the guest sent before it closed reaches the host whole, even when the host reads
+/// only after the close (the bytes wait in the device until the host's socket takes them).
+#[test]
+fn guest_data_the_host_has_not_read_survives_the_guest_closing() {
+    let mut g = Guest::new();
+    let (mut host, local) = established(&mut g, 80, 4096);
+    let sent: Vec<u8> = (0..240 * 1024u32).map(|i| (i % 251) as u8).collect();
+    for (i, chunk) in sent.chunks(4096).enumerate() {
+        let mut h = g.hdr(80, local, OP_RW, 4096, 0);
+        h.len = chunk.len() as u32;
+        g.send(h, chunk);
+        assert!(
+            !g.received().iter().any(|p| p.hdr.op == OP_RST),
+            "reset after chunk {i}"
+        );
+    }
+    let mut sd = g.hdr(80, local, OP_SHUTDOWN, 4096, 0);
+    sd.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+    g.send(sd, &[]);
+    assert_eq!(
+        g.dev.connection_count(),
+        1,
+        "closed before the host read it all"
+    );
+
+    let reader = std::thread::spawn(move || {
+        let mut got = Vec::new();
+        host.read_to_end(&mut got).map(|_| got)
+    });
+    while !reader.is_finished() {
+        g.poll_host();
+    }
+    let got = reader.join().unwrap().unwrap();
+    assert_eq!(got.len(), sent.len());
+    assert!(got == sent, "bytes differ");
+    g.poll_host();
+    assert!(g.received().iter().any(|p| p.hdr.op == OP_RST));
+    assert_eq!(g.dev.connection_count(), 0);
+}
+
 /// Random chains and headers on TX (with random host activity): no panic, every chain
 /// consumed, RX stays well-formed.
 #[test]
