@@ -4,7 +4,8 @@
 use std::io::Read;
 use std::path::Path;
 use std::process::Stdio;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, SigSet, Signal};
@@ -19,6 +20,10 @@ use crate::channel::Channel;
 
 /// Output is sent in chunks no larger than this.
 const CHUNK: usize = 32 * 1024;
+
+/// After the workload exits, output left in its pipes is still sent while it keeps moving,
+/// but for no longer than this in all (a daemonized grandchild may write forever).
+const DRAIN_LIMIT: Duration = Duration::from_secs(60);
 
 /// Signals init forwards to the workload instead of acting on them.
 const FORWARDED: [Signal; 6] = [
@@ -97,13 +102,26 @@ pub fn run(
     });
 
     let (done_tx, done_rx) = mpsc::channel::<()>();
+    let progress = Progress::default();
     let mut pumps = 0;
     if let Some(out) = child.stdout.take() {
-        spawn_pump(out, OutputStream::Stdout, channel, done_tx.clone());
+        spawn_pump(
+            out,
+            OutputStream::Stdout,
+            channel,
+            done_tx.clone(),
+            &progress,
+        );
         pumps += 1;
     }
     if let Some(err) = child.stderr.take() {
-        spawn_pump(err, OutputStream::Stderr, channel, done_tx.clone());
+        spawn_pump(
+            err,
+            OutputStream::Stderr,
+            channel,
+            done_tx.clone(),
+            &progress,
+        );
         pumps += 1;
     }
     drop(done_tx);
@@ -121,16 +139,58 @@ pub fn run(
         }
     };
 
-    // Output may still sit in the pipes; a daemonized grandchild may hold them open forever,
-    // so wait only a little.
-    let deadline = Instant::now() + drain_grace;
-    for _ in 0..pumps {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if done_rx.recv_timeout(left).is_err() {
+    // Output may still sit in the pipes (up to 64 KiB each, and the control channel can be
+    // slow: on a UART every byte is a VM exit). Send it while it keeps moving; a daemonized
+    // grandchild may hold the pipes open forever, so stop once nothing moved for
+    // `drain_grace`, and after DRAIN_LIMIT in any case.
+    let started = Instant::now();
+    let mut idle_since = Instant::now();
+    let mut seen = progress.mark();
+    let tick = Duration::from_millis(50).min(drain_grace);
+    while pumps > 0 && started.elapsed() < DRAIN_LIMIT {
+        match done_rx.recv_timeout(tick) {
+            Ok(()) => pumps -= 1,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        let now = progress.mark();
+        if now != seen || progress.sending() {
+            seen = now;
+            idle_since = Instant::now();
+        } else if idle_since.elapsed() >= drain_grace {
             break;
         }
     }
     Ok(status)
+}
+
+/// What the output pumps have done: chunks read, and how many are being sent right now (a
+/// send in progress is output still moving, however slow the channel).
+#[derive(Clone, Default)]
+struct Progress {
+    /// Chunks read (low 32 bits) and sends under way (high 32 bits).
+    state: Arc<AtomicU64>,
+}
+
+impl Progress {
+    const SENDING: u64 = 1 << 32;
+
+    fn begin_send(&self) {
+        self.state.fetch_add(Self::SENDING + 1, Ordering::SeqCst);
+    }
+
+    fn end_send(&self) {
+        self.state.fetch_sub(Self::SENDING, Ordering::SeqCst);
+    }
+
+    /// Changes whenever a chunk was read.
+    fn mark(&self) -> u64 {
+        self.state.load(Ordering::SeqCst) & (Self::SENDING - 1)
+    }
+
+    fn sending(&self) -> bool {
+        self.state.load(Ordering::SeqCst) >= Self::SENDING
+    }
 }
 
 /// Reaps every exited child; returns the workload's status once it is among them.
@@ -157,17 +217,23 @@ fn spawn_pump<R: Read + Send + 'static>(
     stream: OutputStream,
     channel: &Channel,
     done: mpsc::Sender<()>,
+    progress: &Progress,
 ) {
     let channel = channel.clone();
+    let progress = progress.clone();
     std::thread::spawn(move || {
         let mut buf = vec![0u8; CHUNK];
         loop {
             match reader.read(&mut buf) {
                 Ok(0) => break,
-                Ok(n) => channel.send(&GuestEvent::Output {
-                    stream,
-                    data: buf[..n].to_vec(),
-                }),
+                Ok(n) => {
+                    progress.begin_send();
+                    channel.send(&GuestEvent::Output {
+                        stream,
+                        data: buf[..n].to_vec(),
+                    });
+                    progress.end_send();
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(_) => break,
             }
