@@ -129,7 +129,10 @@ impl Snapshot {
         match meta.backend.parse() {
             Ok(BackendKind::Qemu) => Self::check_qemu_files(dir, &meta).map_err(invalid)?,
             Ok(BackendKind::Kvm) => match size_of(&dir.join(KVM_SNAPSHOT_FILE)) {
-                Ok(n) if n == meta.state_size => {}
+                Ok(n) if n == meta.state_size => {
+                    supermachine_backend::kvm::verify_snapshot(&dir.join(KVM_SNAPSHOT_FILE))
+                        .map_err(invalid)?
+                }
                 Ok(n) => {
                     return Err(invalid(format!(
                         "{KVM_SNAPSHOT_FILE} is {n} bytes, expected {} (truncated?)",

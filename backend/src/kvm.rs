@@ -56,6 +56,12 @@ impl RunPaths {
     }
 }
 
+/// Checks a kvm snapshot file (`restore.snap`) without restoring it: header, format
+/// version, VMM build, sizes and the state's checksum; the error says what is wrong.
+pub fn verify_snapshot(path: &Path) -> Result<(), String> {
+    supermachine_vmm::snapshot::format::verify_snapshot(path).map_err(|e| e.to_string())
+}
+
 /// The VMM counts vCPUs in a u8 (and takes at most 32; it says so itself).
 fn vcpus_of(spec: &BootSpec) -> Result<u8, BackendError> {
     u8::try_from(spec.vcpus)

@@ -94,6 +94,22 @@ pub struct SnapshotFile {
 /// Opens `path`, checks magic, version, build id and the state's checksum, and decodes
 /// the state. The memory section is left to be mapped.
 pub fn read_snapshot<S: DeserializeOwned>(path: &Path) -> Result<(SnapshotFile, S)> {
+    let (snapshot, state) = open_checked(path)?;
+    // The limit bounds what a crafted length prefix can make the decoder allocate.
+    let config = bincode::config::standard().with_limit::<{ MAX_STATE as usize }>();
+    let (decoded, _) = bincode::serde::decode_from_slice(&state, config)
+        .map_err(|e| bad(path, format!("decoding the state: {e}")))?;
+    Ok((snapshot, decoded))
+}
+
+/// Checks `path` as [`read_snapshot`] does — header, sizes, the state's checksum — without
+/// decoding the state or touching the memory section: cheap enough for every open.
+pub fn verify_snapshot(path: &Path) -> Result<()> {
+    open_checked(path).map(|_| ())
+}
+
+/// The opened file and its state section's bytes, both checked.
+fn open_checked(path: &Path) -> Result<(SnapshotFile, Vec<u8>)> {
     let mut file =
         File::open(path).map_err(|e| VmmError::io(format!("opening {}", path.display()), e))?;
     let mut h = [0u8; HEADER_SIZE];
@@ -145,12 +161,8 @@ pub fn read_snapshot<S: DeserializeOwned>(path: &Path) -> Result<(SnapshotFile, 
     file.read_exact_at(&mut state, STATE_OFFSET)
         .map_err(|_| bad(path, "state section truncated"))?;
     if crc32fast::hash(&state) != crc {
-        return Err(bad(path, "state checksum mismatch"));
+        return Err(bad(path, "state checksum mismatch (corrupt state)"));
     }
-    // The limit bounds what a crafted length prefix can make the decoder allocate.
-    let config = bincode::config::standard().with_limit::<{ MAX_STATE as usize }>();
-    let (decoded, _) = bincode::serde::decode_from_slice(&state, config)
-        .map_err(|e| bad(path, format!("decoding the state: {e}")))?;
     Ok((
         SnapshotFile {
             path: path.to_path_buf(),
@@ -158,7 +170,7 @@ pub fn read_snapshot<S: DeserializeOwned>(path: &Path) -> Result<(SnapshotFile, 
             mem_offset,
             mem_size,
         },
-        decoded,
+        state,
     ))
 }
 
