@@ -20,6 +20,9 @@
 # not run it (no SVM, a module that would not load, no /dev/kvm, a broken share), with the
 # reason on stderr — never a silent pass.
 #
+# While L1 runs, QEMU's monitor listens on --out's monitor.sock (`info registers -a` shows
+# where a wedged L1 is; System.map is cached beside the kernel).
+#
 # L1's kernel (the package linux-image-amd64 depends on, fetched with apt-get download
 # once), its modules and the initramfs are cached under
 #   ~/.cache/supermachine/nested/<kernel package>_<version>-<hash of l1-init and this file>/
@@ -34,7 +37,7 @@ timeout_s=1800
 out=""
 cwd="$root"
 extra_env=()
-usage() { sed -n '12,14p' "$0" | sed 's/^# \{0,3\}//' >&2; exit 2; }
+usage() { sed -n '12,13p' "$0" | sed 's/^# \{0,3\}//' >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --memory) memory="${2:?--memory needs MiB}"; shift 2 ;;
@@ -115,6 +118,7 @@ if [ ! -f "$l1/vmlinuz" ] || [ ! -f "$l1/initramfs.cpio.gz" ]; then
   mkdir -p "$work/l1"
   (cd "$ir" && find . | cpio -o -H newc --quiet | gzip -1) >"$work/l1/initramfs.cpio.gz"
   cp "$work/pkg/boot/vmlinuz-$kver" "$work/l1/vmlinuz"
+  cp "$work/pkg/boot/System.map-$kver" "$work/l1/System.map"
   rm -rf "$l1"
   mv "$work/l1" "$l1"
   rm -rf "$work"
@@ -148,9 +152,10 @@ tmpfs_mib=$((memory > 2048 ? memory - 1024 : memory / 2))
 set +e
 timeout --foreground -k 10 "$timeout_s" \
   qemu-system-x86_64 -accel tcg,thread=multi -cpu max -smp "$vcpus" -m "$memory" \
-    -display none -monitor none -serial stdio -no-reboot -nodefaults \
+    -display none -monitor "unix:$out/monitor.sock,server=on,wait=off" -serial stdio \
+    -no-reboot -nodefaults \
     -kernel "$l1/vmlinuz" -initrd "$l1/initramfs.cpio.gz" \
-    -append "console=ttyS0 quiet loglevel=3 panic=-1 nested.out=$out nested.cwd=$cwd nested.tmpfs=${tmpfs_mib}m" \
+    -append "console=ttyS0 quiet loglevel=3 panic=-1 nokaslr nested.out=$out nested.cwd=$cwd nested.tmpfs=${tmpfs_mib}m" \
     -virtfs local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap \
     -virtfs "local,path=$out,mount_tag=out,security_model=none" </dev/null
 qrc=$?

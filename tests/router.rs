@@ -332,23 +332,21 @@ fn sigterm_leaves_no_workers_vms_or_run_dirs() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(served, "serve never answered");
-    while pids_with(&needle, "qemu-system").len() < 2 {
+    // The processes that run the VMs: QEMUs, or on kvm the workers themselves.
+    let vm_program = if on_kvm() {
+        "supermachine-worker"
+    } else {
+        "qemu-system"
+    };
+    let run_dirs = |pids: &[i32]| -> Vec<PathBuf> {
+        pids.iter().flat_map(|&p| run_dirs_of(p as u32)).collect()
+    };
+    while run_dirs(&pids_with(&needle, vm_program)).len() < 2 {
         assert!(Instant::now() < deadline);
         std::thread::sleep(Duration::from_millis(100));
     }
-    // The VMs' run directories, from QEMU's command lines.
-    let run_dirs: Vec<PathBuf> = pids_with(&needle, "qemu-system")
-        .iter()
-        .filter_map(|pid| {
-            let cmd = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).ok()?)
-                .to_string();
-            let p = cmd
-                .split(['\0', ',', '='])
-                .find(|a| a.ends_with("console.log"))?
-                .to_string();
-            Path::new(&p).parent().map(Path::to_path_buf)
-        })
-        .collect();
+    // The VMs' run directories, from the console logs their processes hold open.
+    let run_dirs = run_dirs(&pids_with(&needle, vm_program));
     assert!(!run_dirs.is_empty());
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
@@ -358,7 +356,7 @@ fn sigterm_leaves_no_workers_vms_or_run_dirs() {
     assert_eq!(child.wait().unwrap().code(), Some(0));
     let deadline = Instant::now() + Duration::from_secs(10);
     while !(pids_with(&needle, "supermachine-worker").is_empty()
-        && pids_with(&needle, "qemu-system").is_empty())
+        && pids_with(&needle, vm_program).is_empty())
     {
         assert!(Instant::now() < deadline, "workers or VMs outlived serve");
         std::thread::sleep(Duration::from_millis(100));

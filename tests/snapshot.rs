@@ -74,6 +74,39 @@ fn restores_in_sequence_and_in_parallel_and_isolates_writes() {
     }
 }
 
+/// A guest with two vCPUs is baked with both running (the kernel started the second one
+/// itself: INIT/SIPI on kvm), and every restore has both again and serves.
+#[test]
+fn a_two_vcpu_snapshot_restores_with_both_cpus_and_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut req = pull_request(dir.path(), "smp");
+    req.boot.vcpus = 2;
+    let out = supermachine::pull::pull(&req).unwrap();
+    assert_eq!(out.snapshot.meta.vcpus, 2);
+    let image = Image::from_snapshot(&out.snapshot.dir).unwrap();
+    let vms: Vec<_> = (0..2)
+        .map(|_| image.start(&VmConfig::default()).unwrap())
+        .collect();
+    for (i, vm) in vms.iter().enumerate() {
+        assert_eq!(get(vm), INDEX, "restore {i}");
+        // Work on both CPUs at once: each of two busy loops pinned to its own CPU.
+        let o = vm
+            .exec([
+                "sh",
+                "-c",
+                "nproc; grep -c ^processor /proc/cpuinfo; \
+                 for c in 0 1; do taskset -c $c sh -c 'i=0; while [ $i -lt 2000 ]; do i=$((i+1)); done; echo cpu$0 on $(cut -d\" \" -f39 /proc/self/stat)' $c & done; wait",
+            ])
+            .unwrap();
+        let text = String::from_utf8_lossy(&o.stdout).to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(&lines[..2], ["2", "2"], "restore {i}: {text}");
+        let mut ran: Vec<&str> = lines[2..].to_vec();
+        ran.sort();
+        assert_eq!(ran, ["cpu0 on 0", "cpu1 on 1"], "restore {i}: {text}");
+    }
+}
+
 #[test]
 fn clones_get_fresh_entropy_and_clock() {
     let image = Image::from_snapshot(shared_snapshot()).unwrap();
@@ -109,6 +142,36 @@ fn clones_get_fresh_entropy_and_clock() {
     }
 }
 
+/// Where a baked snapshot keeps its state and RAM: that depends on the backend that baked
+/// it (metadata.json says which), and so does where a byte of state is.
+struct BakedFiles {
+    state: PathBuf,
+    /// A byte inside the serialized state.
+    state_byte: usize,
+    memory: PathBuf,
+}
+
+impl BakedFiles {
+    fn of(snap: &Path) -> Self {
+        let meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(snap.join("metadata.json")).unwrap()).unwrap();
+        match meta["backend"].as_str() {
+            // restore.snap: a 4 KiB header page, then the state (restore.snap format).
+            Some("kvm") => Self {
+                state: snap.join("restore.snap"),
+                state_byte: 4096 + 16,
+                memory: snap.join("restore.snap"),
+            },
+            Some("qemu") => Self {
+                state: snap.join("state.bin"),
+                state_byte: meta["state_size"].as_u64().unwrap() as usize / 2,
+                memory: snap.join("memory.ram"),
+            },
+            other => panic!("baked by {other:?}"),
+        }
+    }
+}
+
 #[test]
 fn same_inputs_are_a_cache_hit_and_damage_is_named_and_rebaked() {
     let dir = tempfile::tempdir().unwrap();
@@ -137,19 +200,18 @@ fn same_inputs_are_a_cache_hit_and_damage_is_named_and_rebaked() {
         );
     };
 
-    // Corrupt the state file.
-    let state = snap.join("state.bin");
-    let mut bytes = std::fs::read(&state).unwrap();
-    let mid = bytes.len() / 2;
-    bytes[mid] ^= 0xff;
-    std::fs::write(&state, bytes).unwrap();
+    // Corrupt the state (QEMU: its migration stream; kvm: restore.snap's state section).
+    let files = BakedFiles::of(&snap);
+    let mut bytes = std::fs::read(&files.state).unwrap();
+    bytes[files.state_byte] ^= 0xff;
+    std::fs::write(&files.state, bytes).unwrap();
     expect_invalid("corrupt");
     rebake();
 
-    // Truncate the RAM file.
+    // Truncate the RAM (QEMU: memory.ram; kvm: restore.snap, which holds it).
     std::fs::OpenOptions::new()
         .write(true)
-        .open(snap.join("memory.ram"))
+        .open(&files.memory)
         .unwrap()
         .set_len(4096)
         .unwrap();
@@ -284,7 +346,7 @@ fn pull_policies() {
     }
     std::fs::rename(tmp.path().join("moved"), &layout).unwrap();
     // Never with a broken snapshot: CacheInvalid.
-    std::fs::write(snaps.join("policy/state.bin"), b"broken").unwrap();
+    std::fs::write(BakedFiles::of(&snaps.join("policy")).state, b"broken").unwrap();
     assert!(matches!(
         builder().pull_policy(Never).build(),
         Err(Error::CacheInvalid { .. })

@@ -30,18 +30,32 @@ fn run_script(args: &[&str]) -> String {
         .to_string()
 }
 
+/// A path the caller already resolved (`var`), else what the set-up script prints. The
+/// nested kvm stage sets them: its L1 VM has the caches but should not run cargo again.
+fn prepared_or(var: &str, script: &[&str]) -> PathBuf {
+    match std::env::var_os(var) {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(run_script(script)),
+    }
+}
+
 /// Directory holding the test OCI layouts (`busybox`, `layered`), built once (cached).
 pub fn images() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| PathBuf::from(run_script(&["python3", "scripts/make-test-images.py"])))
+    DIR.get_or_init(|| {
+        prepared_or(
+            "SUPERMACHINE_TEST_IMAGES",
+            &["python3", "scripts/make-test-images.py"],
+        )
+    })
 }
 
 /// The guest kernel (built by kernel-config/build.sh, cached) and the static init.
 pub fn guest() -> &'static (PathBuf, PathBuf) {
     static G: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
     G.get_or_init(|| {
-        let kernel = PathBuf::from(run_script(&["kernel-config/build.sh"]));
-        let init = PathBuf::from(run_script(&["scripts/build-guest.sh"]));
+        let kernel = prepared_or("SUPERMACHINE_TEST_KERNEL", &["kernel-config/build.sh"]);
+        let init = prepared_or("SUPERMACHINE_TEST_INIT", &["scripts/build-guest.sh"]);
         (kernel, init)
     })
 }
@@ -179,5 +193,40 @@ pub fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
             x ^= x << 17;
             (x >> 24) as u8
         })
+        .collect()
+}
+
+/// Whether the VMs of tests that name no backend run on the kvm backend here: what
+/// `--backend auto` (or `SUPERMACHINE_BACKEND`) picks — kvm where /dev/kvm has VMX/SVM,
+/// as in the nested stage. There a VM runs inside the process that asked for it (the CLI or
+/// a worker) instead of in a QEMU child.
+pub fn on_kvm() -> bool {
+    use supermachine_backend::{select, BackendChoice, BackendKind};
+    select::select(BackendChoice::from_env()).is_ok_and(|s| s.kind() == BackendKind::Kvm)
+}
+
+/// What process `pid`'s descriptors point to (`/dev/kvm`, `anon_inode:kvm-vm`, files).
+pub fn open_files(pid: u32) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Whether process `pid` holds a KVM VM (the kvm backend runs the VM in it).
+pub fn holds_kvm_vm(pid: u32) -> bool {
+    open_files(pid).iter().any(|f| f == "anon_inode:kvm-vm")
+}
+
+/// The run directories of the VMs process `pid` runs or is: the folders of the
+/// `console.log` files it has open (QEMU and the kvm backend both keep it open).
+pub fn run_dirs_of(pid: u32) -> Vec<PathBuf> {
+    open_files(pid)
+        .iter()
+        .filter(|f| f.ends_with("/console.log"))
+        .filter_map(|f| Path::new(f).parent().map(Path::to_path_buf))
         .collect()
 }
