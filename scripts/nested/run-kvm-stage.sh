@@ -7,8 +7,8 @@
 #
 #   run-kvm-stage.sh [TEST...]       default: every binary in STAGE below
 #
-# SUPERMACHINE_NESTED_TIMEOUT (s, the whole stage, retry included; default 3000) and
-# SUPERMACHINE_NESTED_PER_BINARY (s; default 1200) bound it; SUPERMACHINE_NESTED_OUT names
+# SUPERMACHINE_NESTED_TIMEOUT (s, the whole stage, retry included; default 3600) and
+# SUPERMACHINE_NESTED_PER_BINARY (s; default 1500) bound it; SUPERMACHINE_NESTED_OUT names
 # the folder shared with L1 (default: a temp folder, removed after), where QEMU's monitor
 # socket is while L1 runs.
 set -euo pipefail
@@ -75,8 +75,8 @@ fi
 # failure — not a test failure, which fails the stage at once — is retried once in a fresh
 # L1 with the binaries that had not finished, and said so. A wedged L1 shows as a heartbeat
 # that stops; its CPUs' registers are printed from QEMU's monitor before it is killed.
-per_binary="${SUPERMACHINE_NESTED_PER_BINARY:-1200}"
-deadline=$(( $(date +%s) + ${SUPERMACHINE_NESTED_TIMEOUT:-3000} ))
+per_binary="${SUPERMACHINE_NESTED_PER_BINARY:-1500}"
+deadline=$(( $(date +%s) + ${SUPERMACHINE_NESTED_TIMEOUT:-3600} ))
 l1_dump() {
   python3 - "$out/monitor.sock" <<'PY' || true
 import socket, sys, time
