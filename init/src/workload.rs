@@ -168,28 +168,27 @@ pub fn run(
 /// send in progress is output still moving, however slow the channel).
 #[derive(Clone, Default)]
 struct Progress {
-    /// Chunks read (low 32 bits) and sends under way (high 32 bits).
-    state: Arc<AtomicU64>,
+    reads: Arc<AtomicU64>,
+    sending: Arc<AtomicU64>,
 }
 
 impl Progress {
-    const SENDING: u64 = 1 << 32;
-
     fn begin_send(&self) {
-        self.state.fetch_add(Self::SENDING + 1, Ordering::SeqCst);
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        self.sending.fetch_add(1, Ordering::SeqCst);
     }
 
     fn end_send(&self) {
-        self.state.fetch_sub(Self::SENDING, Ordering::SeqCst);
+        self.sending.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// Changes whenever a chunk was read.
     fn mark(&self) -> u64 {
-        self.state.load(Ordering::SeqCst) & (Self::SENDING - 1)
+        self.reads.load(Ordering::SeqCst)
     }
 
     fn sending(&self) -> bool {
-        self.state.load(Ordering::SeqCst) >= Self::SENDING
+        self.sending.load(Ordering::SeqCst) > 0
     }
 }
 

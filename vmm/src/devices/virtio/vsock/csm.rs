@@ -21,6 +21,19 @@ pub enum ConnState {
     LocalClosed,
 }
 
+/// How far the guest has ended its side of a connection. Whatever it sent before is still
+/// written to the host's stream first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestEnd {
+    Open,
+    /// SHUTDOWN_SEND: it sends no more; the host's stream is shut for writing.
+    DoneSending,
+    /// SHUTDOWN of both sides: the connection ends, and the guest waits for our RST.
+    Closed,
+    /// RST: the connection ends, nothing owed.
+    Reset,
+}
+
 pub struct Connection {
     pub stream: UnixStream,
     pub local_port: u32,
@@ -42,13 +55,8 @@ pub struct Connection {
     /// The host's stream reached end-of-file and the guest was told (SHUTDOWN_SEND): the
     /// host may have closed only its write side, so data still flows to it.
     pub host_eof: bool,
-    /// The guest will send no more (SHUTDOWN_SEND): the host's stream is shut for writing
-    /// once what it sent has been written.
-    pub guest_eof: bool,
-    /// The guest closed (SHUTDOWN of both sides, or RST): the connection ends once what it
-    /// sent has been written; `owe_rst` says whether the guest still waits for our RST.
-    pub guest_closed: bool,
-    pub owe_rst: bool,
+    /// How far the guest has ended its side.
+    pub guest_end: GuestEnd,
     /// The host stream's write side was shut (after `guest_eof`).
     pub host_write_shut: bool,
 }
@@ -69,9 +77,7 @@ impl Connection {
             credit_requested: false,
             host_gone: false,
             host_eof: false,
-            guest_eof: false,
-            guest_closed: false,
-            owe_rst: false,
+            guest_end: GuestEnd::Open,
             host_write_shut: false,
         }
     }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-use super::csm::{ConnState, Connection};
+use super::csm::{ConnState, Connection, GuestEnd};
 use super::packet::*;
 use super::HOST_CID;
 
@@ -181,19 +181,24 @@ impl Muxer {
         if c.has_pending_tx() {
             return false;
         }
-        if c.guest_closed {
-            if c.owe_rst {
-                self.kill(key);
-            } else {
-                self.remove(key);
+        match c.guest_end {
+            GuestEnd::Open => false,
+            GuestEnd::DoneSending => {
+                if !c.host_write_shut {
+                    c.host_write_shut = true;
+                    let _ = c.stream.shutdown(std::net::Shutdown::Write);
+                }
+                false
             }
-            return true;
+            GuestEnd::Closed => {
+                self.kill(key);
+                true
+            }
+            GuestEnd::Reset => {
+                self.remove(key);
+                true
+            }
         }
-        if c.guest_eof && !c.host_write_shut {
-            c.host_write_shut = true;
-            let _ = c.stream.shutdown(std::net::Shutdown::Write);
-        }
-        false
     }
 
     /// Handles whatever the host side has ready (the muxer's epoll fd fired).
@@ -413,12 +418,10 @@ impl Muxer {
                 let Some(c) = self.conns.get_mut(&key) else {
                     return;
                 };
-                if h.flags & SHUTDOWN_SEND != 0 {
-                    c.guest_eof = true;
-                }
                 if h.flags & (SHUTDOWN_RCV | SHUTDOWN_SEND) == SHUTDOWN_RCV | SHUTDOWN_SEND {
-                    c.guest_closed = true;
-                    c.owe_rst = true;
+                    c.guest_end = GuestEnd::Closed;
+                } else if h.flags & SHUTDOWN_SEND != 0 && c.guest_end == GuestEnd::Open {
+                    c.guest_end = GuestEnd::DoneSending;
                 }
                 if self.finish_guest_side(key) {
                     return;
@@ -427,9 +430,7 @@ impl Muxer {
             OP_RST => {
                 // What the guest sent before its reset is still the host's to read.
                 if let Some(c) = self.conns.get_mut(&key) {
-                    c.guest_eof = true;
-                    c.guest_closed = true;
-                    c.owe_rst = false;
+                    c.guest_end = GuestEnd::Reset;
                 }
                 self.finish_guest_side(key);
                 return;
@@ -474,30 +475,28 @@ impl Muxer {
             if c.state == ConnState::LocalInit || c.state == ConnState::LocalClosed {
                 continue;
             }
-            let max = max_data.min(MAX_PKT_DATA as usize);
-            if c.host_eof && !c.host_gone {
-                continue;
-            }
-            if c.host_eof {
-                // Half-closed earlier, now hung up for good.
-                c.state = ConnState::LocalClosed;
-                let h = self.header(key, OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND);
-                return Some(Packet {
-                    hdr: h,
-                    data: Vec::new(),
-                });
-            }
-            match c.read_for_guest(max) {
-                Ok(Some(data)) if data.is_empty() && c.host_gone => {
-                    c.state = ConnState::LocalClosed;
-                    let h = self.header(key, OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND);
-                    return Some(Packet { hdr: h, data });
+            // After a half-close was passed on there is nothing to read; only a later
+            // hang-up (which queues the connection again) is news.
+            let read = if c.host_eof {
+                if !c.host_gone {
+                    continue;
                 }
+                Ok(Some(Vec::new()))
+            } else {
+                c.read_for_guest(max_data.min(MAX_PKT_DATA as usize))
+            };
+            match read {
                 Ok(Some(data)) if data.is_empty() => {
-                    // End-of-file without a hang-up: the host shut only its write side, and
-                    // may still read what the guest sends.
-                    c.host_eof = true;
-                    let h = self.header(key, OP_SHUTDOWN, SHUTDOWN_SEND);
+                    let flags = if c.host_gone {
+                        c.state = ConnState::LocalClosed;
+                        SHUTDOWN_RCV | SHUTDOWN_SEND
+                    } else {
+                        // End-of-file without a hang-up: the host shut only its write side
+                        // and may still read what the guest sends.
+                        c.host_eof = true;
+                        SHUTDOWN_SEND
+                    };
+                    let h = self.header(key, OP_SHUTDOWN, flags);
                     self.set_interest(key, false);
                     return Some(Packet { hdr: h, data });
                 }
