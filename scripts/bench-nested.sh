@@ -44,8 +44,8 @@ for b in ("kvm", "qemu"):
         "ready p50": r["ready_ms"]["p50"], "ready p99": r["ready_ms"]["p99"],
         "first byte p50": r["first_byte_ms"]["p50"], "first byte p99": r["first_byte_ms"]["p99"],
         f"PSS per VM, {alive} alive (KiB)": r["pss_kib_per_vm"],
-        "serve shared: req/s": sh["rps"], "serve shared: errors": sh["errors"],
-        "serve fresh: req/s": fr["rps"], "serve fresh: errors": fr["errors"],
+        "serve shared: req/s": sh["rps"], "serve shared: errors": sum(sh["errors"].values()),
+        "serve fresh: req/s": fr["rps"], "serve fresh: errors": sum(fr["errors"].values()),
     }
 print(f"n={n} restores, {alive} alive, bench http -c 4 -d {secs}; ms unless named")
 print("| metric | kvm backend (our VMM) | qemu -accel kvm | kvm / qemu |")

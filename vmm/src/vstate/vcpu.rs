@@ -198,14 +198,16 @@ pub fn save_state(kvm: &Kvm, vcpu: &VcpuFd, id: u8) -> Result<VcpuState> {
     })
 }
 
-/// Sets a saved state in KVM's order: CPUID, MSRs, sregs before regs, FPU/XSAVE, XCRs,
-/// LAPIC, events, mp_state, debug registers.
+/// Sets a saved state in the order KVM needs: CPUID first; sregs (which carry the APIC base)
+/// before the LAPIC; the LAPIC before the MSRs, because KVM drops a TSC-deadline MSR write
+/// unless the LAPIC timer is already in TSC-deadline mode — restored the other way round, a
+/// guest whose next timer was armed sleeps until some device interrupt happens to wake it;
+/// events (pending exceptions) after regs, which clear them; mp_state; debug registers.
 pub fn restore_state(kvm: &Kvm, vcpu: &VcpuFd, s: &VcpuState) -> Result<()> {
     let cpuid = CpuId::from_entries(&s.cpuid)
         .map_err(|e| VmmError::Config(format!("saved CPUID: {e:?}")))?;
     vcpu.set_cpuid2(&cpuid)
         .map_err(VmmError::kvm("set_cpuid2"))?;
-    msr::restore_msrs(vcpu, &s.msrs)?;
     vcpu.set_sregs(&s.sregs)
         .map_err(VmmError::kvm("set_sregs"))?;
     vcpu.set_regs(&s.regs).map_err(VmmError::kvm("set_regs"))?;
@@ -213,6 +215,7 @@ pub fn restore_state(kvm: &Kvm, vcpu: &VcpuFd, s: &VcpuState) -> Result<()> {
     vcpu.set_xcrs(&s.xcrs).map_err(VmmError::kvm("set_xcrs"))?;
     vcpu.set_lapic(&s.lapic)
         .map_err(VmmError::kvm("set_lapic"))?;
+    msr::restore_msrs(vcpu, &s.msrs)?;
     vcpu.set_vcpu_events(&s.events)
         .map_err(VmmError::kvm("set_vcpu_events"))?;
     vcpu.set_mp_state(s.mp_state)
@@ -417,7 +420,7 @@ pub fn create(vm: &VmFd, id: u8) -> Result<VcpuFd> {
 }
 
 #[cfg(test)]
-mod xsave_tests {
+mod restore_tests {
     use super::*;
     use crate::vstate::vm;
 
@@ -454,5 +457,64 @@ mod xsave_tests {
             ..state
         };
         assert!(restore_xsave(&kvm, &b, &too_big).is_err());
+    }
+
+    /// A LAPIC timer armed in TSC-deadline mode is still armed after save -> restore into
+    /// another VM (KVM ignores the deadline MSR unless the LAPIC is restored first).
+    #[test]
+    fn an_armed_tsc_deadline_timer_survives_restore() {
+        const LVTT: usize = 0x320;
+        const SPURIOUS: usize = 0xf0;
+        const TSC_DEADLINE_MODE: u32 = 0b10 << 17;
+        let kvm = Kvm::new().expect("/dev/kvm (hardware virtualization or PVM)");
+        let vm_a = vm::create_vm(&kvm).unwrap();
+        let a = create(&vm_a, 0).unwrap();
+        a.set_cpuid2(&cpuid::vcpu_cpuid(&kvm, 0, 1).unwrap())
+            .unwrap();
+        let mut lapic = a.get_lapic().unwrap();
+        let reg = |l: &kvm_bindings::kvm_lapic_state, off: usize| {
+            u32::from_le_bytes(std::array::from_fn(|i| l.regs[off + i] as u8))
+        };
+        let set = |l: &mut kvm_bindings::kvm_lapic_state, off: usize, v: u32| {
+            for (i, b) in v.to_le_bytes().into_iter().enumerate() {
+                l.regs[off + i] = b as _;
+            }
+        };
+        let sv = reg(&lapic, SPURIOUS);
+        set(&mut lapic, SPURIOUS, sv | 0x1ff);
+        set(&mut lapic, LVTT, TSC_DEADLINE_MODE | 0xec);
+        a.set_lapic(&lapic).unwrap();
+        let deadline = 1u64 << 60;
+        let msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+            index: msr::MSR_IA32_TSC_DEADLINE,
+            data: deadline,
+            ..Default::default()
+        }])
+        .unwrap();
+        assert_eq!(a.set_msrs(&msrs).unwrap(), 1);
+        let read_deadline = |v: &VcpuFd| {
+            let mut m = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+                index: msr::MSR_IA32_TSC_DEADLINE,
+                ..Default::default()
+            }])
+            .unwrap();
+            assert_eq!(v.get_msrs(&mut m).unwrap(), 1);
+            m.as_slice()[0].data
+        };
+        assert_eq!(read_deadline(&a), deadline, "KVM took the deadline");
+
+        let state = save_state(&kvm, &a, 0).unwrap();
+        let vm_b = vm::create_vm(&kvm).unwrap();
+        let b = create(&vm_b, 0).unwrap();
+        restore_state(&kvm, &b, &state).unwrap();
+        assert_eq!(
+            reg(&b.get_lapic().unwrap(), LVTT) & (0b11 << 17),
+            TSC_DEADLINE_MODE
+        );
+        assert_eq!(
+            read_deadline(&b),
+            deadline,
+            "the restored timer is disarmed"
+        );
     }
 }

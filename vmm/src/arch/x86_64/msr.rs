@@ -17,6 +17,8 @@ const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 const MSR_IA32_TSC: u32 = 0x10;
 const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
 const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+/// The LAPIC timer's deadline in TSC-deadline mode.
+pub const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
 const MISC_ENABLE_FAST_STRING: u64 = 1;
 /// MTRRs enabled, default type write-back.
 const MTRR_ENABLE_WB: u64 = (1 << 11) | 6;

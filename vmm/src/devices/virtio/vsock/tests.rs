@@ -386,3 +386,122 @@ fn fuzz_tx_chains_and_packet_headers() {
     // Whatever the device produced for RX parses as packets (checked in received()).
     let _ = g.received();
 }
+
+/// A guest that behaves like Linux's virtio-vsock transport (it announces freed room only
+/// when less than 64 KiB of its buffer is left, answers credit requests, sends no more than
+/// our credit) and an application in it that echoes everything back, while the host pushes
+/// 10 MiB and reads the echo at the same time: every byte comes back, in order, and nothing
+/// stalls (the router's large-body test does this through a real guest).
+#[test]
+fn a_large_echo_flows_both_ways_at_once() {
+    const GUEST_BUF: u32 = 256 * 1024;
+    const APP_PIPE: usize = 64 * 1024;
+    const TOTAL: usize = 10 << 20;
+    let mut g = Guest::new();
+    let (host, local) = established(&mut g, 80, GUEST_BUF);
+    host.set_read_timeout(None).unwrap();
+    let body: Vec<u8> = (0..TOTAL).map(|i| (i * 7 % 251) as u8).collect();
+    let writer = {
+        let mut w = host.try_clone().unwrap();
+        let body = body.clone();
+        std::thread::spawn(move || {
+            w.write_all(&body).unwrap();
+            w.shutdown(std::net::Shutdown::Write).unwrap();
+        })
+    };
+    let reader = {
+        let mut r = host;
+        std::thread::spawn(move || {
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 1500];
+            loop {
+                match r.read(&mut buf) {
+                    Ok(0) => return got,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) => panic!("host read: {e}"),
+                }
+            }
+        })
+    };
+
+    let mut unread: std::collections::VecDeque<u8> = Default::default();
+    let mut echo: std::collections::VecDeque<u8> = Default::default();
+    let (mut fwd_cnt, mut last_fwd_sent, mut tx_cnt) = (0u32, 0u32, 0u32);
+    let (mut host_alloc, mut host_fwd) = (0u32, 0u32);
+    let (mut host_done, mut closed) = (false, false);
+    let mut last_progress = std::time::Instant::now();
+    let mut progress_mark = (0u32, 0u32, 0usize);
+    let credit_update = |g: &Guest, fwd: u32| g.hdr(80, local, OP_CREDIT_UPDATE, GUEST_BUF, fwd);
+    while !(closed && reader.is_finished()) {
+        g.with_ctx(|d, ctx| d.process_backend(ctx));
+        for p in g.received() {
+            host_alloc = p.hdr.buf_alloc;
+            host_fwd = p.hdr.fwd_cnt;
+            match p.hdr.op {
+                OP_RW => {
+                    assert!(
+                        unread.len() + p.data.len() <= GUEST_BUF as usize,
+                        "the device overran the guest's credit"
+                    );
+                    unread.extend(p.data);
+                }
+                OP_CREDIT_REQUEST => {
+                    let h = credit_update(&g, fwd_cnt);
+                    last_fwd_sent = fwd_cnt;
+                    g.send(h, &[]);
+                }
+                OP_CREDIT_UPDATE => {}
+                OP_SHUTDOWN => host_done = true,
+                OP_RST if closed => {}
+                op => panic!("unexpected op {op}: {:?}", p.hdr),
+            }
+        }
+        // The application moves what arrived into its pipe; the guest announces room.
+        let moved = (APP_PIPE - echo.len()).min(unread.len());
+        echo.extend(unread.drain(..moved));
+        fwd_cnt = fwd_cnt.wrapping_add(moved as u32);
+        if moved > 0 && GUEST_BUF - fwd_cnt.wrapping_sub(last_fwd_sent) < 64 * 1024 {
+            let h = credit_update(&g, fwd_cnt);
+            last_fwd_sent = fwd_cnt;
+            g.send(h, &[]);
+        }
+        // The echo goes back as far as the host's credit allows.
+        loop {
+            let credit = host_alloc.saturating_sub(tx_cnt.wrapping_sub(host_fwd)) as usize;
+            let n = credit.min(echo.len()).min(4096);
+            if n == 0 {
+                break;
+            }
+            let chunk: Vec<u8> = echo.drain(..n).collect();
+            let mut h = g.hdr(80, local, OP_RW, GUEST_BUF, fwd_cnt);
+            h.len = n as u32;
+            last_fwd_sent = fwd_cnt;
+            tx_cnt = tx_cnt.wrapping_add(n as u32);
+            g.send(h, &chunk);
+        }
+        if host_done && unread.is_empty() && echo.is_empty() && !closed {
+            let mut sd = g.hdr(80, local, OP_SHUTDOWN, GUEST_BUF, fwd_cnt);
+            sd.flags = SHUTDOWN_RCV | SHUTDOWN_SEND;
+            g.send(sd, &[]);
+            closed = true;
+        }
+        let mark = (fwd_cnt, tx_cnt, unread.len());
+        if mark != progress_mark {
+            progress_mark = mark;
+            last_progress = std::time::Instant::now();
+        } else {
+            assert!(
+                last_progress.elapsed() < Duration::from_secs(10),
+                "stalled: guest consumed {fwd_cnt}, echoed {tx_cnt}, host credit {host_alloc}/{host_fwd}, \
+                 unread {}, pipe {}, host done {host_done}",
+                unread.len(),
+                echo.len()
+            );
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+    writer.join().unwrap();
+    let got = reader.join().unwrap();
+    assert_eq!(got.len(), body.len());
+    assert!(got == body, "the echo differs");
+}
