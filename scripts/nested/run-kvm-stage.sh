@@ -27,8 +27,7 @@ declare -A STAGE=(
   [snapshot]=""
   [worker]=""
   [daemon]=""
-  # Hangs on kvm (a 10 MiB POST echoed back through serve; docs/ARCHITECTURE.md): open.
-  [router]="--skip shared_pool_serves_concurrent_requests_and_large_bodies"
+  [router]=""
   [registry]=""
 )
 ORDER=(kvm_backend kvm_control_channel boot boot_errors agent snapshot worker daemon router registry)
