@@ -15,7 +15,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use supermachine_vmm::builder::{PreparedVm, RestoreLayout};
-use supermachine_vmm::{BlockConfig, ExitReason, MicroVm, VmConfig, VsockConfig};
+use supermachine_vmm::devices::virtio::vsock::GUEST_CID;
+use supermachine_vmm::{BlockConfig, ExitReason, MicroVm, MicroVmConfig, VsockConfig};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::{
@@ -28,8 +29,6 @@ use crate::{
 pub const BASE_CMDLINE: &str =
     "console=ttyS0 quiet reboot=k panic=-1 oops=panic i8042.noaux tsc=reliable";
 
-/// The guest's vsock CID (any value ≥ 3 works: each VM has its own device).
-const GUEST_CID: u64 = 3;
 /// The control channel is the second UART.
 const CONTROL_UART: usize = 1;
 
@@ -62,10 +61,9 @@ pub fn verify_snapshot(path: &Path) -> Result<(), String> {
     supermachine_vmm::snapshot::format::verify_snapshot(path).map_err(|e| e.to_string())
 }
 
-/// The VMM counts vCPUs in a u8 (and takes at most 32; it says so itself).
+/// The VMM counts vCPUs in a u8; its own check gives the range.
 fn vcpus_of(spec: &BootSpec) -> Result<u8, BackendError> {
-    u8::try_from(spec.vcpus)
-        .map_err(|_| BackendError::Boot(format!("{} vCPUs: must be 1 to 32", spec.vcpus)))
+    supermachine_vmm::builder::check_vcpus(spec.vcpus).map_err(BackendError::Boot)
 }
 
 /// What a VM thread starts from: the console file (ttyS0), the VMM's end of the control
@@ -142,7 +140,7 @@ impl Backend for KvmBackend {
         let requested = Instant::now();
         spec.check_files()?;
         let paths = RunPaths::new(&spec.run_dir);
-        let config = VmConfig {
+        let config = MicroVmConfig {
             kernel: spec.kernel.clone(),
             cmdline: spec.cmdline(BASE_CMDLINE),
             initrd: Some(spec.initramfs.clone()),

@@ -51,8 +51,19 @@ pub struct VsockConfig {
     pub uds_path: PathBuf,
 }
 
+/// The most vCPUs a microVM gets (the MP table and the APIC IDs are built for this many).
+pub const MAX_VCPUS: u32 = 32;
+
+/// Whether `vcpus` is a vCPU count a microVM can have; the message says the range.
+pub fn check_vcpus(vcpus: u32) -> std::result::Result<u8, String> {
+    match u8::try_from(vcpus) {
+        Ok(n) if n >= 1 && u32::from(n) <= MAX_VCPUS => Ok(n),
+        _ => Err(format!("{vcpus} vCPUs: must be 1 to {MAX_VCPUS}")),
+    }
+}
+
 #[derive(Debug, Clone)]
-pub struct VmConfig {
+pub struct MicroVmConfig {
     pub kernel: PathBuf,
     pub cmdline: String,
     pub initrd: Option<PathBuf>,
@@ -100,7 +111,7 @@ struct MicroVmState {
 
 /// Host-side milestones of a restore.
 #[derive(Debug, Clone, Default)]
-pub struct RestoreTimings {
+pub struct RestorePhases {
     /// Snapshot opened, header and state verified, memory mapped.
     pub open: Duration,
     /// VM + vCPUs created (zero when they were prepared ahead).
@@ -409,10 +420,7 @@ fn wire_devices(vm: &VmFd, mem: &GuestMemoryMmap, inputs: WireInputs) -> Result<
     for (i, spec) in specs.iter().enumerate() {
         let (base, irq) = match spec {
             DeviceSpec::Restored(s) => (s.base, s.irq),
-            _ => (
-                MMIO_START + i as u64 * MMIO_DEVICE_SIZE,
-                FIRST_VIRTIO_IRQ + i as u32,
-            ),
+            _ => mmio_slot(i),
         };
         let dev: Box<dyn VirtioDevice> =
             match spec {
@@ -484,7 +492,7 @@ fn wire_devices(vm: &VmFd, mem: &GuestMemoryMmap, inputs: WireInputs) -> Result<
 
 impl MicroVm {
     /// Boots `config`'s kernel. `console` gets ttyS0, `com2` ttyS1.
-    pub fn boot(config: &VmConfig, console: Output, com2: Output) -> Result<MicroVm> {
+    pub fn boot(config: &MicroVmConfig, console: Output, com2: Output) -> Result<MicroVm> {
         vcpu::init_pause_signal()?;
         let mem_size = u64::from(config.memory_mib) << 20;
         if config.memory_mib < 16 || mem_size > MMIO_START {
@@ -494,12 +502,7 @@ impl MicroVm {
                 MMIO_START >> 20
             )));
         }
-        if config.vcpus == 0 || config.vcpus > 32 {
-            return Err(VmmError::Config(format!(
-                "{} vCPUs: must be 1 to 32",
-                config.vcpus
-            )));
-        }
+        check_vcpus(u32::from(config.vcpus)).map_err(VmmError::Config)?;
         let kvm = Arc::new(Kvm::new().map_err(VmmError::Kvm)?);
         let vmfd = vm::create_vm(&kvm)?;
         let (mem, memfd) = memory::create_memfd_memory(mem_size as usize)?;
@@ -542,12 +545,9 @@ impl MicroVm {
             .insert_str(&config.cmdline)
             .map_err(|e| VmmError::Cmdline(e.to_string()))?;
         for i in 0..specs.len() {
+            let (base, irq) = mmio_slot(i);
             cmdline
-                .insert_str(format!(
-                    "virtio_mmio.device=4K@{:#x}:{}",
-                    MMIO_START + i as u64 * MMIO_DEVICE_SIZE,
-                    FIRST_VIRTIO_IRQ + i as u32
-                ))
+                .insert_str(format!("virtio_mmio.device=4K@{base:#x}:{irq}"))
                 .map_err(|e| VmmError::Cmdline(e.to_string()))?;
         }
         linux_loader::loader::load_cmdline(&mem, GuestAddress(CMDLINE_START), &cmdline)
@@ -659,7 +659,7 @@ impl MicroVm {
         console: Output,
         com2: Output,
         vsock_uds: Option<&Path>,
-    ) -> Result<(MicroVm, RestoreTimings)> {
+    ) -> Result<(MicroVm, RestorePhases)> {
         let t0 = Instant::now();
         let (file, state): (snapshot::SnapshotFile, MicroVmState) = snapshot::read_snapshot(path)?;
         let open = t0.elapsed();
@@ -727,7 +727,7 @@ impl MicroVm {
         let load = t2.elapsed();
         Ok((
             vm,
-            RestoreTimings {
+            RestorePhases {
                 open,
                 create,
                 cpu_state,

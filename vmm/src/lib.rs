@@ -18,5 +18,5 @@ pub mod snapshot;
 pub mod testing;
 pub mod vstate;
 
-pub use builder::{BlockConfig, ExitReason, MicroVm, VmConfig, VsockConfig};
+pub use builder::{BlockConfig, ExitReason, MicroVm, MicroVmConfig, VsockConfig};
 pub use error::VmmError;

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use supermachine_vmm::builder::{ExitReason, MicroVm, PreparedVm, RestoreLayout};
-use supermachine_vmm::{BlockConfig, VmConfig, VsockConfig};
+use supermachine_vmm::{BlockConfig, MicroVmConfig, VsockConfig};
 
 const USAGE: &str = "usage:
   supermachine-vmm boot --kernel VMLINUX --cmdline CMDLINE [--initrd FILE] [--memory MIB]
@@ -224,7 +224,7 @@ fn boot(a: &Args) -> Result<u8, String> {
         (None, None) => None,
         _ => return Err("--vsock-cid and --vsock-uds go together".into()),
     };
-    let config = VmConfig {
+    let config = MicroVmConfig {
         kernel: PathBuf::from(kernel),
         cmdline: a
             .value("--cmdline")

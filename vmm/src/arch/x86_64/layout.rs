@@ -25,6 +25,15 @@ pub const MMIO_START: u64 = 0xd000_0000;
 pub const MMIO_DEVICE_SIZE: u64 = 0x1000;
 /// The IRQ of the first virtio-mmio device; each further device takes the next.
 pub const FIRST_VIRTIO_IRQ: u32 = 5;
+
+/// Where virtio-mmio device `index` lives: its page's address and its IRQ (the one place
+/// both are computed; the kernel command line announces the same).
+pub fn mmio_slot(index: usize) -> (u64, u32) {
+    (
+        MMIO_START + index as u64 * MMIO_DEVICE_SIZE,
+        FIRST_VIRTIO_IRQ + index as u32,
+    )
+}
 /// Legacy UART IRQs: COM1 (console) and COM2 (control channel).
 pub const COM1_IRQ: u32 = 4;
 pub const COM2_IRQ: u32 = 3;

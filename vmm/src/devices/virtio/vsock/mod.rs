@@ -23,3 +23,6 @@ pub use persist::VsockState;
 
 /// The host's CID, as the guest sees it.
 pub const HOST_CID: u64 = 2;
+/// The CID our VMs' guests get (any value ≥ 3 works: each VM has its own device, so every
+/// guest can have the same one).
+pub const GUEST_CID: u64 = 3;

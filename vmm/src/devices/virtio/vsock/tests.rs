@@ -10,12 +10,11 @@ use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::packet::*;
-use super::Vsock;
+use super::{Vsock, GUEST_CID};
 use crate::devices::virtio::test_utils::*;
 use crate::devices::virtio::{Interrupt, QueueContext, VirtioDevice};
 use crate::vstate::memory::GuestMemoryMmap;
 
-const GUEST_CID: u64 = 3;
 const RX_BUFS: u16 = 16;
 const RX_BUF_LEN: u32 = 4096;
 const TX_AREA: u64 = DATA_START + 0x20_0000;
