@@ -1,5 +1,6 @@
-//! Boot an image in a fresh VM and run its command to completion, streaming its output —
-//! `supermachine boot`, the docker-run of this crate.
+//! What a boot is asked for ([`BootRequest`]), what it reports ([`BootTimings`],
+//! [`BootReport`]) and where the workload's output goes ([`OutputSink`]). [`crate::Vm`]
+//! does the booting; this module depends on nothing above it.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -7,41 +8,6 @@ use std::time::Duration;
 
 use supermachine_bake::{Cache, ImageRef, Overrides, PullOptions};
 use supermachine_protocol::{ExitStatus, OutputStream};
-
-use crate::vm::{OutputSink, Vm};
-use crate::Error;
-
-/// Run directories of VMs in flight, so a signal handler can remove them before exiting.
-static LIVE_RUN_DIRS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
-
-/// Removes the run directories of every VM this process is running. For signal handlers
-/// that end the process (the VM monitors die with it).
-pub fn remove_live_run_dirs() {
-    if let Ok(dirs) = LIVE_RUN_DIRS.lock() {
-        for d in dirs.iter() {
-            let _ = std::fs::remove_dir_all(d);
-        }
-    }
-}
-
-pub(crate) struct LiveRunDir(PathBuf);
-
-impl LiveRunDir {
-    pub(crate) fn register(p: &std::path::Path) -> Self {
-        if let Ok(mut dirs) = LIVE_RUN_DIRS.lock() {
-            dirs.push(p.to_path_buf());
-        }
-        Self(p.to_path_buf())
-    }
-}
-
-impl Drop for LiveRunDir {
-    fn drop(&mut self) {
-        if let Ok(mut dirs) = LIVE_RUN_DIRS.lock() {
-            dirs.retain(|d| d != &self.0);
-        }
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct BootRequest {
@@ -114,21 +80,8 @@ pub struct BootReport {
     pub backend: String,
 }
 
-/// Boots `req.image`, runs its command, writes its output to `stdout`/`stderr` as it comes,
-/// and returns its exit status. The VM is gone when this returns.
-pub fn run(
-    req: &BootRequest,
-    stdout: Box<dyn Write + Send>,
-    stderr: Box<dyn Write + Send>,
-) -> Result<BootReport, Error> {
-    let vm = Vm::boot(req, output_sink(stdout, stderr))?;
-    let status = vm.wait()?;
-    Ok(BootReport {
-        status,
-        timings: vm.timings(),
-        backend: vm.backend_name().to_string(),
-    })
-}
+/// Receives the workload's output as it arrives.
+pub type OutputSink = Box<dyn FnMut(OutputStream, &[u8]) + Send>;
 
 /// An output sink writing to two streams; a closed terminal must not stop the VM.
 pub fn output_sink(

@@ -1,7 +1,7 @@
 //! supermachine: run OCI images as hardware-isolated microVMs.
 //!
 //! The crate boots an image (registry, OCI layout or archive) in a fresh VM and runs its
-//! command to completion ([`boot::run`]); snapshots, restore, the worker pool and the router
+//! command to completion ([`Vm::run_to_completion`]); snapshots, restore, the worker pool and the router
 //! build on it. The pieces live in their own crates: `supermachine-bake` (image
 //! preparation), `supermachine-backend` (the backend trait, QEMU, and the kvm backend over
 //! `supermachine-vmm`, our own VMM), `supermachine-protocol` (wire types shared with the
@@ -18,6 +18,7 @@ mod image;
 pub mod pool;
 pub mod pull;
 pub mod router;
+pub mod run_dir;
 pub mod snapshot;
 mod vm;
 pub mod worker;

@@ -9,8 +9,8 @@ use sha2::Digest as _;
 
 use crate::boot::BootRequest;
 use crate::snapshot::{self, FileRecord, LayerRecord, Metadata, Snapshot, FORMAT_VERSION};
-use crate::vm::Vm;
-use crate::{guest_artifacts, Error, PullPolicy};
+use crate::vm::{BootInputs, Vm};
+use crate::{Error, PullPolicy};
 
 #[derive(Debug, Clone)]
 pub struct PullRequest {
@@ -93,13 +93,17 @@ pub fn pull(req: &PullRequest) -> Result<PullOutcome, Error> {
         PullPolicy::Always => {}
     }
     let b = &req.boot;
-    let kernel = guest_artifacts::find_kernel(b.kernel.as_deref(), b.cache.root())?;
-    let init = guest_artifacts::find_init(b.init.as_deref())?;
-    let shim = guest_artifacts::find_shim(&init).ok_or_else(|| {
-        Error::Bake("the guest agent (supermachine-shim) was not found next to init".into())
-    })?;
-    let prepared = supermachine_bake::prepare(&b.image, &b.overrides, &b.cache, &b.pull)?;
-    let kernel_rec = file_record(&kernel)?;
+    // Resolved once: what is hashed below is what boots (a tag that moves meanwhile cannot
+    // bake one image under another's inputs, and the registry is asked once).
+    let started = std::time::Instant::now();
+    let resolved = BootInputs::resolve(b)?;
+    let Some(shim) = &resolved.shim else {
+        return Err(Error::Bake(
+            "the guest agent (supermachine-shim) was not found next to init".into(),
+        ));
+    };
+    let prepared = resolved.prepared.clone();
+    let kernel_rec = file_record(&resolved.kernel)?;
 
     // Everything that shapes the snapshot goes into the inputs hash.
     let mut h = sha2::Sha256::new();
@@ -116,11 +120,9 @@ pub fn pull(req: &PullRequest) -> Result<PullOutcome, Error> {
     if kind == BackendKind::Kvm {
         h.update("backend=kvm");
     }
-    for p in [&init, &shim] {
-        h.update(
-            snapshot::sha256_file(p)
-                .map_err(|e| Error::io(format!("hashing {}", p.display()), e))?,
-        );
+    // The hex digests of init's and the agent's bytes, as hashing their files gave.
+    for bytes in [&resolved.init, shim] {
+        h.update(hex::encode(sha2::Sha256::digest(bytes)));
     }
     let inputs = hex::encode(h.finalize());
 
@@ -143,12 +145,12 @@ pub fn pull(req: &PullRequest) -> Result<PullOutcome, Error> {
 
     let mut boot = b.clone();
     boot.backend = kind.into();
-    boot.kernel = Some(kernel.clone());
-    boot.init = Some(init.clone());
     boot.memory_file = Some(memory.clone());
     let log_path = tmp.path().join(snapshot::BAKE_LOG);
-    let vm = Vm::boot(
+    let vm = Vm::boot_from(
         &boot,
+        resolved,
+        started,
         crate::boot::output_sink(Box::new(std::io::sink()), Box::new(std::io::sink())),
     )?;
     let save_log = |vm: &Vm| {

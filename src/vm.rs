@@ -11,19 +11,17 @@ use supermachine_backend::{
 };
 use supermachine_bake::initramfs;
 use supermachine_protocol::agent::AGENT_PORT;
-use supermachine_protocol::{
-    ExitStatus, FrameError, FrameReader, GuestEvent, HostCommand, OutputStream,
-};
+use supermachine_protocol::{ExitStatus, FrameError, FrameReader, GuestEvent, HostCommand};
 
 use crate::agent::{AgentClient, GuestStream};
-use crate::boot::{BootRequest, BootTimings, LiveRunDir};
+use crate::boot::{BootReport, BootRequest, BootTimings};
 use crate::exec::ExecBuilder;
 use crate::forward::TcpForwarder;
+use crate::run_dir::{new_run_dir, LiveRunDir};
 use crate::snapshot::Snapshot;
 use crate::{guest_artifacts, Error};
 
-/// Receives the workload's output as it arrives.
-pub type OutputSink = Box<dyn FnMut(OutputStream, &[u8]) + Send>;
+pub use crate::boot::OutputSink;
 
 /// How long a restored guest may take to take its new clock and entropy.
 const REFRESH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -61,10 +59,18 @@ pub struct Vm {
     _run_dir: tempfile::TempDir,
 }
 
-impl Vm {
-    /// Boots the image and returns once the workload has started (and the agent answers).
-    pub fn boot(req: &BootRequest, sink: OutputSink) -> Result<Vm, Error> {
-        let started = Instant::now();
+/// What a boot reads before a VM starts, resolved once: the guest kernel, init and agent,
+/// and the image (manifest resolved, layers converted, config merged with the overrides).
+pub(crate) struct BootInputs {
+    pub kernel: std::path::PathBuf,
+    pub init: Vec<u8>,
+    /// The guest agent, when it is found next to init.
+    pub shim: Option<Vec<u8>>,
+    pub prepared: supermachine_bake::PreparedImage,
+}
+
+impl BootInputs {
+    pub(crate) fn resolve(req: &BootRequest) -> Result<BootInputs, Error> {
         let kernel = guest_artifacts::find_kernel(req.kernel.as_deref(), req.cache.root())?;
         let init_path = guest_artifacts::find_init(req.init.as_deref())?;
         let init = std::fs::read(&init_path)
@@ -74,9 +80,55 @@ impl Vm {
                 std::fs::read(&p).map_err(|e| Error::io(format!("reading {}", p.display()), e))
             })
             .transpose()?;
-
         let prepared =
             supermachine_bake::prepare(&req.image, &req.overrides, &req.cache, &req.pull)?;
+        Ok(BootInputs {
+            kernel,
+            init,
+            shim,
+            prepared,
+        })
+    }
+}
+
+impl Vm {
+    /// Boots the image and returns once the workload has started (and the agent answers).
+    pub fn boot(req: &BootRequest, sink: OutputSink) -> Result<Vm, Error> {
+        let started = Instant::now();
+        let inputs = BootInputs::resolve(req)?;
+        Vm::boot_from(req, inputs, started, sink)
+    }
+
+    /// Boots `req.image`, runs its command, writes its output to `stdout`/`stderr` as it
+    /// comes, and returns its exit status. The VM is gone when this returns.
+    pub fn run_to_completion(
+        req: &BootRequest,
+        stdout: Box<dyn std::io::Write + Send>,
+        stderr: Box<dyn std::io::Write + Send>,
+    ) -> Result<BootReport, Error> {
+        let vm = Vm::boot(req, crate::boot::output_sink(stdout, stderr))?;
+        let status = vm.wait()?;
+        Ok(BootReport {
+            status,
+            timings: vm.timings(),
+            backend: vm.backend_name().to_string(),
+        })
+    }
+
+    /// Boots from inputs already resolved (a bake hashes exactly what it boots);
+    /// `started` is when their resolution began.
+    pub(crate) fn boot_from(
+        req: &BootRequest,
+        inputs: BootInputs,
+        started: Instant,
+        sink: OutputSink,
+    ) -> Result<Vm, Error> {
+        let BootInputs {
+            kernel,
+            init,
+            shim,
+            prepared,
+        } = inputs;
         let mut timings = BootTimings {
             prepare: started.elapsed(),
             ..Default::default()
@@ -624,20 +676,6 @@ impl Drop for Vm {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-/// A private directory for one VM's sockets, logs and initramfs (under `parent`, else the
-/// system temp dir), registered so a signal handler can remove it.
-fn new_run_dir(parent: Option<&std::path::Path>) -> Result<(tempfile::TempDir, LiveRunDir), Error> {
-    let mut b = tempfile::Builder::new();
-    b.prefix("supermachine-");
-    let dir = match parent {
-        Some(d) => b.tempdir_in(d),
-        None => b.tempdir(),
-    }
-    .map_err(|e| Error::io("creating a run directory", e))?;
-    let live = LiveRunDir::register(dir.path());
-    Ok((dir, live))
 }
 
 fn set_phase(state: &State, f: impl FnOnce(&mut Shared)) {

@@ -15,7 +15,21 @@ struct Registry {
     child: Child,
     addr: String,
     data: PathBuf,
+    /// The registry's access log (one line per request, Apache combined format).
+    access_log: PathBuf,
     _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    /// How many requests so far started with `request` (say `GET /v2/web/manifests/latest`).
+    fn requests(&self, request: &str) -> usize {
+        let needle = format!("\"{request} HTTP/");
+        std::fs::read_to_string(&self.access_log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(&needle))
+            .count()
+    }
 }
 
 impl Drop for Registry {
@@ -47,10 +61,11 @@ fn start_registry_with(extra_config: &str) -> Registry {
         ),
     )
     .unwrap();
+    let access_log = dir.path().join("access.log");
     let child = Command::new("docker-registry")
         .arg("serve")
         .arg(&config)
-        .stdout(Stdio::null())
+        .stdout(std::fs::File::create(&access_log).unwrap())
         .stderr(Stdio::null())
         .spawn()
         .expect("docker-registry (apt-get install docker-registry)");
@@ -63,6 +78,7 @@ fn start_registry_with(extra_config: &str) -> Registry {
         child,
         addr,
         data,
+        access_log,
         _dir: dir,
     }
 }
@@ -214,7 +230,12 @@ fn pull_policies_against_a_stopped_registry() {
             .cmd(["httpd", "-f", "-p", "80", "-h", "/var/www"])
             .snapshots_dir(snaps.path())
     };
-    let image = builder().pull_policy(PullPolicy::Missing).build().unwrap();
+    // Baking under Always asks the registry for the tag once: the bake resolves its inputs
+    // once and boots what it hashed (a second resolution could see a moved tag).
+    let tag_gets = || reg.requests("GET /v2/web/manifests/latest");
+    let before = tag_gets();
+    let image = builder().pull_policy(PullPolicy::Always).build().unwrap();
+    assert_eq!(tag_gets() - before, 1, "tag resolutions by one bake");
     let vm = image.start(&VmConfig::default()).unwrap();
     let (_, body) = http_get(vm.connect(80).unwrap(), "/");
     assert_eq!(body, b"<h1>hello from supermachine</h1>\n");

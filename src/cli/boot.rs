@@ -77,7 +77,7 @@ pub fn run(args: BootArgs) -> i32 {
     if let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) {
         std::thread::spawn(move || {
             if let Some(sig) = signals.forever().next() {
-                boot::remove_live_run_dirs();
+                crate::run_dir::remove_live_run_dirs();
                 if let Some(p) = REGISTRATION.get() {
                     let _ = std::fs::remove_file(p);
                 }

@@ -153,8 +153,10 @@ async fn handle(router: Arc<Router>, mut stream: TcpStream) {
         Ok(Err((e, stream))) => {
             tracing::warn!(error = %e, "no worker could take the connection");
             metrics.rejected("no_worker");
-            if let Some(s) = stream.and_then(|s| TcpStream::from_std(s).ok()) {
-                reply_and_close(s, "502 Bad Gateway").await;
+            if let Some(mut s) = stream.and_then(|s| TcpStream::from_std(s).ok()) {
+                use tokio::io::AsyncWriteExt;
+                let _ = s.write_all(crate::worker::BAD_GATEWAY).await;
+                let _ = s.shutdown().await;
             }
         }
         Err(_) => metrics.rejected("internal"),

@@ -73,9 +73,7 @@ fn fail_inflight(inflight: &Mutex<HashMap<u64, std::net::TcpStream>>) {
         // Only a client that has seen no response yet can be told 502; one whose response
         // was under way just sees the connection end.
         if !response_started(&c) {
-            let _ = c.write_all(
-                b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
-            );
+            let _ = c.write_all(super::BAD_GATEWAY);
         }
         let _ = c.shutdown(std::net::Shutdown::Both);
     }

@@ -8,3 +8,9 @@ mod client;
 pub mod process;
 
 pub use client::{Worker, WorkerState, WorkerTimings};
+
+/// The one answer to an HTTP client whose connection no VM could serve: the worker could
+/// not reach the guest port, the worker died before any response, or the router found no
+/// worker to take it.
+pub(crate) const BAD_GATEWAY: &[u8] =
+    b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use supermachine_protocol::worker::{WorkerReply, WorkerRequest};
 
-use super::channel;
+use super::{channel, BAD_GATEWAY};
 use crate::agent::pump;
 use crate::snapshot::Snapshot;
 use crate::vm::Vm;
@@ -81,7 +81,7 @@ pub fn main() -> i32 {
                 if let Some(v) = vm.take() {
                     v.kill();
                 }
-                crate::boot::remove_live_run_dirs();
+                crate::run_dir::remove_live_run_dirs();
                 return 0;
             }
         };
@@ -153,7 +153,7 @@ pub fn main() -> i32 {
                     }
                     if last {
                         v.kill();
-                        crate::boot::remove_live_run_dirs();
+                        crate::run_dir::remove_live_run_dirs();
                         std::process::exit(0);
                     }
                 });
@@ -181,7 +181,7 @@ pub fn main() -> i32 {
                     v.kill();
                 }
                 // Other threads may still hold the VM; its run directory goes now.
-                crate::boot::remove_live_run_dirs();
+                crate::run_dir::remove_live_run_dirs();
                 return 0;
             }
         }
@@ -254,9 +254,6 @@ fn status_of(head: &[u8]) -> Option<u16> {
     s.get(9..12)?.parse().ok()
 }
 
-const BAD_GATEWAY: &[u8] =
-    b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
-
 /// When the VM ends, report it and end the worker (one VM per process).
 fn watch_exit(vm: Arc<Vm>, control: Option<UnixDatagram>) {
     std::thread::spawn(move || {
@@ -268,7 +265,7 @@ fn watch_exit(vm: Arc<Vm>, control: Option<UnixDatagram>) {
             let _ = channel::send(&c, &WorkerReply::Exited { status, detail }, None);
         }
         vm.kill();
-        crate::boot::remove_live_run_dirs();
+        crate::run_dir::remove_live_run_dirs();
         std::process::exit(0);
     });
 }
