@@ -123,6 +123,11 @@ if [ ! -f "$l1/vmlinuz" ] || [ ! -f "$l1/initramfs.cpio.gz" ]; then
   mv "$work/l1" "$l1"
   rm -rf "$work"
   trap - EXIT
+  # Builds for other versions or older scripts are stale now (an L1 already running has
+  # its kernel and initramfs in QEMU's memory).
+  for old in "$cache_root/nested/${pkg}_"*; do
+    [ "$old" = "$l1" ] || rm -rf "$old"
+  done
 fi
 
 # --- run ------------------------------------------------------------------------------------
