@@ -356,9 +356,24 @@ impl Vm {
                 drop(guard);
                 Err(self.crash_error(msg))
             }
-            (None, _) => Err(Error::Guest(format!(
-                "the restored guest did not answer within {timeout:?}"
-            ))),
+            (None, _) => {
+                drop(guard);
+                // What the guest last printed (a lockup or RCU stall report, say) is the
+                // best clue to why it went quiet.
+                let console = match self.machine.lock() {
+                    Ok(m) => tail_of(m.console_log(), 2000),
+                    Err(p) => tail_of(p.into_inner().console_log(), 2000),
+                };
+                let console = console.trim();
+                Err(Error::Guest(if console.is_empty() {
+                    format!("the restored guest did not answer within {timeout:?}")
+                } else {
+                    format!(
+                        "the restored guest did not answer within {timeout:?}; its console \
+                         ends with:\n{console}"
+                    )
+                }))
+            }
         }
     }
 
