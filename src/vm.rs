@@ -360,10 +360,9 @@ impl Vm {
                 drop(guard);
                 // What the guest last printed (a lockup or RCU stall report, say) is the
                 // best clue to why it went quiet.
-                let console = match self.machine.lock() {
-                    Ok(m) => tail_of(m.console_log(), 2000),
-                    Err(p) => tail_of(p.into_inner().console_log(), 2000),
-                };
+                let m = self.machine.lock().unwrap_or_else(|p| p.into_inner());
+                let console = tail_of(m.console_log(), 2000);
+                drop(m);
                 let console = console.trim();
                 Err(Error::Guest(if console.is_empty() {
                     format!("the restored guest did not answer within {timeout:?}")

@@ -72,9 +72,10 @@ fi
 # of ours can cause: L1's own kernel wedged (both CPUs spinning in its kernel) or panicked
 # (a bad GS base on a VM exit, "stack guard page was hit" in exc_page_fault). Such an L1
 # failure — not a test failure, which fails the stage at once — is retried in a fresh L1
-# with the binaries that had not finished (at most twice, within the stage's time), and
-# said so. A wedged L1 shows as a heartbeat
-# that stops; its CPUs' registers are printed from QEMU's monitor before it is killed.
+# with the binaries that had not finished (up to $attempts L1s in all, within the stage's
+# time), and said so. A wedged L1 shows as a heartbeat that stops; its CPUs' registers are
+# printed from QEMU's monitor before it is killed.
+attempts=3
 per_binary="${SUPERMACHINE_NESTED_PER_BINARY:-1500}"
 deadline=$(( $(date +%s) + ${SUPERMACHINE_NESTED_TIMEOUT:-3600} ))
 l1_dump() {
@@ -93,7 +94,7 @@ print("\n".join(l for l in out.decode(errors="replace").splitlines() if l.starts
 PY
 }
 rc=1
-for attempt in 1 2 3; do
+for attempt in $(seq 1 $attempts); do
   rm -f "$out/done" "$out/heartbeat"
   left=$(( deadline - $(date +%s) ))
   [ $left -gt 120 ] || { echo "kvm stage: no time left for attempt $attempt" >&2; break; }
@@ -119,7 +120,7 @@ for attempt in 1 2 3; do
   rc=$?
   set -e
   # 1: a test failed (a real failure); 0: all passed; else L1 itself broke or timed out.
-  if [ $rc -eq 0 ] || [ $rc -eq 1 ] || [ $attempt -eq 3 ]; then
+  if [ $rc -eq 0 ] || [ $rc -eq 1 ] || [ $attempt -eq $attempts ]; then
     break
   fi
   touch "$out/done"

@@ -101,11 +101,16 @@ pub fn host_of(head: &[u8]) -> Option<String> {
         .map(|s| s.trim().to_string())
 }
 
-async fn reply_and_close(mut s: TcpStream, status: &str) {
-    use tokio::io::AsyncWriteExt;
+async fn reply_and_close(s: TcpStream, status: &str) {
     let body = format!("{status}\n");
     let msg = format!("HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
-    let _ = s.write_all(msg.as_bytes()).await;
+    send_and_close(s, msg.as_bytes()).await;
+}
+
+/// Writes a whole response and closes the connection (a peer gone meanwhile is no error).
+async fn send_and_close(mut s: TcpStream, response: &[u8]) {
+    use tokio::io::AsyncWriteExt;
+    let _ = s.write_all(response).await;
     let _ = s.shutdown().await;
 }
 
@@ -153,10 +158,8 @@ async fn handle(router: Arc<Router>, mut stream: TcpStream) {
         Ok(Err((e, stream))) => {
             tracing::warn!(error = %e, "no worker could take the connection");
             metrics.rejected("no_worker");
-            if let Some(mut s) = stream.and_then(|s| TcpStream::from_std(s).ok()) {
-                use tokio::io::AsyncWriteExt;
-                let _ = s.write_all(crate::worker::BAD_GATEWAY).await;
-                let _ = s.shutdown().await;
+            if let Some(s) = stream.and_then(|s| TcpStream::from_std(s).ok()) {
+                send_and_close(s, crate::worker::BAD_GATEWAY).await;
             }
         }
         Err(_) => metrics.rejected("internal"),

@@ -25,15 +25,6 @@ pub const MMIO_START: u64 = 0xd000_0000;
 pub const MMIO_DEVICE_SIZE: u64 = 0x1000;
 /// The IRQ of the first virtio-mmio device; each further device takes the next.
 pub const FIRST_VIRTIO_IRQ: u32 = 5;
-
-/// Where virtio-mmio device `index` lives: its page's address and its IRQ (the one place
-/// both are computed; the kernel command line announces the same).
-pub fn mmio_slot(index: usize) -> (u64, u32) {
-    (
-        MMIO_START + index as u64 * MMIO_DEVICE_SIZE,
-        FIRST_VIRTIO_IRQ + index as u32,
-    )
-}
 /// Legacy UART IRQs: COM1 (console) and COM2 (control channel).
 pub const COM1_IRQ: u32 = 4;
 pub const COM2_IRQ: u32 = 3;
@@ -43,3 +34,12 @@ pub const COM2_PORT: u16 = 0x2f8;
 pub const I8042_PORT: u16 = 0x60;
 /// KVM's TSS and identity map pages, just below 4 GiB.
 pub const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// Where virtio-mmio device `index` lives: its page's address and its IRQ (the one place
+/// both are computed; the kernel command line announces the same).
+pub fn mmio_slot(index: usize) -> (u64, u32) {
+    (
+        MMIO_START + index as u64 * MMIO_DEVICE_SIZE,
+        FIRST_VIRTIO_IRQ + index as u32,
+    )
+}
