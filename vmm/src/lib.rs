@@ -7,13 +7,19 @@
 //!
 //! Layout follows Firecracker: `vstate/` is the KVM side (VM, vCPU, memory), `arch/` the
 //! x86_64 boot protocol, `devices/` one folder per device with its `persist.rs`,
-//! `snapshot/` the file format, and `builder.rs` builds a VM from a config or a snapshot.
+//! `snapshot/` the file format. `builder.rs` builds a VM from a config or a snapshot (and
+//! prepares one ahead), `device_manager.rs` places devices in MMIO slots and wires them to
+//! KVM, `microvm.rs` is the running VM (event loop, pause + snapshot, stop) and
+//! `persist.rs` composes the per-device states into the state `restore.snap` holds.
 
 pub mod arch;
 pub mod builder;
+pub(crate) mod device_manager;
 pub mod devices;
 pub mod error;
 pub mod event_loop;
+pub(crate) mod microvm;
+pub(crate) mod persist;
 pub mod snapshot;
 pub mod testing;
 pub mod vstate;
