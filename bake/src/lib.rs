@@ -10,6 +10,7 @@ pub mod initramfs;
 pub mod layer;
 pub mod layout;
 pub mod progress;
+mod proxy;
 pub mod pull_options;
 pub mod reference;
 pub mod registry;

@@ -6,7 +6,8 @@
 //! reference lets `--pull missing|never` resolve a tag without the network.
 //! Anonymous Bearer tokens from `WWW-Authenticate` and docker-config credentials are
 //! handled; HTTP is used for localhost / 127.0.0.0/8 and `--insecure-registry` registries,
-//! HTTPS elsewhere.
+//! HTTPS elsewhere. HTTP is done with `ureq` (blocking, no async runtime); proxies come
+//! from `HTTP_PROXY` / `HTTPS_PROXY` / `ALL_PROXY` / `NO_PROXY` (see `proxy.rs`).
 
 use std::collections::VecDeque;
 use std::fs::{self, File};
@@ -85,7 +86,9 @@ struct Auth {
 
 /// A client for one registry; shared by the threads that download blobs.
 pub struct RegistryClient {
-    http: reqwest::blocking::Client,
+    /// One HTTP agent (connection pool) per proxy in use, made on first use; see
+    /// `proxy::for_url`.
+    agents: Mutex<Vec<(Option<String>, ureq::Agent)>>,
     base: String,
     registry: String,
     auth: Mutex<Auth>,
@@ -112,13 +115,8 @@ impl RegistryClient {
         } else {
             registry
         };
-        let http = reqwest::blocking::Client::builder()
-            .connect_timeout(Duration::from_secs(15))
-            .timeout(Duration::from_secs(600))
-            .build()
-            .map_err(|e| net_err(registry, e))?;
         Ok(Self {
-            http,
+            agents: Mutex::new(Vec::new()),
             base: format!("{scheme}://{host}"),
             registry: registry.to_string(),
             auth: Mutex::new(Auth::default()),
@@ -126,35 +124,56 @@ impl RegistryClient {
         })
     }
 
+    /// A GET request for `url` on the agent for the proxy that `url` goes through.
+    fn request(&self, url: &str) -> ureq::Request {
+        let proxy = crate::proxy::for_url(url);
+        let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        let agent = match agents.iter().find(|(p, _)| *p == proxy) {
+            Some((_, a)) => a.clone(),
+            None => {
+                let mut b = ureq::AgentBuilder::new()
+                    .timeout_connect(Duration::from_secs(15))
+                    .timeout(Duration::from_secs(600))
+                    .redirects(10)
+                    // Authorization survives a redirect only to the same host.
+                    .redirect_auth_headers(ureq::RedirectAuthHeaders::SameHost)
+                    .try_proxy_from_env(false);
+                // An unusable proxy setting means a direct connection.
+                if let Some(p) = proxy.as_deref().and_then(|p| ureq::Proxy::new(p).ok()) {
+                    b = b.proxy(p);
+                }
+                let a = b.build();
+                agents.push((proxy, a.clone()));
+                a
+            }
+        };
+        agent.get(url)
+    }
+
     /// GET with the current token; on 401 obtains a token (or switches to Basic) once and
     /// retries. Connection failures and 5xx answers are retried with backoff; 4xx are final.
-    fn get(
-        &self,
-        url: &str,
-        accept: Option<&str>,
-        from: u64,
-    ) -> Result<reqwest::blocking::Response, BakeError> {
+    fn get(&self, url: &str, accept: Option<&str>, from: u64) -> Result<ureq::Response, BakeError> {
         let mut backoff = Duration::from_millis(200);
         let mut attempt = 0;
         let mut authed = false;
         loop {
             attempt += 1;
-            let mut req = self.http.get(url);
+            let mut req = self.request(url);
             if let Some(a) = accept {
-                req = req.header("Accept", a);
+                req = req.set("Accept", a);
             }
             if from > 0 {
-                req = req.header("Range", format!("bytes={from}-"));
+                req = req.set("Range", &format!("bytes={from}-"));
             }
             {
                 let auth = self.auth.lock().unwrap_or_else(|p| p.into_inner());
                 if let Some(t) = &auth.token {
-                    req = req.bearer_auth(t);
+                    req = req.set("Authorization", &format!("Bearer {t}"));
                 } else if let (true, Some((u, p))) = (auth.basic, &self.creds) {
-                    req = req.basic_auth(u, Some(p));
+                    req = req.set("Authorization", &basic_auth(u, p));
                 }
             }
-            let resp = match req.send() {
+            let resp = match send(req) {
                 Ok(r) => r,
                 Err(e) if attempt < RETRIES => {
                     tracing::debug!(%url, error = %e, "retrying");
@@ -162,10 +181,12 @@ impl RegistryClient {
                     backoff *= 2;
                     continue;
                 }
-                Err(e) => return Err(net_err(&self.registry, e)),
+                // ureq names the URL in most transport errors; make sure it is there.
+                Err(e) if e.url().is_some() => return Err(net_err(&self.registry, e)),
+                Err(e) => return Err(net_err(&self.registry, format!("GET {url}: {e}"))),
             };
             let status = resp.status();
-            if status == reqwest::StatusCode::UNAUTHORIZED {
+            if status == 401 {
                 if authed {
                     let why = if self.creds.is_some() {
                         "the credentials in the docker config were rejected"
@@ -179,9 +200,7 @@ impl RegistryClient {
                 }
                 authed = true;
                 let challenge = resp
-                    .headers()
-                    .get("www-authenticate")
-                    .and_then(|v| v.to_str().ok())
+                    .header("www-authenticate")
                     .and_then(parse_www_authenticate)
                     .ok_or_else(|| {
                         net_err(
@@ -197,13 +216,16 @@ impl RegistryClient {
                 }
                 continue;
             }
-            if status.is_server_error() && attempt < RETRIES {
+            if (500..600).contains(&status) && attempt < RETRIES {
                 std::thread::sleep(backoff);
                 backoff *= 2;
                 continue;
             }
-            if !status.is_success() {
-                return Err(net_err(&self.registry, format!("GET {url}: HTTP {status}")));
+            if !(200..300).contains(&status) {
+                return Err(net_err(
+                    &self.registry,
+                    format!("GET {url}: HTTP {}", status_line(&resp)),
+                ));
             }
             return Ok(resp);
         }
@@ -216,26 +238,24 @@ impl RegistryClient {
                 format!("unsupported auth challenge {:?}", c.scheme),
             ));
         }
-        let mut req = self.http.get(&c.realm);
-        let mut q = Vec::new();
+        let mut req = self.request(&c.realm);
         if let Some(s) = &c.service {
-            q.push(("service", s.clone()));
+            req = req.query("service", s);
         }
         if let Some(s) = &c.scope {
-            q.push(("scope", s.clone()));
+            req = req.query("scope", s);
         }
-        req = req.query(&q);
         if let Some((u, p)) = &self.creds {
-            req = req.basic_auth(u, Some(p));
+            req = req.set("Authorization", &basic_auth(u, p));
         }
-        let resp = req.send().map_err(|e| net_err(&self.registry, e))?;
-        if !resp.status().is_success() {
+        let resp = send(req).map_err(|e| net_err(&self.registry, e))?;
+        if !(200..300).contains(&resp.status()) {
             return Err(net_err(
                 &self.registry,
-                format!("token endpoint {}: HTTP {}", c.realm, resp.status()),
+                format!("token endpoint {}: HTTP {}", c.realm, status_line(&resp)),
             ));
         }
-        let v: serde_json::Value = resp.json().map_err(|e| net_err(&self.registry, e))?;
+        let v: serde_json::Value = resp.into_json().map_err(|e| net_err(&self.registry, e))?;
         v.get("token")
             .or_else(|| v.get("access_token"))
             .and_then(|t| t.as_str())
@@ -252,13 +272,7 @@ impl RegistryClient {
     ) -> Result<(String, Vec<u8>, Digest), BakeError> {
         let url = format!("{}/v2/{repo}/manifests/{reference}", self.base);
         let resp = self.get(&url, Some(ACCEPT), 0)?;
-        let header = |name: &str| {
-            resp.headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_string()
-        };
+        let header = |name: &str| resp.header(name).unwrap_or("").to_string();
         let ctype = header("content-type")
             .split(';')
             .next()
@@ -267,7 +281,8 @@ impl RegistryClient {
             .to_string();
         let announced = header("docker-content-digest");
         let mut bytes = Vec::new();
-        resp.take(MAX_MANIFEST + 1)
+        resp.into_reader()
+            .take(MAX_MANIFEST + 1)
             .read_to_end(&mut bytes)
             .map_err(|e| net_err(&self.registry, e))?;
         if bytes.len() as u64 > MAX_MANIFEST {
@@ -320,7 +335,7 @@ impl RegistryClient {
                 .unwrap_or(0)
                 .min(size);
             let resp = self.get(&url, None, have)?;
-            let resumed = resp.status() == reqwest::StatusCode::PARTIAL_CONTENT;
+            let resumed = resp.status() == 206;
             let start = if resumed { have } else { 0 };
             let mut hasher = Sha256::new();
             if resumed {
@@ -349,7 +364,7 @@ impl RegistryClient {
                 written: 0,
             };
             // One byte more than expected is read so an oversized blob is noticed.
-            let copied = io::copy(&mut resp.take(size - start + 1), &mut sink);
+            let copied = io::copy(&mut resp.into_reader().take(size - start + 1), &mut sink);
             let written = sink.written;
             let flushed = file.into_inner().map_err(|e| e.into_error());
             match (copied, flushed) {
@@ -390,6 +405,34 @@ impl RegistryClient {
             return Ok(dest);
         }
     }
+}
+
+/// Sends a request; an answer with any status is a response (ureq reports 4xx and 5xx
+/// as errors), so only a failure to get an answer at all is an error.
+fn send(req: ureq::Request) -> Result<ureq::Response, Box<ureq::Transport>> {
+    match req.call() {
+        Ok(r) | Err(ureq::Error::Status(_, r)) => Ok(r),
+        Err(ureq::Error::Transport(t)) => Err(Box::new(t)),
+    }
+}
+
+/// `404 Not Found`: the status code and the reason the server gave.
+fn status_line(resp: &ureq::Response) -> String {
+    let text = resp.status_text().trim();
+    if text.is_empty() {
+        resp.status().to_string()
+    } else {
+        format!("{} {text}", resp.status())
+    }
+}
+
+/// An `Authorization` header value for HTTP Basic auth.
+fn basic_auth(user: &str, password: &str) -> String {
+    use base64::Engine as _;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
 }
 
 /// Feeds bytes to a hasher (as an `io::Write`).
