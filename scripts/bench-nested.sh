@@ -14,7 +14,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 n="${1:-30}" alive="${2:-8}" secs="${3:-10}"
 cd "$root"
 "$root/scripts/setup.sh" >/dev/null
-cargo build --quiet --release --bins
+cargo build --quiet --release --workspace --bins
 images="$(python3 "$root/scripts/make-test-images.py")"
 out="${BENCH_NESTED_OUT:-$(mktemp -d /tmp/bench-nested.XXXXXX)}"
 mkdir -p "$out"

@@ -10,7 +10,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 c="${1:-8}"; d="${2:-10}"
 cd "$root"
-cargo build --quiet --release --bins
+cargo build --quiet --release --workspace --bins
 sm="$root/target/release/supermachine"
 images="$(python3 scripts/make-test-images.py)"
 work="$(mktemp -d)"

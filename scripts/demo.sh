@@ -6,7 +6,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 "$root/scripts/setup.sh"
-cargo build --quiet --release --bins
+cargo build --quiet --release --workspace --bins
 sm="$root/target/release/supermachine"
 images="$(python3 "$root/scripts/make-test-images.py")"
 export SUPERMACHINE_SNAPSHOTS="${SUPERMACHINE_SNAPSHOTS:-$HOME/.local/share/supermachine/snapshots}"

@@ -13,7 +13,7 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 # docs/ARCHITECTURE.md's crate graph is generated; a stale one fails here.
 python3 "$root/scripts/crate-graph.py" --check
-cargo build --quiet --bin supermachine
+cargo build --quiet --workspace --bins
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 set +e

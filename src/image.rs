@@ -6,8 +6,8 @@ use std::sync::{Arc, OnceLock};
 
 use crate::pool::{Pool, PooledVm};
 use crate::snapshot::Snapshot;
-use crate::vm::{OutputSink, Vm};
 use crate::Error;
+use crate::{OutputSink, Vm};
 
 /// Per-VM settings for a restore.
 #[derive(Debug, Clone)]

@@ -1,33 +1,20 @@
 //! supermachine: run OCI images as hardware-isolated microVMs.
 //!
-//! The crate boots an image (registry, OCI layout or archive) in a fresh VM and runs its
-//! command to completion ([`Vm::run_to_completion`]); snapshots, restore, the worker pool and the router
-//! build on it. The pieces live in their own crates: `supermachine-bake` (image
-//! preparation), `supermachine-backend` (the backend trait, QEMU, and the kvm backend over
-//! `supermachine-vmm`, our own VMM), `supermachine-protocol` (wire types shared with the
-//! guest), `supermachine-init` (the guest's PID 1), `supermachine-shim` (the guest agent).
+//! [`Image`] bakes an image (registry, OCI layout or archive) into a snapshot and restores
+//! VMs from it; [`Vm`] boots one and runs its command ([`Vm::run_to_completion`]); [`Pool`]
+//! keeps restored VMs one acquire away. The pieces live in their own crates:
+//! `supermachine-worker` (one VM: the driver, the worker process, its handle),
+//! `supermachine-router` (the HTTP ingress, with the `cli` feature), `supermachine-bake`
+//! (image preparation), `supermachine-backend` (the backend trait, QEMU, and the kvm
+//! backend over `supermachine-vmm`, our own VMM), `supermachine-protocol` (wire types
+//! shared with the guest), `supermachine-init` and `supermachine-shim` (the guest's PID 1
+//! and agent). The `cli` feature (default) builds the `supermachine` command; without it
+//! the library pulls in no HTTP server, async runtime or argument parser.
 
-mod agent;
-pub mod boot;
-pub mod cli;
-mod error;
-mod exec;
-mod forward;
-pub mod guest_artifacts;
 mod image;
 pub mod pool;
 pub mod pull;
-pub mod router;
-pub mod run_dir;
-pub mod snapshot;
-mod vm;
-pub mod worker;
 
-pub use agent::GuestStream;
-pub use boot::{BootReport, BootRequest, BootTimings};
-pub use error::Error;
-pub use exec::{ExecBuilder, ExecChild, ExecOutcome, ExecStdin, ExecStdinWriter};
-pub use forward::TcpForwarder;
 pub use image::{Image, OciImageBuilder, PullPolicy, VmConfig};
 pub use pool::{Pool, PooledVm};
 pub use pull::{PullOutcome, PullRequest};
@@ -35,5 +22,9 @@ pub use supermachine_backend::{Accel, AgentEndpoint, BackendChoice, BackendKind}
 pub use supermachine_bake::{Cache, ImageRef, Overrides};
 pub use supermachine_bake::{Platform, PullOptions};
 pub use supermachine_protocol::ExitStatus;
-pub use vm::{OutputSink, PreparedRestore, Vm};
-pub use worker::{Worker, WorkerTimings};
+pub use supermachine_worker::{boot, guest_artifacts, run_dir, snapshot};
+pub use supermachine_worker::{
+    BootReport, BootRequest, BootTimings, Error, ExecBuilder, ExecChild, ExecOutcome, ExecStdin,
+    ExecStdinWriter, GuestStream, OutputSink, PreparedRestore, TcpForwarder, Vm, Worker,
+    WorkerTimings,
+};

@@ -1,3 +1,6 @@
+//! The `supermachine` command (the `cli` feature).
+mod cli;
+
 fn main() {
-    std::process::exit(supermachine::cli::main());
+    std::process::exit(cli::main());
 }

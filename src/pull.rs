@@ -9,8 +9,8 @@ use sha2::Digest as _;
 
 use crate::boot::BootRequest;
 use crate::snapshot::{self, FileRecord, LayerRecord, Metadata, Snapshot, FORMAT_VERSION};
-use crate::vm::{BootInputs, Vm};
 use crate::{Error, PullPolicy};
+use supermachine_worker::{BootInputs, Vm};
 
 #[derive(Debug, Clone)]
 pub struct PullRequest {
@@ -140,12 +140,9 @@ pub fn pull(req: &PullRequest) -> Result<PullOutcome, Error> {
         .prefix(&format!(".tmp-{}-", req.name))
         .tempdir_in(&req.snapshots_dir)
         .map_err(|e| Error::io("creating a temp snapshot dir", e))?;
-    let memory = tmp.path().join(snapshot::MEMORY_FILE);
-    let state = tmp.path().join(snapshot::STATE_FILE);
-
     let mut boot = b.clone();
     boot.backend = kind.into();
-    boot.memory_file = Some(memory.clone());
+    boot.snapshot_dir = Some(tmp.path().to_path_buf());
     let log_path = tmp.path().join(snapshot::BAKE_LOG);
     let vm = Vm::boot_from(
         &boot,
@@ -171,16 +168,9 @@ pub fn pull(req: &PullRequest) -> Result<PullOutcome, Error> {
             kept.display()
         )));
     }
-    // The kvm backend writes one file, state and RAM together; QEMU's RAM already lives
-    // in `memory` (booted with it as a shared memory file).
-    let (state, memory) = match kind {
-        BackendKind::Kvm => {
-            let snap = tmp.path().join(snapshot::KVM_SNAPSHOT_FILE);
-            (snap.clone(), snap)
-        }
-        BackendKind::Qemu => (state, memory),
-    };
-    vm.snapshot(&state, &memory)?;
+    // The backend writes its own files (kvm: state and RAM in one; QEMU: the state, RAM
+    // already in its shared file), fsynced, and says what to record of them.
+    let record = vm.snapshot(tmp.path())?;
     save_log(&vm);
     std::fs::copy(
         vm.run_dir().join("initramfs.cpio"),
@@ -191,24 +181,6 @@ pub fn pull(req: &PullRequest) -> Result<PullOutcome, Error> {
     vm.kill();
     drop(vm);
 
-    for f in [&memory, &state] {
-        std::fs::File::open(f)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| Error::io(format!("fsync {}", f.display()), e))?;
-    }
-    let (state_sha256, state_size) = match kind {
-        // 128 MiB+ would be hashed on every open; restore.snap checks itself instead.
-        BackendKind::Kvm => (
-            String::new(),
-            std::fs::metadata(&state)
-                .map_err(|e| Error::io(format!("{}", state.display()), e))?
-                .len(),
-        ),
-        BackendKind::Qemu => {
-            let r = file_record(&state)?;
-            (r.sha256, r.size)
-        }
-    };
     let meta = Metadata {
         format_version: FORMAT_VERSION,
         backend: kind.to_string(),
@@ -235,14 +207,9 @@ pub fn pull(req: &PullRequest) -> Result<PullOutcome, Error> {
         guest_port: req.port,
         kernel: kernel_rec,
         kernel_args: b.kernel_args.clone(),
-        state_sha256,
-        state_size,
-        memory_size: match kind {
-            BackendKind::Kvm => u64::from(b.memory_mib) << 20,
-            BackendKind::Qemu => std::fs::metadata(&memory)
-                .map_err(|e| Error::io("memory file", e))?
-                .len(),
-        },
+        state_sha256: record.state_sha256,
+        state_size: record.state_size,
+        memory_size: record.memory_size,
         bake_inputs: inputs,
         created_unix: SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)

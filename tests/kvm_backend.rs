@@ -21,9 +21,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use supermachine_backend::kvm::KvmBackend;
-use supermachine_backend::{
-    AgentEndpoint, Backend, BackendKind, BootSpec, Disk, MachineExit, MemoryFile, SnapshotFiles,
-};
+use supermachine_backend::{AgentEndpoint, Backend, BackendKind, BootSpec, Disk, MachineExit};
 
 fn hardware_virtualization() -> bool {
     supermachine_backend::accel::hardware_virtualization()
@@ -179,13 +177,11 @@ fn kvm_backend_boots_the_product_initramfs_snapshots_mid_boot_and_restores() {
         "ttyS1 at I/O 0x2f8 (irq = 3",
         Duration::from_secs(300),
     );
-    let snap = dir.path().join("restore.snap");
-    machine
-        .snapshot(&SnapshotFiles {
-            state: snap.clone(),
-            memory: snap.clone(),
-        })
-        .unwrap();
+    let snapshot_dir = dir.path().join("snapshot");
+    std::fs::create_dir(&snapshot_dir).unwrap();
+    assert!(backend.bake_memory_file(&snapshot_dir).is_none());
+    let record = machine.snapshot(&snapshot_dir).unwrap();
+    let snap = snapshot_dir.join(supermachine_backend::kvm::SNAPSHOT_FILE);
     machine.kill().unwrap();
     assert!(matches!(
         machine.wait_timeout(Duration::from_secs(1)).unwrap(),
@@ -196,23 +192,19 @@ fn kvm_backend_boots_the_product_initramfs_snapshots_mid_boot_and_restores() {
         "snapshot taken before init ran"
     );
     assert!(std::fs::metadata(&snap).unwrap().len() > 4096);
+    assert_eq!(record.state_size, std::fs::metadata(&snap).unwrap().len());
+    assert_eq!(record.memory_size, 128 << 20);
+    backend
+        .verify_snapshot(&snapshot_dir, &record, 128)
+        .expect("the snapshot it just wrote verifies");
 
     // Restore into a new run directory: its own console, vsock socket and channel.
     let run2 = dir.path().join("run2");
     std::fs::create_dir(&run2).unwrap();
     spec.run_dir = run2.clone();
-    spec.memory_file = Some(MemoryFile {
-        path: snap.clone(),
-        shared: false,
-    });
-    let pending = backend.prepare_restore(&spec).unwrap();
+    let pending = backend.prepare_restore(&spec, &snapshot_dir).unwrap();
     assert_eq!(pending.monitor_pid(), std::process::id(), "in this process");
-    let (mut restored, timings) = pending
-        .resume(&SnapshotFiles {
-            state: snap.clone(),
-            memory: snap,
-        })
-        .unwrap();
+    let (mut restored, timings) = pending.resume().unwrap();
     assert!(timings.load_and_resume < Duration::from_secs(5));
     let mut channel = restored.take_channel().unwrap();
     let console2 = restored.console_log().to_path_buf();

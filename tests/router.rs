@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::*;
-use supermachine::router::{self, Isolation, PoolConfig, Route, RouterConfig};
 use supermachine::PullRequest;
+use supermachine_router::{self as router, Isolation, PoolConfig, Route, RouterConfig};
 
 const INDEX: &[u8] = b"<h1>hello from supermachine</h1>\n";
 

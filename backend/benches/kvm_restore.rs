@@ -13,7 +13,7 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use supermachine_backend::kvm::KvmBackend;
-use supermachine_backend::{Backend, BootSpec, MemoryFile, SnapshotFiles};
+use supermachine_backend::{Backend, BootSpec};
 use supermachine_vmm::testing::tiny_kernel;
 
 /// Poll COM2's line status; read its receive buffer; write the byte back to COM2; repeat.
@@ -60,11 +60,7 @@ fn main() {
         memory_file: None,
     };
     let backend = KvmBackend::new();
-    let snap = dir.path().join("restore.snap");
-    let files = SnapshotFiles {
-        state: snap.clone(),
-        memory: snap.clone(),
-    };
+    let snap = run("snapshot");
     {
         let mut m = backend.boot(&spec).expect("boot");
         let mut c = m.take_channel().expect("channel");
@@ -73,20 +69,16 @@ fn main() {
             .expect("timeout");
         let mut e = [0u8];
         c.read_exact(&mut e).expect("the booted guest echoes");
-        m.snapshot(&files).expect("snapshot");
+        m.snapshot(&snap).expect("snapshot");
         m.kill().expect("kill");
     }
-    spec.memory_file = Some(MemoryFile {
-        path: snap,
-        shared: false,
-    });
 
     let (mut resume, mut first_byte) = (Vec::new(), Vec::new());
     for i in 0..n {
         spec.run_dir = run(&format!("r{i}"));
-        let pending = backend.prepare_restore(&spec).expect("prepare");
+        let pending = backend.prepare_restore(&spec, &snap).expect("prepare");
         let t0 = Instant::now();
-        let (mut m, _) = pending.resume(&files).expect("resume");
+        let (mut m, _) = pending.resume().expect("resume");
         resume.push(t0.elapsed());
         let mut channel = m.take_channel().expect("channel");
         channel.write_all(b"?").expect("write");

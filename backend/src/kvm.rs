@@ -19,9 +19,10 @@ use supermachine_vmm::devices::virtio::vsock::GUEST_CID;
 use supermachine_vmm::{BlockConfig, ExitReason, MicroVm, MicroVmConfig, VsockConfig};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::files;
 use crate::{
     AgentEndpoint, Backend, BackendError, BackendKind, BootSpec, ControlChannel, Machine,
-    MachineExit, PendingRestore, RestoreTimings, SnapshotFiles, StartTimings,
+    MachineExit, MemoryFile, PendingRestore, RestoreTimings, SnapshotRecord, StartTimings,
 };
 
 /// Base kernel command line: console on ttyS0 (quiet), reset through the i8042 (the VMM's
@@ -55,11 +56,9 @@ impl RunPaths {
     }
 }
 
-/// Checks a kvm snapshot file (`restore.snap`) without restoring it: header, format
-/// version, VMM build, sizes and the state's checksum; the error says what is wrong.
-pub fn verify_snapshot(path: &Path) -> Result<(), String> {
-    supermachine_vmm::snapshot::format::verify_snapshot(path).map_err(|e| e.to_string())
-}
+/// The kvm backend's snapshot: state and RAM in one file, RAM page-aligned so it is mapped
+/// in place (its header and state carry their own checksum, checked at every restore).
+pub const SNAPSHOT_FILE: &str = "restore.snap";
 
 /// The VMM counts vCPUs in a u8; its own check gives the range.
 fn vcpus_of(spec: &BootSpec) -> Result<u8, BackendError> {
@@ -184,6 +183,7 @@ impl Backend for KvmBackend {
             thread: Some(thread),
             channel: Some(Box::new(control_host)),
             agent: agent_endpoint(spec, &paths),
+            memory_mib: spec.memory_mib,
             console: paths.console,
             timings: StartTimings {
                 requested,
@@ -192,14 +192,33 @@ impl Backend for KvmBackend {
         }))
     }
 
-    fn prepare_restore(&self, spec: &BootSpec) -> Result<Box<dyn PendingRestore>, BackendError> {
+    /// None: the snapshot writes guest RAM into `restore.snap` itself.
+    fn bake_memory_file(&self, _dir: &Path) -> Option<MemoryFile> {
+        None
+    }
+
+    /// Size as recorded, then the file's own header, format version, VMM build, sizes and
+    /// state checksum (RAM is not hashed: 128 MiB+ on every open).
+    fn verify_snapshot(
+        &self,
+        dir: &Path,
+        record: &SnapshotRecord,
+        _memory_mib: u32,
+    ) -> Result<(), BackendError> {
+        let path = dir.join(SNAPSHOT_FILE);
+        files::check_size(&path, record.state_size)?;
+        supermachine_vmm::snapshot::format::verify_snapshot(&path)
+            .map_err(|e| BackendError::InvalidSnapshot(format!("{SNAPSHOT_FILE}: {e}")))
+    }
+
+    fn prepare_restore(
+        &self,
+        spec: &BootSpec,
+        dir: &Path,
+    ) -> Result<Box<dyn PendingRestore>, BackendError> {
         let started = Instant::now();
         spec.check_files()?;
-        let snapshot = spec
-            .memory_file
-            .as_ref()
-            .map(|m| m.path.clone())
-            .ok_or_else(|| BackendError::Restore("no snapshot file given".into()))?;
+        let snapshot = dir.join(SNAPSHOT_FILE);
         let layout = RestoreLayout::of(&snapshot)
             .map_err(|e| BackendError::Restore(format!("{}: {e}", snapshot.display())))?;
         let paths = RunPaths::new(&spec.run_dir);
@@ -237,6 +256,8 @@ impl Backend for KvmBackend {
         }
         Ok(Box::new(KvmPendingRestore {
             thread,
+            snapshot,
+            memory_mib: spec.memory_mib,
             resume: resume_tx,
             channel: Box::new(control_host),
             agent: agent_endpoint(spec, &paths),
@@ -252,6 +273,9 @@ struct KvmPendingRestore {
     /// Dropped before `thread` (fields drop in order): the thread waiting on it then ends.
     resume: Sender<(PathBuf, Sender<ResumeResult>)>,
     thread: VmThread,
+    /// The `restore.snap` the prepared VM was laid out for.
+    snapshot: PathBuf,
+    memory_mib: u32,
     channel: Box<dyn ControlChannel>,
     console: PathBuf,
     agent: Option<AgentEndpoint>,
@@ -259,13 +283,10 @@ struct KvmPendingRestore {
 }
 
 impl PendingRestore for KvmPendingRestore {
-    fn resume(
-        self: Box<Self>,
-        files: &SnapshotFiles,
-    ) -> Result<(Box<dyn Machine>, RestoreTimings), BackendError> {
+    fn resume(self: Box<Self>) -> Result<(Box<dyn Machine>, RestoreTimings), BackendError> {
         let requested = Instant::now();
         let (reply_tx, reply_rx) = mpsc::channel();
-        let _ = self.resume.send((files.state.clone(), reply_tx));
+        let _ = self.resume.send((self.snapshot.clone(), reply_tx));
         let load_and_resume = match reply_rx.recv() {
             Ok(Ok(d)) => d,
             Ok(Err(e)) => return Err(BackendError::Restore(e)),
@@ -280,6 +301,7 @@ impl PendingRestore for KvmPendingRestore {
                 monitor_ready: Instant::now(),
             },
             agent: self.agent,
+            memory_mib: self.memory_mib,
         };
         Ok((
             Box::new(machine),
@@ -452,6 +474,7 @@ pub struct KvmMachine {
     console: PathBuf,
     timings: StartTimings,
     agent: Option<AgentEndpoint>,
+    memory_mib: u32,
 }
 
 impl Machine for KvmMachine {
@@ -496,21 +519,29 @@ impl Machine for KvmMachine {
         Ok(())
     }
 
-    /// Writes the whole snapshot — state and RAM — to `files.state` (a `restore.snap`);
-    /// `files.memory` names the same file. The VM stays paused.
-    fn snapshot(&mut self, files: &SnapshotFiles) -> Result<(), BackendError> {
+    /// Writes the whole snapshot — state and RAM — to `dir`'s `restore.snap` (temp file,
+    /// fsync, rename). The VM stays paused.
+    fn snapshot(&mut self, dir: &Path) -> Result<SnapshotRecord, BackendError> {
+        let path = dir.join(SNAPSHOT_FILE);
         let t = self
             .thread
             .as_ref()
             .ok_or_else(|| BackendError::Snapshot("the VM is stopped".into()))?;
         let (tx, rx) = mpsc::channel();
-        t.send(Command::Snapshot(files.state.clone(), tx));
+        t.send(Command::Snapshot(path.clone(), tx));
         match rx.recv() {
-            Ok(r) => r.map_err(BackendError::Snapshot),
-            Err(_) => Err(BackendError::Snapshot(
-                "the VM stopped before its snapshot".into(),
-            )),
+            Ok(r) => r.map_err(BackendError::Snapshot)?,
+            Err(_) => {
+                return Err(BackendError::Snapshot(
+                    "the VM stopped before its snapshot".into(),
+                ))
+            }
         }
+        Ok(SnapshotRecord {
+            state_sha256: String::new(),
+            state_size: files::size_of(&path)?,
+            memory_size: u64::from(self.memory_mib) << 20,
+        })
     }
 }
 

@@ -4,6 +4,7 @@
 //! `supermachine-vmm`, in this process).
 
 pub mod accel;
+mod files;
 pub mod kvm;
 pub mod qemu;
 pub mod select;
@@ -112,13 +113,17 @@ pub struct MemoryFile {
     pub shared: bool,
 }
 
-/// A snapshot's files as the backend writes and reads them.
-#[derive(Debug, Clone)]
-pub struct SnapshotFiles {
-    /// Device + CPU state (QEMU: the migration stream, RAM excluded).
-    pub state: PathBuf,
-    /// Guest RAM (the `MemoryFile` the VM ran with while baking).
-    pub memory: PathBuf,
+/// What a backend wrote into a snapshot directory, as the caller records it (in
+/// `metadata.json`) and hands back to [`Backend::verify_snapshot`] when opening it. The
+/// directory's file names and formats are the backend's own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotRecord {
+    /// sha256 of the state file, where the backend checks the state by digest (QEMU's
+    /// migration stream); empty where the file checks itself (kvm's `restore.snap`).
+    pub state_sha256: String,
+    pub state_size: u64,
+    /// Guest RAM, bytes.
+    pub memory_size: u64,
 }
 
 /// Host-side milestones of one restore.
@@ -209,6 +214,9 @@ pub enum BackendError {
     Boot(String),
     #[error("snapshot: {0}")]
     Snapshot(String),
+    /// A snapshot on disk does not match what was recorded (the reason names the file).
+    #[error("{0}")]
+    InvalidSnapshot(String),
     #[error("restore: {0}")]
     Restore(String),
     #[error("{context}: {source}")]
@@ -278,38 +286,53 @@ pub trait Machine: Send {
     fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<MachineExit>, BackendError>;
     /// Stops the VM now and reaps it.
     fn kill(&mut self) -> Result<(), BackendError>;
-    /// Pauses the guest and writes its device/CPU state to `files.state`; guest RAM must
-    /// already live in `files.memory` (booted with a shared [`MemoryFile`]). The VM stays
+    /// Pauses the guest and writes its snapshot into `dir` (booted with
+    /// [`Backend::bake_memory_file`] of the same `dir`), every file fsynced. The VM stays
     /// paused; the caller kills it.
-    fn snapshot(&mut self, files: &SnapshotFiles) -> Result<(), BackendError>;
+    fn snapshot(&mut self, dir: &Path) -> Result<SnapshotRecord, BackendError>;
 }
 
 pub trait Backend: Send + Sync {
     fn kind(&self) -> BackendKind;
     fn boot(&self, spec: &BootSpec) -> Result<Box<dyn Machine>, BackendError>;
-    /// Does everything a restore needs that does not depend on the snapshot's contents
-    /// (start the monitor, open its control sockets). `spec` must describe the machine that
-    /// was baked (devices, memory, vCPUs) with `memory_file` = the snapshot's RAM, not shared.
-    fn prepare_restore(&self, spec: &BootSpec) -> Result<Box<dyn PendingRestore>, BackendError>;
+    /// The RAM file a VM that will be snapshotted into `dir` boots with (in
+    /// [`BootSpec::memory_file`]): QEMU keeps guest RAM there, written through, so its
+    /// snapshot is only the device state; `None` where the snapshot writes RAM itself.
+    fn bake_memory_file(&self, dir: &Path) -> Option<MemoryFile>;
+    /// Checks the snapshot in `dir` against what [`Machine::snapshot`] recorded, without
+    /// restoring it: files present, sizes, digests, format version. The error says what is
+    /// wrong.
+    fn verify_snapshot(
+        &self,
+        dir: &Path,
+        record: &SnapshotRecord,
+        memory_mib: u32,
+    ) -> Result<(), BackendError>;
+    /// Does everything a restore from the snapshot in `dir` needs that does not depend on
+    /// its contents (start the monitor, open its control sockets). `spec` must describe
+    /// the machine that was baked (devices, memory, vCPUs), `memory_file` unset: guest RAM
+    /// is the snapshot's, mapped copy-on-write.
+    fn prepare_restore(
+        &self,
+        spec: &BootSpec,
+        dir: &Path,
+    ) -> Result<Box<dyn PendingRestore>, BackendError>;
 
-    /// Starts a VM from a snapshot: [`Backend::prepare_restore`] then
+    /// Starts a VM from the snapshot in `dir`: [`Backend::prepare_restore`] then
     /// [`PendingRestore::resume`].
     fn restore(
         &self,
         spec: &BootSpec,
-        files: &SnapshotFiles,
+        dir: &Path,
     ) -> Result<(Box<dyn Machine>, RestoreTimings), BackendError> {
-        self.prepare_restore(spec)?.resume(files)
+        self.prepare_restore(spec, dir)?.resume()
     }
 }
 
 /// A VM monitor waiting for a snapshot's state. Dropping it kills the monitor.
 pub trait PendingRestore: Send {
-    /// Loads the state and runs the guest.
-    fn resume(
-        self: Box<Self>,
-        files: &SnapshotFiles,
-    ) -> Result<(Box<dyn Machine>, RestoreTimings), BackendError>;
+    /// Loads the snapshot's state and runs the guest.
+    fn resume(self: Box<Self>) -> Result<(Box<dyn Machine>, RestoreTimings), BackendError>;
     fn monitor_pid(&self) -> u32;
 }
 

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use supermachine_backend::kvm::KvmBackend;
-use supermachine_backend::{Backend, BootSpec, Machine, MachineExit, MemoryFile, SnapshotFiles};
+use supermachine_backend::{Backend, BootSpec, Machine, MachineExit};
 use supermachine_vmm::testing::tiny_kernel;
 
 /// Echo ttyS1 -> ttyS0: poll COM2's line status, read its receive buffer, write the byte
@@ -107,25 +107,18 @@ fn a_restored_vm_takes_host_input_on_its_new_channel() {
         b"before the snapshot;",
         Duration::from_secs(60),
     );
-    let snap = dir.path().join("restore.snap");
-    let files = SnapshotFiles {
-        state: snap.clone(),
-        memory: snap.clone(),
-    };
-    machine.snapshot(&files).unwrap();
+    let snap = dir.path().join("snapshot");
+    std::fs::create_dir(&snap).unwrap();
+    machine.snapshot(&snap).unwrap();
     kill_within(machine, Duration::from_secs(10));
 
     let run2 = dir.path().join("run2");
     std::fs::create_dir(&run2).unwrap();
     spec.run_dir = run2;
-    spec.memory_file = Some(MemoryFile {
-        path: snap,
-        shared: false,
-    });
     let (mut restored, _) = backend
-        .prepare_restore(&spec)
+        .prepare_restore(&spec, &snap)
         .unwrap()
-        .resume(&files)
+        .resume()
         .unwrap();
     let mut channel = restored.take_channel().unwrap();
     let after: Vec<u8> = (0..500u32).map(|i| b'a' + (i % 26) as u8).collect();

@@ -23,7 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 pub use metrics::Metrics;
 pub use pool::{ImagePool, Isolation, PoolConfig};
 
-use crate::Error;
+use supermachine_worker::Error;
 
 /// Largest request head the router reads before choosing a worker.
 const MAX_HEAD: usize = 64 * 1024;
@@ -159,7 +159,7 @@ async fn handle(router: Arc<Router>, mut stream: TcpStream) {
             tracing::warn!(error = %e, "no worker could take the connection");
             metrics.rejected("no_worker");
             if let Some(s) = stream.and_then(|s| TcpStream::from_std(s).ok()) {
-                send_and_close(s, crate::worker::BAD_GATEWAY).await;
+                send_and_close(s, supermachine_worker::BAD_GATEWAY).await;
             }
         }
         Err(_) => metrics.rejected("internal"),

@@ -1,8 +1,8 @@
 //! Workers for one image. `shared`: long-lived VMs serve many connections, least-loaded
 //! first, between `min` and `max` of them, idle extras stopped after `idle_timeout`.
 //! `fresh`: every connection gets a VM restored just for it and destroyed when it closes;
-//! `min` restored VMs wait ready so a client never waits for a restore. A background thread
-//! replaces dead workers (counted as crashes) and refills.
+//! `min` restored VMs wait ready (a [`Spares`]) so a client never waits for a restore. A
+//! background thread replaces dead workers (counted as crashes) and refills.
 
 use std::net::TcpStream;
 use std::path::PathBuf;
@@ -10,10 +10,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use super::metrics::Metrics;
-use crate::snapshot::Snapshot;
-use crate::worker::Worker;
-use crate::Error;
+use supermachine_worker::snapshot::Snapshot;
+use supermachine_worker::{Error, Spares, Worker};
+
+use crate::metrics::Metrics;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isolation {
@@ -38,11 +38,9 @@ struct Slot {
 struct Inner {
     /// Shared: VMs serving connections. Fresh: unused.
     serving: Vec<Slot>,
-    /// Fresh: restored VMs waiting for their one connection.
-    ready: Vec<Worker>,
     /// Fresh: VMs serving their one connection; they exit when it closes.
     draining: Vec<Worker>,
-    /// Restores in flight by the maintainer.
+    /// Shared: restores in flight by the maintainer.
     starting: usize,
     /// Shared: every VM was busy at a handoff; add one if below `max`.
     grow: bool,
@@ -54,6 +52,8 @@ pub struct ImagePool {
     config: PoolConfig,
     metrics: Arc<Metrics>,
     inner: Mutex<Inner>,
+    /// Fresh: `min` restored VMs waiting for their one connection.
+    ready: Option<Arc<Spares>>,
     wake: Condvar,
     stopping: AtomicBool,
     /// `--accept-in-workers`: the listening socket every worker accepts on.
@@ -81,12 +81,31 @@ impl ImagePool {
         listener: Option<std::net::TcpListener>,
     ) -> Result<Arc<ImagePool>, Error> {
         let snapshot = Snapshot::open(&dir)?;
+        let guest_port = snapshot.meta.guest_port;
+        let ready = match config.isolation {
+            Isolation::Shared => None,
+            Isolation::Fresh => {
+                let (d, m) = (dir.clone(), metrics.clone());
+                let l = match &listener {
+                    Some(l) => Some(
+                        l.try_clone()
+                            .map_err(|e| Error::io("sharing the listening socket", e))?,
+                    ),
+                    None => None,
+                };
+                Some(Spares::start(
+                    config.min,
+                    Box::new(move || restore_worker(&d, guest_port, &m, l.as_ref())),
+                ))
+            }
+        };
         let pool = Arc::new(ImagePool {
             dir,
-            guest_port: snapshot.meta.guest_port,
+            guest_port,
             config,
             metrics,
             inner: Mutex::new(Inner::default()),
+            ready,
             wake: Condvar::new(),
             stopping: AtomicBool::new(false),
             listener,
@@ -101,16 +120,12 @@ impl ImagePool {
     }
 
     fn restore_one(&self) -> Result<Worker, Error> {
-        let t = Instant::now();
-        let mut w = Worker::spawn(&self.dir)?;
-        let metrics = self.metrics.clone();
-        w.on_closed(Arc::new(move |status| metrics.response(status)));
-        w.restore()?;
-        self.metrics.restored(t.elapsed());
-        if let Some(l) = &self.listener {
-            w.listen_on(l, self.guest_port)?;
-        }
-        Ok(w)
+        restore_worker(
+            &self.dir,
+            self.guest_port,
+            &self.metrics,
+            self.listener.as_ref(),
+        )
     }
 
     /// Every worker of this pool accepts on `listener` itself (the router stays out of the
@@ -184,8 +199,7 @@ impl ImagePool {
     }
 
     fn handoff_fresh(&self, stream: TcpStream, prefix: &[u8]) -> Result<(), HandoffError> {
-        let ready = self.inner.lock().ok().and_then(|mut i| i.ready.pop());
-        self.wake.notify_all();
+        let ready = self.ready.as_ref().and_then(|r| r.take());
         let mut w = match ready {
             Some(w) => w,
             None => match self.restore_one() {
@@ -220,11 +234,16 @@ impl ImagePool {
         let Ok(i) = self.inner.lock() else {
             return vec![];
         };
+        let (ready, starting) = self
+            .ready
+            .as_ref()
+            .map(|r| (r.len(), r.starting()))
+            .unwrap_or_default();
         vec![
             ("serving", i.serving.len()),
-            ("ready", i.ready.len()),
+            ("ready", ready),
             ("draining", i.draining.len()),
-            ("starting", i.starting),
+            ("starting", i.starting + starting),
         ]
     }
 
@@ -233,11 +252,15 @@ impl ImagePool {
         let Ok(i) = self.inner.lock() else {
             return vec![];
         };
-        i.serving
+        let mut endpoints: Vec<_> = i
+            .serving
             .iter()
             .filter_map(|s| s.worker.agent_endpoint())
-            .chain(i.ready.iter().filter_map(|w| w.agent_endpoint()))
-            .collect()
+            .collect();
+        if let Some(r) = &self.ready {
+            r.for_each(|w| endpoints.extend(w.agent_endpoint()));
+        }
+        endpoints
     }
 
     /// Worker process ids (for tests and operators).
@@ -245,12 +268,16 @@ impl ImagePool {
         let Ok(i) = self.inner.lock() else {
             return vec![];
         };
-        i.serving
+        let mut pids: Vec<u32> = i
+            .serving
             .iter()
             .map(|s| s.worker.pid())
-            .chain(i.ready.iter().map(|w| w.pid()))
             .chain(i.draining.iter().map(|w| w.pid()))
-            .collect()
+            .collect();
+        if let Some(r) = &self.ready {
+            r.for_each(|w| pids.push(w.pid()));
+        }
+        pids
     }
 
     /// Stops every worker.
@@ -261,10 +288,12 @@ impl ImagePool {
         if let Some(h) = maintainer {
             let _ = h.join();
         }
+        if let Some(r) = &self.ready {
+            r.shutdown();
+        }
         let workers: Vec<Worker> = match self.inner.lock() {
             Ok(mut i) => {
                 let mut v: Vec<Worker> = i.serving.drain(..).map(|s| s.worker).collect();
-                v.append(&mut i.ready);
                 v.append(&mut i.draining);
                 v
             }
@@ -276,7 +305,27 @@ impl ImagePool {
     }
 }
 
-/// Replaces dead workers, refills to `min`, retires idle extras.
+/// Restores a worker for `dir`; with `listener`, it accepts there itself.
+fn restore_worker(
+    dir: &std::path::Path,
+    guest_port: u16,
+    metrics: &Arc<Metrics>,
+    listener: Option<&std::net::TcpListener>,
+) -> Result<Worker, Error> {
+    let t = Instant::now();
+    let mut w = Worker::spawn(dir)?;
+    let m = metrics.clone();
+    w.on_closed(Arc::new(move |status| m.response(status)));
+    w.restore()?;
+    metrics.restored(t.elapsed());
+    if let Some(l) = listener {
+        w.listen_on(l, guest_port)?;
+    }
+    Ok(w)
+}
+
+/// Shared pools: replaces dead workers, refills to `min`, retires idle extras, grows on
+/// demand. Fresh pools: counts spares that died as crashes, retires finished VMs.
 fn maintain(pool: Weak<ImagePool>) {
     loop {
         let Some(p) = pool.upgrade() else { return };
@@ -287,14 +336,14 @@ fn maintain(pool: Weak<ImagePool>) {
         let need = {
             let Ok(mut i) = p.inner.lock() else { return };
             // Dead workers: crashes, except fresh VMs that finished their connection.
-            let before = i.serving.len() + i.ready.len();
+            let before = i.serving.len();
             i.serving.retain_mut(|s| s.worker.is_alive());
-            i.ready.retain_mut(|w| w.is_alive());
-            let crashed = before - (i.serving.len() + i.ready.len());
+            let spares_died = p.ready.as_ref().map(|r| r.take_deaths()).unwrap_or(0);
+            let crashed = (before - i.serving.len()) as u64 + spares_died;
             if crashed > 0 {
                 p.metrics
                     .worker_crashes
-                    .fetch_add(crashed as u64, Ordering::Relaxed);
+                    .fetch_add(crashed, Ordering::Relaxed);
                 tracing::warn!(crashed, "workers died; replacing them");
             }
             i.draining.retain_mut(|w| w.is_alive());
@@ -324,11 +373,8 @@ fn maintain(pool: Weak<ImagePool>) {
                 }
                 want
             } else {
-                let want = i.ready.len() + i.starting < p.config.min;
-                if want {
-                    i.starting += 1;
-                }
-                want
+                // Fresh pools' ready VMs are kept by their `Spares`.
+                false
             }
         };
         for w in to_stop {
@@ -346,11 +392,10 @@ fn maintain(pool: Weak<ImagePool>) {
             if let Ok(mut i) = p.inner.lock() {
                 i.starting = i.starting.saturating_sub(1);
                 match result {
-                    Ok(w) if p.config.isolation == Isolation::Shared => i.serving.push(Slot {
+                    Ok(w) => i.serving.push(Slot {
                         worker: w,
                         last_busy: Instant::now(),
                     }),
-                    Ok(w) => i.ready.push(w),
                     Err(e) => {
                         tracing::warn!(error = %e, "restoring a worker failed");
                         drop(i);

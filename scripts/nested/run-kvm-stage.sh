@@ -39,7 +39,7 @@ out="${SUPERMACHINE_NESTED_OUT:-$(mktemp -d /tmp/kvm-stage.XXXXXX)}"
 trap 'rm -rf "$out"' EXIT
 
 echo "kvm stage: building the test binaries" >&2
-cargo build --quiet --bins
+cargo build --quiet --workspace --bins
 cargo test --workspace --no-run --message-format=json 2>/dev/null |
   python3 -c '
 import json, sys

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use clap::{Args, Subcommand};
 
 use crate::cli::EXIT_INTERNAL;
-use crate::snapshot;
-use crate::{Image, Worker};
+use supermachine::snapshot;
+use supermachine::{Image, Worker};
 
 #[derive(Args)]
 pub struct BenchArgs {

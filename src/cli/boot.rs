@@ -8,9 +8,9 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 use std::net::{IpAddr, SocketAddr};
 
-use crate::boot::{self, BootReport, BootRequest};
 use crate::cli::{registry, EXIT_INTERNAL};
-use crate::{ImageRef, Overrides, Vm};
+use supermachine::boot::{self, BootReport, BootRequest};
+use supermachine::{ImageRef, Overrides, Vm};
 
 #[derive(Args)]
 pub struct BootArgs {
@@ -77,7 +77,7 @@ pub fn run(args: BootArgs) -> i32 {
     if let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) {
         std::thread::spawn(move || {
             if let Some(sig) = signals.forever().next() {
-                crate::run_dir::remove_live_run_dirs();
+                supermachine::run_dir::remove_live_run_dirs();
                 if let Some(p) = REGISTRATION.get() {
                     let _ = std::fs::remove_file(p);
                 }
@@ -110,7 +110,7 @@ pub fn run(args: BootArgs) -> i32 {
     req.init = args.init;
     req.kernel_args = args.kernel_args;
     req.boot_timeout = std::time::Duration::from_secs(args.boot_timeout);
-    req.pull = match args.source.options(crate::PullPolicy::Missing) {
+    req.pull = match args.source.options(supermachine::PullPolicy::Missing) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("supermachine: error: {e}");
@@ -212,7 +212,7 @@ pub(crate) fn parse_publish(spec: &str) -> Result<(SocketAddr, u16), String> {
     Ok((SocketAddr::new(ip, host), guest))
 }
 
-fn fail(e: &crate::Error) -> i32 {
+fn fail(e: &supermachine::Error) -> i32 {
     eprintln!("supermachine: error: {e}");
     EXIT_INTERNAL
 }

@@ -11,10 +11,10 @@ use clap::Args;
 
 use crate::cli::source::SourceArgs;
 use crate::cli::{registry, EXIT_INTERNAL};
-use crate::pull;
-use crate::router::{Isolation, PoolConfig, Route, RouterConfig};
-use crate::snapshot::{self, Snapshot};
-use crate::Error;
+use supermachine::pull;
+use supermachine::snapshot::{self, Snapshot};
+use supermachine::Error;
+use supermachine_router::{Isolation, PoolConfig, Route, RouterConfig};
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -67,11 +67,11 @@ fn snapshot_for(a: &RunArgs, guest_port: u16, root: &std::path::Path) -> Result<
         Snapshot::open(&existing)?;
         return Ok(existing);
     }
-    let mut b = crate::Image::builder(&a.image)
+    let mut b = supermachine::Image::builder(&a.image)
         .name(&format!("{}-{guest_port}", pull::default_name(&a.image)))
         .pull_options(
             a.source
-                .options(crate::PullPolicy::Missing)
+                .options(supermachine::PullPolicy::Missing)
                 .map_err(|e| Error::Image(supermachine_bake::BakeError::Unsupported(e)))?,
         )
         .backend(

@@ -6,9 +6,9 @@ use std::os::fd::AsRawFd;
 use clap::Args;
 use supermachine_backend::AgentEndpoint;
 
-use crate::agent::AgentClient;
 use crate::cli::{registry, EXIT_INTERNAL};
-use crate::exec::{ExecBuilder, ExecStdin};
+use supermachine::{ExecBuilder, ExecStdin};
+use supermachine_worker::agent::AgentClient;
 
 #[derive(Args)]
 pub struct ExecArgs {

@@ -5,12 +5,12 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::boot::BootRequest;
 use crate::cli::source::SourceArgs;
 use crate::cli::EXIT_INTERNAL;
-use crate::pull::{self, PullRequest};
-use crate::snapshot;
-use crate::{ImageRef, Overrides, PullPolicy};
+use supermachine::boot::BootRequest;
+use supermachine::pull::{self, PullRequest};
+use supermachine::snapshot;
+use supermachine::{ImageRef, Overrides, PullPolicy};
 
 #[derive(Args)]
 pub struct PullArgs {

@@ -6,12 +6,12 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
-use crate::boot::BootRequest;
 use crate::cli::EXIT_INTERNAL;
-use crate::pull::{self, PullRequest};
-use crate::router::{self, Isolation, PoolConfig, Route, RouterConfig};
-use crate::snapshot;
-use crate::ImageRef;
+use supermachine::boot::BootRequest;
+use supermachine::pull::{self, PullRequest};
+use supermachine::snapshot;
+use supermachine::ImageRef;
+use supermachine_router::{self as router, Isolation, PoolConfig, Route, RouterConfig};
 
 #[derive(Clone, Copy, ValueEnum)]
 enum IsolationArg {
@@ -158,11 +158,11 @@ pub fn run(a: ServeArgs) -> i32 {
 }
 
 /// Runs the router on a fresh tokio runtime until SIGTERM or SIGINT.
-pub(crate) fn run_router(config: RouterConfig) -> Result<(), crate::Error> {
+pub(crate) fn run_router(config: RouterConfig) -> Result<(), supermachine::Error> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(|e| crate::Error::io("starting the async runtime", e))?;
+        .map_err(|e| supermachine::Error::io("starting the async runtime", e))?;
     rt.block_on(router::serve(config, async {
         use tokio::signal::unix::{signal, SignalKind};
         let (Ok(mut term), Ok(mut int)) = (

@@ -3,7 +3,7 @@
 
 use clap::{Args, ValueEnum};
 
-use crate::{Platform, PullOptions, PullPolicy};
+use supermachine::{Platform, PullOptions, PullPolicy};
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum PullArg {

@@ -132,7 +132,7 @@ const HANDSHAKE_ATTEMPTS: u32 = 8;
 
 /// Cheap to clone; every call opens its own stream.
 #[derive(Debug, Clone)]
-pub(crate) struct AgentClient {
+pub struct AgentClient {
     endpoint: AgentEndpoint,
     /// Serializes handshakes: QEMU's user-mode network listens with a tiny backlog and
     /// resets connections that overflow it.

@@ -1,6 +1,6 @@
-//! What a boot is asked for ([`BootRequest`]), what it reports ([`BootTimings`],
-//! [`BootReport`]) and where the workload's output goes ([`OutputSink`]). [`crate::Vm`]
-//! does the booting; this module depends on nothing above it.
+//! What a boot is asked for ([`BootRequest`]), what it reads, resolved once
+//! ([`BootInputs`]), what it reports ([`BootTimings`], [`BootReport`]) and where the
+//! workload's output goes ([`OutputSink`]). [`crate::Vm`] does the booting.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use supermachine_bake::{Cache, ImageRef, Overrides, PullOptions};
 use supermachine_protocol::{ExitStatus, OutputStream};
+
+use crate::{guest_artifacts, Error};
 
 #[derive(Debug, Clone)]
 pub struct BootRequest {
@@ -23,8 +25,9 @@ pub struct BootRequest {
     pub kernel_args: Vec<String>,
     /// How long the guest may take to start init before the boot counts as failed.
     pub boot_timeout: Duration,
-    /// Keep guest RAM in this file (written through), so the VM can be snapshotted.
-    pub memory_file: Option<PathBuf>,
+    /// The directory this VM will be snapshotted into ([`crate::Vm::snapshot`]); the
+    /// backend may keep guest RAM there from the start (QEMU's shared RAM file).
+    pub snapshot_dir: Option<PathBuf>,
     pub cache: Cache,
     /// Pull policy, platform and registry settings for reading the image's source.
     pub pull: PullOptions,
@@ -43,7 +46,7 @@ impl BootRequest {
             init: None,
             kernel_args: Vec::new(),
             boot_timeout: Duration::from_secs(60),
-            memory_file: None,
+            snapshot_dir: None,
             cache: Cache::new(Cache::default_root()),
             pull: PullOptions::default(),
             backend: supermachine_backend::BackendChoice::from_env(),
@@ -95,4 +98,36 @@ pub fn output_sink(
         };
         let _ = w.write_all(data).and_then(|_| w.flush());
     })
+}
+
+/// What a boot reads before a VM starts, resolved once: the guest kernel, init and agent,
+/// and the image (manifest resolved, layers converted, config merged with the overrides).
+pub struct BootInputs {
+    pub kernel: std::path::PathBuf,
+    pub init: Vec<u8>,
+    /// The guest agent, when it is found next to init.
+    pub shim: Option<Vec<u8>>,
+    pub prepared: supermachine_bake::PreparedImage,
+}
+
+impl BootInputs {
+    pub fn resolve(req: &BootRequest) -> Result<BootInputs, Error> {
+        let kernel = guest_artifacts::find_kernel(req.kernel.as_deref(), req.cache.root())?;
+        let init_path = guest_artifacts::find_init(req.init.as_deref())?;
+        let init = std::fs::read(&init_path)
+            .map_err(|e| Error::io(format!("reading {}", init_path.display()), e))?;
+        let shim = guest_artifacts::find_shim(&init_path)
+            .map(|p| {
+                std::fs::read(&p).map_err(|e| Error::io(format!("reading {}", p.display()), e))
+            })
+            .transpose()?;
+        let prepared =
+            supermachine_bake::prepare(&req.image, &req.overrides, &req.cache, &req.pull)?;
+        Ok(BootInputs {
+            kernel,
+            init,
+            shim,
+            prepared,
+        })
+    }
 }

@@ -13,8 +13,8 @@ use std::time::Duration;
 use supermachine_backend::AgentEndpoint;
 use supermachine_protocol::worker::{WorkerReply, WorkerRequest};
 
-use super::channel;
 use crate::agent::AgentClient;
+use crate::channel;
 use crate::exec::ExecBuilder;
 use crate::Error;
 

@@ -47,7 +47,7 @@ pub struct ExecBuilder {
 }
 
 impl ExecBuilder {
-    pub(crate) fn new(agent: AgentClient) -> Self {
+    pub fn new(agent: AgentClient) -> Self {
         Self {
             agent,
             req: ExecRequest {

@@ -1,4 +1,4 @@
-//! supermachine-worker: one VM per process. See `supermachine::worker`.
+//! supermachine-worker: one VM per process. See `supermachine_worker::process`.
 fn main() {
-    std::process::exit(supermachine::worker::process::main());
+    std::process::exit(supermachine_worker::process::main());
 }

@@ -10,10 +10,10 @@ use std::time::Instant;
 
 use supermachine_protocol::worker::{WorkerReply, WorkerRequest};
 
-use super::{channel, BAD_GATEWAY};
 use crate::agent::pump;
 use crate::snapshot::Snapshot;
 use crate::vm::Vm;
+use crate::{channel, BAD_GATEWAY};
 
 fn parse_args() -> Result<(PathBuf, i32), String> {
     let args: Vec<String> = std::env::args().collect();

@@ -1,13 +1,14 @@
-//! Snapshot directories: `metadata.json`, the backend's state file, the guest RAM file, the
-//! initramfs the VM booted with, and `bake.log` (the guest console while baking). Written
-//! to a temp dir, fsynced, renamed into place; every field is checked again on open, and
-//! any mismatch is `Error::CacheInvalid` naming the reason. See docs/SNAPSHOT-FORMAT.md.
+//! Snapshot directories: `metadata.json`, the backend's own files (it writes, verifies and
+//! restores them: `Backend::verify_snapshot`), the initramfs the VM booted with, and
+//! `bake.log` (the guest console while baking). Written to a temp dir, fsynced, renamed
+//! into place; every field is checked again on open, and any mismatch is
+//! `Error::CacheInvalid` naming the reason. See docs/SNAPSHOT-FORMAT.md.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use supermachine_backend::BackendKind;
+use supermachine_backend::{BackendKind, SnapshotRecord};
 use supermachine_protocol::RunConfig;
 
 use crate::Error;
@@ -15,11 +16,6 @@ use crate::Error;
 /// Bumped whenever the layout or meaning of a snapshot changes.
 pub const FORMAT_VERSION: u32 = 1;
 pub const METADATA: &str = "metadata.json";
-pub const STATE_FILE: &str = "state.bin";
-pub const MEMORY_FILE: &str = "memory.ram";
-/// The kvm backend's snapshot: state and RAM in one file, RAM page-aligned so it is mapped
-/// in place (its header and state carry their own checksum, checked at every restore).
-pub const KVM_SNAPSHOT_FILE: &str = "restore.snap";
 pub const INITRAMFS_FILE: &str = "initramfs.cpio";
 pub const BAKE_LOG: &str = "bake.log";
 
@@ -60,13 +56,24 @@ pub struct Metadata {
     pub guest_port: u16,
     pub kernel: FileRecord,
     pub kernel_args: Vec<String>,
-    /// sha256 of the state file (small: RAM is not in it).
+    /// What the backend recorded of its files ([`SnapshotRecord`]).
     pub state_sha256: String,
     pub state_size: u64,
     pub memory_size: u64,
     pub bake_inputs: String,
     pub created_unix: u64,
     pub run_config: RunConfig,
+}
+
+impl Metadata {
+    /// The backend's record of its files.
+    pub fn record(&self) -> SnapshotRecord {
+        SnapshotRecord {
+            state_sha256: self.state_sha256.clone(),
+            state_size: self.state_size,
+            memory_size: self.memory_size,
+        }
+    }
 }
 
 /// The snapshots root: `$SUPERMACHINE_SNAPSHOTS`, else `$XDG_DATA_HOME/supermachine/snapshots`,
@@ -125,29 +132,16 @@ impl Snapshot {
         }
         let meta: Metadata =
             serde_json::from_value(v).map_err(|e| invalid(format!("{METADATA}: {e}")))?;
-        let size_of = |p: &Path| fs::metadata(p).map(|m| m.len());
-        match meta.backend.parse() {
-            Ok(BackendKind::Qemu) => Self::check_qemu_files(dir, &meta).map_err(invalid)?,
-            Ok(BackendKind::Kvm) => match size_of(&dir.join(KVM_SNAPSHOT_FILE)) {
-                Ok(n) if n == meta.state_size => {
-                    supermachine_backend::kvm::verify_snapshot(&dir.join(KVM_SNAPSHOT_FILE))
-                        .map_err(invalid)?
-                }
-                Ok(n) => {
-                    return Err(invalid(format!(
-                        "{KVM_SNAPSHOT_FILE} is {n} bytes, expected {} (truncated?)",
-                        meta.state_size
-                    )))
-                }
-                Err(e) => return Err(invalid(format!("{KVM_SNAPSHOT_FILE}: {e}"))),
-            },
-            Err(_) => {
-                return Err(invalid(format!(
-                    "baked by backend {:?}, which this build cannot restore",
-                    meta.backend
-                )))
-            }
-        }
+        let kind: BackendKind = meta.backend.parse().map_err(|_| {
+            invalid(format!(
+                "baked by backend {:?}, which this build cannot restore",
+                meta.backend
+            ))
+        })?;
+        supermachine_backend::select::for_kind(kind)
+            .backend
+            .verify_snapshot(dir, &meta.record(), meta.memory_mib)
+            .map_err(|e| invalid(e.to_string()))?;
         if !dir.join(INITRAMFS_FILE).is_file() {
             return Err(invalid(format!("{INITRAMFS_FILE} is missing")));
         }
@@ -185,60 +179,10 @@ impl Snapshot {
         })
     }
 
-    /// The QEMU backend's files: the migration stream (checked by sha256) and the RAM file.
-    fn check_qemu_files(dir: &Path, meta: &Metadata) -> Result<(), String> {
-        let size_of = |p: &Path| fs::metadata(p).map(|m| m.len());
-        let state = dir.join(STATE_FILE);
-        match size_of(&state) {
-            Ok(n) if n == meta.state_size => {}
-            Ok(n) => {
-                return Err(format!(
-                    "{STATE_FILE} is {n} bytes, expected {}",
-                    meta.state_size
-                ))
-            }
-            Err(e) => return Err(format!("{STATE_FILE}: {e}")),
-        }
-        let digest = sha256_file(&state).map_err(|e| format!("{STATE_FILE}: {e}"))?;
-        if digest != meta.state_sha256 {
-            return Err(format!(
-                "{STATE_FILE} is corrupt (sha256 {digest}, expected {})",
-                meta.state_sha256
-            ));
-        }
-        match size_of(&dir.join(MEMORY_FILE)) {
-            Ok(n) if n == meta.memory_size && n == u64::from(meta.memory_mib) << 20 => {}
-            Ok(n) => {
-                return Err(format!(
-                    "{MEMORY_FILE} is {n} bytes, expected {} (truncated?)",
-                    u64::from(meta.memory_mib) << 20
-                ))
-            }
-            Err(e) => return Err(format!("{MEMORY_FILE}: {e}")),
-        }
-        Ok(())
-    }
-
     /// Which backend baked this snapshot (and so restores it).
     pub fn backend_kind(&self) -> BackendKind {
         // `open` refused any other value.
         self.meta.backend.parse().unwrap_or(BackendKind::Qemu)
-    }
-
-    /// The backend's state: QEMU's migration stream, or the kvm backend's `restore.snap`.
-    pub fn state_path(&self) -> PathBuf {
-        match self.backend_kind() {
-            BackendKind::Kvm => self.dir.join(KVM_SNAPSHOT_FILE),
-            BackendKind::Qemu => self.dir.join(STATE_FILE),
-        }
-    }
-
-    /// Guest RAM: QEMU's RAM file, or the kvm backend's `restore.snap` (which holds both).
-    pub fn memory_path(&self) -> PathBuf {
-        match self.backend_kind() {
-            BackendKind::Kvm => self.dir.join(KVM_SNAPSHOT_FILE),
-            BackendKind::Qemu => self.dir.join(MEMORY_FILE),
-        }
     }
 
     pub fn initramfs_path(&self) -> PathBuf {

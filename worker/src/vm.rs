@@ -6,22 +6,22 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use supermachine_backend::{
-    tail_of, AgentEndpoint, BootSpec, Disk, Machine, MemoryFile, SnapshotFiles,
-};
+use supermachine_backend::{tail_of, AgentEndpoint, BootSpec, Disk, Machine};
 use supermachine_bake::initramfs;
 use supermachine_protocol::agent::AGENT_PORT;
 use supermachine_protocol::{ExitStatus, FrameError, FrameReader, GuestEvent, HostCommand};
 
 use crate::agent::{AgentClient, GuestStream};
-use crate::boot::{BootReport, BootRequest, BootTimings};
+use crate::boot::{BootInputs, BootReport, BootRequest, BootTimings};
 use crate::exec::ExecBuilder;
 use crate::forward::TcpForwarder;
 use crate::run_dir::{new_run_dir, LiveRunDir};
-use crate::snapshot::Snapshot;
-use crate::{guest_artifacts, Error};
+use crate::Error;
 
 pub use crate::boot::OutputSink;
+pub use restore::PreparedRestore;
+
+mod restore;
 
 /// How long a restored guest may take to take its new clock and entropy.
 const REFRESH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -59,38 +59,6 @@ pub struct Vm {
     _run_dir: tempfile::TempDir,
 }
 
-/// What a boot reads before a VM starts, resolved once: the guest kernel, init and agent,
-/// and the image (manifest resolved, layers converted, config merged with the overrides).
-pub(crate) struct BootInputs {
-    pub kernel: std::path::PathBuf,
-    pub init: Vec<u8>,
-    /// The guest agent, when it is found next to init.
-    pub shim: Option<Vec<u8>>,
-    pub prepared: supermachine_bake::PreparedImage,
-}
-
-impl BootInputs {
-    pub(crate) fn resolve(req: &BootRequest) -> Result<BootInputs, Error> {
-        let kernel = guest_artifacts::find_kernel(req.kernel.as_deref(), req.cache.root())?;
-        let init_path = guest_artifacts::find_init(req.init.as_deref())?;
-        let init = std::fs::read(&init_path)
-            .map_err(|e| Error::io(format!("reading {}", init_path.display()), e))?;
-        let shim = guest_artifacts::find_shim(&init_path)
-            .map(|p| {
-                std::fs::read(&p).map_err(|e| Error::io(format!("reading {}", p.display()), e))
-            })
-            .transpose()?;
-        let prepared =
-            supermachine_bake::prepare(&req.image, &req.overrides, &req.cache, &req.pull)?;
-        Ok(BootInputs {
-            kernel,
-            init,
-            shim,
-            prepared,
-        })
-    }
-}
-
 impl Vm {
     /// Boots the image and returns once the workload has started (and the agent answers).
     pub fn boot(req: &BootRequest, sink: OutputSink) -> Result<Vm, Error> {
@@ -117,7 +85,7 @@ impl Vm {
 
     /// Boots from inputs already resolved (a bake hashes exactly what it boots);
     /// `started` is when their resolution began.
-    pub(crate) fn boot_from(
+    pub fn boot_from(
         req: &BootRequest,
         inputs: BootInputs,
         started: Instant,
@@ -148,7 +116,7 @@ impl Vm {
         .and_then(|mut w| w.flush())
         .map_err(|e| Error::io("writing the initramfs", e))?;
 
-        let spec = BootSpec {
+        let mut spec = BootSpec {
             kernel,
             initramfs: initramfs_path,
             extra_cmdline: req.kernel_args.clone(),
@@ -167,12 +135,12 @@ impl Vm {
                 .collect(),
             run_dir: run_dir.path().to_path_buf(),
             agent_port: shim.as_ref().map(|_| AGENT_PORT),
-            memory_file: req
-                .memory_file
-                .clone()
-                .map(|path| MemoryFile { path, shared: true }),
+            memory_file: None,
         };
         let selected = supermachine_backend::select::select(req.backend)?;
+        if let Some(dir) = &req.snapshot_dir {
+            spec.memory_file = selected.backend.bake_memory_file(dir);
+        }
         tracing::info!(backend = %selected.name, reason = %selected.reason, "backend");
         let backend_name = selected.name;
         let machine = selected.backend.boot(&spec)?;
@@ -192,190 +160,9 @@ impl Vm {
         vm.wait_started()?;
         Ok(vm)
     }
-
-    /// Restores a VM from a baked snapshot: guest RAM is the snapshot's file mapped
-    /// copy-on-write, so nothing is copied and every clone shares unchanged pages. The
-    /// guest gets fresh entropy and the current time before this returns.
-    pub fn restore(snapshot: &Snapshot, sink: OutputSink) -> Result<Vm, Error> {
-        Vm::prepare_restore(snapshot)?.resume(sink)
-    }
-
-    /// Does the restore work that does not depend on the snapshot's state: the VM monitor
-    /// is started and waiting, so [`PreparedRestore::resume`] only loads and continues.
-    pub fn prepare_restore(snapshot: &Snapshot) -> Result<PreparedRestore, Error> {
-        Vm::prepare_restore_in(snapshot, None)
-    }
-
-    /// [`Vm::prepare_restore`] with the VM's sockets and logs under `socket_dir`.
-    pub fn prepare_restore_in(
-        snapshot: &Snapshot,
-        socket_dir: Option<&std::path::Path>,
-    ) -> Result<PreparedRestore, Error> {
-        let meta = &snapshot.meta;
-        let (run_dir, live) = new_run_dir(socket_dir)?;
-        let spec = BootSpec {
-            kernel: meta.kernel.path.clone(),
-            initramfs: snapshot.initramfs_path(),
-            extra_cmdline: meta.kernel_args.clone(),
-            memory_mib: meta.memory_mib,
-            vcpus: meta.vcpus,
-            disks: meta
-                .run_config
-                .layers
-                .iter()
-                .zip(&meta.layers)
-                .map(|(m, l)| Disk {
-                    path: l.path.clone(),
-                    serial: m.serial.clone(),
-                    read_only: true,
-                })
-                .collect(),
-            run_dir: run_dir.path().to_path_buf(),
-            agent_port: Some(AGENT_PORT),
-            memory_file: Some(MemoryFile {
-                path: snapshot.memory_path(),
-                shared: false,
-            }),
-        };
-        let files = SnapshotFiles {
-            state: snapshot.state_path(),
-            memory: snapshot.memory_path(),
-        };
-        let selected = supermachine_backend::select::for_kind(snapshot.backend_kind());
-        let backend_name = selected.name;
-        let pending = selected.backend.prepare_restore(&spec)?;
-        Ok(PreparedRestore {
-            pending,
-            files,
-            backend_name,
-            live,
-            run_dir,
-        })
-    }
-}
-
-/// A VM monitor started and waiting for its snapshot (see [`Vm::prepare_restore`]).
-pub struct PreparedRestore {
-    pending: Box<dyn supermachine_backend::PendingRestore>,
-    files: SnapshotFiles,
-    backend_name: String,
-    live: LiveRunDir,
-    run_dir: tempfile::TempDir,
-}
-
-impl PreparedRestore {
-    /// The waiting monitor's host pid.
-    pub fn monitor_pid(&self) -> u32 {
-        self.pending.monitor_pid()
-    }
-
-    /// Loads the snapshot and runs the VM; returns once the guest has a fresh clock and
-    /// fresh entropy.
-    pub fn resume(self, sink: OutputSink) -> Result<Vm, Error> {
-        self.resume_within(sink, REFRESH_TIMEOUT)
-    }
-
-    /// [`PreparedRestore::resume`], failing if the guest is not ready within `timeout`.
-    pub fn resume_within(self, sink: OutputSink, timeout: Duration) -> Result<Vm, Error> {
-        let started = Instant::now();
-        let PreparedRestore {
-            pending,
-            files,
-            backend_name,
-            live,
-            run_dir,
-        } = self;
-        let (machine, rt) = pending.resume(&files)?;
-        let timings = BootTimings {
-            backend_start: rt.monitor_start,
-            restore: Some(rt.load_and_resume),
-            ..Default::default()
-        };
-        let vm = Vm::assemble(
-            machine,
-            backend_name,
-            started,
-            live,
-            run_dir,
-            timings,
-            Phase::Running,
-            Duration::from_secs(60),
-            sink,
-        )?;
-        vm.refresh_guest(timeout.saturating_sub(started.elapsed()))?;
-        if let Ok(mut s) = vm.state.0.lock() {
-            s.timings.restore_total = Some(started.elapsed());
-        }
-        Ok(vm)
-    }
 }
 
 impl Vm {
-    /// Pauses the guest and writes its state next to its RAM file (booted with
-    /// `BootRequest::memory_file`). The VM stays paused until killed.
-    pub fn snapshot(&self, state: &std::path::Path, memory: &std::path::Path) -> Result<(), Error> {
-        let mut m = self
-            .machine
-            .lock()
-            .map_err(|_| Error::Guest("machine lock poisoned".into()))?;
-        m.snapshot(&SnapshotFiles {
-            state: state.to_path_buf(),
-            memory: memory.to_path_buf(),
-        })?;
-        Ok(())
-    }
-
-    /// Fresh wall clock and entropy for a restored guest (through init, over the control
-    /// channel: no network round trip), waiting for init's answer.
-    fn refresh_guest(&self, timeout: Duration) -> Result<(), Error> {
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default();
-        let mut entropy = vec![0u8; 64];
-        std::fs::File::open("/dev/urandom")
-            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut entropy))
-            .map_err(|e| Error::io("reading host entropy", e))?;
-        self.send_command(&HostCommand::Refresh {
-            unix_nanos: now.as_nanos(),
-            entropy,
-        })?;
-        let (lock, cv) = &*self.state;
-        let guard = lock
-            .lock()
-            .map_err(|_| Error::Guest("state lock poisoned".into()))?;
-        let (guard, _) = cv
-            .wait_timeout_while(guard, timeout, |s| {
-                s.refreshed.is_none() && !matches!(s.phase, Phase::Failed(_))
-            })
-            .map_err(|_| Error::Guest("state lock poisoned".into()))?;
-        match (&guard.refreshed, &guard.phase) {
-            (Some(e), _) if e.is_empty() => Ok(()),
-            (Some(e), _) => Err(Error::Guest(format!("refreshing the restored guest: {e}"))),
-            (None, Phase::Failed(msg)) => {
-                let msg = msg.clone();
-                drop(guard);
-                Err(self.crash_error(msg))
-            }
-            (None, _) => {
-                drop(guard);
-                // What the guest last printed (a lockup or RCU stall report, say) is the
-                // best clue to why it went quiet.
-                let m = self.machine.lock().unwrap_or_else(|p| p.into_inner());
-                let console = tail_of(m.console_log(), 2000);
-                drop(m);
-                let console = console.trim();
-                Err(Error::Guest(if console.is_empty() {
-                    format!("the restored guest did not answer within {timeout:?}")
-                } else {
-                    format!(
-                        "the restored guest did not answer within {timeout:?}; its console \
-                         ends with:\n{console}"
-                    )
-                }))
-            }
-        }
-    }
-
     fn send_command(&self, cmd: &HostCommand) -> Result<(), Error> {
         let mut c = self
             .control

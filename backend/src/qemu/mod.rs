@@ -19,9 +19,10 @@ use std::time::{Duration, Instant};
 use crate::{
     accel::{self, Accel},
     tail_of, AgentEndpoint, Backend, BackendError, BackendKind, BootSpec, ControlChannel, Machine,
-    MachineExit, PendingRestore, RestoreTimings, SnapshotFiles, StartTimings,
+    MachineExit, MemoryFile, PendingRestore, RestoreTimings, SnapshotRecord, StartTimings,
 };
 
+use crate::files;
 pub use command::QemuCommand;
 
 /// How long QEMU may take to start and connect the control channel.
@@ -70,9 +71,46 @@ impl Backend for QemuBackend {
         Ok(Box::new(self.start(spec, false)?))
     }
 
-    fn prepare_restore(&self, spec: &BootSpec) -> Result<Box<dyn PendingRestore>, BackendError> {
+    fn bake_memory_file(&self, dir: &Path) -> Option<MemoryFile> {
+        Some(MemoryFile {
+            path: dir.join(snapshot::MEMORY_FILE),
+            shared: true,
+        })
+    }
+
+    fn verify_snapshot(
+        &self,
+        dir: &Path,
+        record: &SnapshotRecord,
+        memory_mib: u32,
+    ) -> Result<(), BackendError> {
+        let state = dir.join(snapshot::STATE_FILE);
+        files::check_size(&state, record.state_size)?;
+        files::check_sha256(&state, &record.state_sha256)?;
+        let ram = u64::from(memory_mib) << 20;
+        if record.memory_size != ram {
+            return Err(BackendError::InvalidSnapshot(format!(
+                "{} recorded as {} bytes for {memory_mib} MiB of guest RAM",
+                snapshot::MEMORY_FILE,
+                record.memory_size
+            )));
+        }
+        files::check_size(&dir.join(snapshot::MEMORY_FILE), ram)
+    }
+
+    fn prepare_restore(
+        &self,
+        spec: &BootSpec,
+        dir: &Path,
+    ) -> Result<Box<dyn PendingRestore>, BackendError> {
         let started = Instant::now();
-        let mut machine = self.start(spec, true)?;
+        // Guest RAM is the snapshot's file, mapped copy-on-write (share=off).
+        let mut spec = spec.clone();
+        spec.memory_file = Some(MemoryFile {
+            path: dir.join(snapshot::MEMORY_FILE),
+            shared: false,
+        });
+        let mut machine = self.start(&spec, true)?;
         let qmp = match snapshot::prepare_incoming(&machine.paths.qmp) {
             Ok(q) => q,
             Err(e) => {
@@ -83,6 +121,7 @@ impl Backend for QemuBackend {
         Ok(Box::new(QemuPendingRestore {
             machine,
             qmp,
+            state: dir.join(snapshot::STATE_FILE),
             monitor_start: started.elapsed(),
         }))
     }
@@ -93,21 +132,21 @@ impl Backend for QemuBackend {
 struct QemuPendingRestore {
     machine: QemuMachine,
     qmp: qmp::QmpClient,
+    /// The snapshot's migration stream.
+    state: PathBuf,
     monitor_start: Duration,
 }
 
 impl PendingRestore for QemuPendingRestore {
-    fn resume(
-        self: Box<Self>,
-        files: &SnapshotFiles,
-    ) -> Result<(Box<dyn Machine>, RestoreTimings), BackendError> {
+    fn resume(self: Box<Self>) -> Result<(Box<dyn Machine>, RestoreTimings), BackendError> {
         let QemuPendingRestore {
             mut machine,
             mut qmp,
+            state,
             monitor_start,
         } = *self;
         let loading = Instant::now();
-        if let Err(e) = snapshot::load(&mut qmp, files) {
+        if let Err(e) = snapshot::load(&mut qmp, &state) {
             let _ = machine.kill();
             let log = tail_of(&machine.paths.qemu_log, 2000);
             return Err(BackendError::Restore(format!(
@@ -197,6 +236,7 @@ impl QemuBackend {
             agent: agent.map(|(host_port, _)| {
                 AgentEndpoint::Tcp(std::net::SocketAddr::from(([127, 0, 0, 1], host_port)))
             }),
+            memory: spec.memory_file.clone(),
         };
         let stream = machine.accept_channel(&listener)?;
         machine.timings.monitor_ready = Instant::now();
@@ -238,6 +278,8 @@ pub struct QemuMachine {
     paths: RunPaths,
     timings: StartTimings,
     agent: Option<AgentEndpoint>,
+    /// The RAM file it runs with (shared while baking: the snapshot's RAM).
+    memory: Option<MemoryFile>,
 }
 
 impl QemuMachine {
@@ -339,8 +381,28 @@ impl Machine for QemuMachine {
         }
     }
 
-    fn snapshot(&mut self, files: &SnapshotFiles) -> Result<(), BackendError> {
-        snapshot::save(&self.paths.qmp, files)
+    /// Writes the device state to `dir`'s `state.bin`; guest RAM already lives in its
+    /// `memory.ram` (booted with [`Backend::bake_memory_file`]).
+    fn snapshot(&mut self, dir: &Path) -> Result<SnapshotRecord, BackendError> {
+        let ram = dir.join(snapshot::MEMORY_FILE);
+        match &self.memory {
+            Some(m) if m.shared && m.path == ram => {}
+            _ => {
+                return Err(BackendError::Snapshot(format!(
+                    "the VM was not booted with its RAM in {} (bake_memory_file)",
+                    ram.display()
+                )))
+            }
+        }
+        let state = dir.join(snapshot::STATE_FILE);
+        snapshot::save(&self.paths.qmp, &state)?;
+        files::fsync(&state)?;
+        files::fsync(&ram)?;
+        Ok(SnapshotRecord {
+            state_sha256: files::sha256_of(&state)?,
+            state_size: files::size_of(&state)?,
+            memory_size: files::size_of(&ram)?,
+        })
     }
 
     fn kill(&mut self) -> Result<(), BackendError> {

@@ -10,7 +10,12 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use super::qmp::QmpClient;
-use crate::{BackendError, SnapshotFiles};
+use crate::BackendError;
+
+/// The migration stream (device and CPU state, RAM excluded), checked by its sha256.
+pub const STATE_FILE: &str = "state.bin";
+/// Guest RAM, the `memory-backend-file` itself.
+pub const MEMORY_FILE: &str = "memory.ram";
 
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -63,12 +68,12 @@ fn wait_migration(c: &mut QmpClient, what: &str) -> Result<(), BackendError> {
     }
 }
 
-/// Pauses the guest and writes its state (not its RAM) to `files.state`.
-pub fn save(qmp: &Path, files: &SnapshotFiles) -> Result<(), BackendError> {
+/// Pauses the guest and writes its state (not its RAM) to `state`.
+pub fn save(qmp: &Path, state: &Path) -> Result<(), BackendError> {
     let mut c = connect(qmp)?;
     c.execute("stop", None)?;
     ignore_shared(&mut c)?;
-    let uri = format!("exec:cat > {}", shell_quote(&files.state));
+    let uri = format!("exec:cat > {}", shell_quote(state));
     c.execute("migrate", Some(json!({ "uri": uri })))?;
     wait_migration(&mut c, "saving the VM state")?;
     Ok(())
@@ -81,9 +86,9 @@ pub fn prepare_incoming(qmp: &Path) -> Result<QmpClient, BackendError> {
     Ok(c)
 }
 
-/// Loads `files.state` (RAM excluded) and resumes the guest.
-pub fn load(c: &mut QmpClient, files: &SnapshotFiles) -> Result<(), BackendError> {
-    let uri = format!("exec:cat {}", shell_quote(&files.state));
+/// Loads `state` (RAM excluded) and resumes the guest.
+pub fn load(c: &mut QmpClient, state: &Path) -> Result<(), BackendError> {
+    let uri = format!("exec:cat {}", shell_quote(state));
     c.execute("migrate-incoming", Some(json!({ "uri": uri })))?;
     wait_migration(c, "loading the VM state")?;
     let status = c.execute("query-status", None)?;
