@@ -396,6 +396,7 @@ impl Machine for QemuMachine {
         }
         let state = dir.join(snapshot::STATE_FILE);
         snapshot::save(&self.paths.qmp, &state)?;
+        snapshot::wait_for_writer(self.pid(), Duration::from_secs(60))?;
         files::fsync(&state)?;
         files::fsync(&ram)?;
         Ok(SnapshotRecord {

@@ -79,6 +79,32 @@ pub fn save(qmp: &Path, state: &Path) -> Result<(), BackendError> {
     Ok(())
 }
 
+/// Waits until QEMU (`pid`) has no child process left: the `exec:cat > state` of a save.
+/// Migration reports "completed" once QEMU has written the stream into the pipe, which can
+/// be before `cat` has even created the file (seen on a loaded host).
+pub fn wait_for_writer(pid: u32, timeout: Duration) -> Result<(), BackendError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let children = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|tasks| {
+                tasks
+                    .flatten()
+                    .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+                    .any(|c| !c.trim().is_empty())
+            })
+            .unwrap_or(false);
+        if !children {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(BackendError::Snapshot(format!(
+                "the state writer of qemu {pid} did not finish within {timeout:?}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// Opens QMP on a QEMU started with `-incoming defer` and readies it for the stream.
 pub fn prepare_incoming(qmp: &Path) -> Result<QmpClient, BackendError> {
     let mut c = connect(qmp)?;
