@@ -10,12 +10,18 @@
 # LIST has one line per test binary: its path, then the arguments for the libtest harness
 # (filters, --skip NAME ...). Prints each binary's libtest output and `kvm stage: ...`
 # lines; exits non-zero when any binary failed or timed out. For the host, it touches
-# $NESTED_OUT/heartbeat while a binary runs and appends "BINARY STATUS" to $NESTED_OUT/done
-# after each.
+# $NESTED_OUT/heartbeat every few seconds from its first line to its last (a stale one means
+# L1 stopped) and appends "BINARY STATUS" to $NESTED_OUT/done after each binary. Each test's
+# time is printed after its result (libtest's --report-time), for budgeting the stage.
 set -uo pipefail
 per_binary="${1:?per-binary timeout}"
 list="${2:?test list}"
 
+beat="${NESTED_OUT:-/tmp}/heartbeat"
+touch "$beat"
+(while touch "$beat" 2>/dev/null; do sleep 5; done) &
+beater=$!
+trap 'kill $beater 2>/dev/null' EXIT
 echo "kvm stage: $(nproc) vCPUs, $(awk '/MemTotal/ {print int($2/1024)}' /proc/meminfo) MiB, $(grep -m1 -o -w svm /proc/cpuinfo || echo 'no svm') in L1"
 # A test binary that hangs: every thread of it and of its children (state, kernel wait
 # channel, kernel stack) and the tail of each VM console it has open.
@@ -39,14 +45,13 @@ run_once() {
   local bin="$1"
   shift
   : >"$log"
-  "$bin" --test-threads=1 "$@" >"$log" 2>&1 &
+  # --report-time is unstable libtest; RUSTC_BOOTSTRAP lets the stable harness take it.
+  RUSTC_BOOTSTRAP=1 "$bin" --test-threads=1 -Z unstable-options --report-time "$@" >"$log" 2>&1 &
   pid=$!
   tail --pid=$pid -n +1 -f "$log" | sed -u 's/^test result:/libtest result:/' &
   local tailer=$!
   timed_out=0
   while kill -0 "$pid" 2>/dev/null; do
-    # The host watches this: a stale heartbeat means L1 itself stopped (see run-kvm-stage.sh).
-    touch "${NESTED_OUT:-/tmp}/heartbeat"
     if [ $(( $(date +%s) - t0 )) -ge "$per_binary" ]; then
       timed_out=1
       echo "kvm stage: $name ran past ${per_binary}s; what its threads and VMs were doing:"
@@ -60,7 +65,7 @@ run_once() {
   rc=$?
   wait "$tailer" 2>/dev/null
 }
-count() { grep -c -E "^test .* \.\.\. $1\$" "$log" || true; }
+count() { grep -c -E "^test .* \.\.\. $1( <[0-9.]+s>)?\$" "$log" || true; }
 
 failed=()
 log="$(mktemp)"
@@ -82,7 +87,7 @@ while read -r bin args; do
     again=()
     while IFS= read -r t; do
       [ -n "$t" ] && again+=("$t")
-    done <<<"$(sed -n 's/^test \(.*\) \.\.\. FAILED$/\1/p' "$log")"
+    done <<<"$(sed -n 's/^test \(.*\) \.\.\. FAILED\( <[0-9.]*s>\)\{0,1\}$/\1/p' "$log")"
     echo "kvm stage: $name: ${again[*]} failed; running once more"
     rc=1
     [ ${#again[@]} -gt 0 ] && run_once "$bin" --exact "${again[@]}"
