@@ -7,10 +7,17 @@ Images (each its own OCI layout directory, tag `latest`):
   layered  - the same base layer, then a zstd layer and an uncompressed layer that exercise
              overlay semantics: a whiteout, an opaque directory, a hard link, a symlink;
              Entrypoint, Cmd, Env, WorkingDir and User are set.
+  multiarch - a nested image index: an arm64 decoy and the amd64 busybox image.
+  redis    - the busybox base layer, then a gzip layer with Debian's redis server
+             (redis-tools' /usr/bin/redis-check-rdb, which is redis-server: redis picks its
+             mode from argv[0]) at /usr/bin/redis-server, plus its whole shared-library
+             closure per ldd (real files at their real paths, symlink names recreated) and
+             an empty /data; Cmd runs redis-server on 0.0.0.0:6379 without persistence or
+             protected mode, WorkingDir /data.
 
-Output is cached under ~/.cache/supermachine/test-images/<hash of this script + busybox>/
-and reproducible (fixed mtimes, sorted entries, gzip without timestamps). Prints the
-directory holding the layouts.
+Output is cached under ~/.cache/supermachine/test-images/<hash of this script, busybox, the
+redis binary and its libraries>/ and reproducible (fixed mtimes, sorted entries, gzip without
+timestamps). Prints the directory holding the layouts.
 """
 import gzip
 import hashlib
@@ -24,6 +31,9 @@ import tarfile
 import tempfile
 
 BUSYBOX = "/bin/busybox"
+# Debian's redis-tools ships the server binary under this name (the redis-server package
+# only adds a symlink to it); run as "redis-server" it is the server.
+REDIS = "/usr/bin/redis-check-rdb"
 MTIME = 1700000000
 PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -35,13 +45,67 @@ def cache_root():
     return os.path.join(base, "supermachine")
 
 
-def ensure_busybox():
-    installed = subprocess.run(["dpkg", "-s", "busybox-static"], capture_output=True).returncode == 0
-    if installed and os.path.exists(BUSYBOX):
+def ensure_package(pkg, path):
+    installed = subprocess.run(["dpkg", "-s", pkg], capture_output=True).returncode == 0
+    if installed and os.path.exists(path):
         return
-    print("test-images: installing busybox-static", file=sys.stderr)
-    subprocess.run(["apt-get", "install", "-y", "-q", "busybox-static"], check=True,
+    print(f"test-images: installing {pkg}", file=sys.stderr)
+    subprocess.run(["apt-get", "install", "-y", "-q", pkg], check=True,
                    stdout=sys.stderr, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+
+
+def ensure_busybox():
+    ensure_package("busybox-static", BUSYBOX)
+
+
+def ensure_redis():
+    ensure_package("redis-tools", REDIS)
+
+
+def resolve(path, links, depth=0):
+    """Resolves absolute `path` one component at a time; records each symlink met on the way
+    (its path -> its link text) in `links` and returns the real path."""
+    if depth > 40:
+        raise RuntimeError(f"test-images: too many symlinks resolving {path}")
+    cur = "/"
+    parts = [p for p in path.split("/") if p and p != "."]
+    for i, comp in enumerate(parts):
+        if comp == "..":
+            cur = os.path.dirname(cur)  # cur is always a real directory
+            continue
+        nxt = os.path.join(cur, comp)
+        if os.path.islink(nxt):
+            target = os.readlink(nxt)
+            links[nxt] = target
+            base = target if target.startswith("/") else os.path.join(cur, target)
+            return resolve("/".join([base] + parts[i + 1:]), links, depth + 1)
+        cur = nxt
+    return cur
+
+
+def redis_closure():
+    """The redis binary's shared-library closure per ldd, the dynamic loader included:
+    (sorted real files, {symlink path: link text})."""
+    libs = []
+    for line in subprocess.run(["ldd", REDIS], check=True, capture_output=True, text=True).stdout.splitlines():
+        line = line.strip()
+        if "not found" in line:
+            raise RuntimeError(f"test-images: {REDIS}: unresolved library: {line}")
+        if "=>" in line:
+            target = line.split("=>", 1)[1].split()
+            if target and target[0].startswith("/"):
+                libs.append(target[0])
+        elif line.startswith("/"):
+            libs.append(line.split()[0])  # the dynamic loader
+    if not any(os.path.basename(l).startswith("ld-linux") for l in libs):
+        raise RuntimeError(f"test-images: ldd {REDIS} named no dynamic loader")
+    files, links = set(), {}
+    for lib in libs:
+        real = resolve(lib, links)
+        if not os.path.isfile(real):
+            raise RuntimeError(f"test-images: {lib} resolves to {real}, not a file")
+        files.add(real)
+    return sorted(files), dict(sorted(links.items()))
 
 
 class Layer:
@@ -116,6 +180,31 @@ def base_layer():
         "cat /tmp/mark 2>/dev/null || echo none\n",
         0o755,
     )
+    return l.bytes()
+
+
+def redis_layer(closure):
+    files, links = closure
+    entries = {"usr/bin/redis-server": ("file", REDIS, 0o755), "data": ("dir",)}
+    for f in files:
+        entries[f.lstrip("/")] = ("file", f, os.stat(f).st_mode & 0o7777)
+    for path, target in links.items():
+        entries[path.lstrip("/")] = ("symlink", target)
+    for name in list(entries):
+        parent = os.path.dirname(name)
+        while parent:
+            entries.setdefault(parent, ("dir",))
+            parent = os.path.dirname(parent)
+    l = Layer()
+    for name in sorted(entries):  # a parent sorts before its children
+        e = entries[name]
+        if e[0] == "dir":
+            l.dir(name)
+        elif e[0] == "file":
+            with open(e[1], "rb") as f:
+                l.file(name, f.read(), e[2])
+        else:
+            l.symlink(name, e[1])
     return l.bytes()
 
 
@@ -203,7 +292,7 @@ class Layout:
         self.tag(self.blob(json.dumps(nested, sort_keys=True).encode(), "application/vnd.oci.image.index.v1+json"), tag)
 
 
-def build(out):
+def build(out, redis):
     base = base_layer()
     Layout(os.path.join(out, "busybox")).image([(base, "gzip")], {"Env": [PATH_ENV], "Cmd": ["/bin/sh"]})
     # A multi-arch index whose arm64 entry is a decoy: only amd64 can run here.
@@ -226,19 +315,36 @@ def build(out):
             "User": "app",
         },
     )
+    Layout(os.path.join(out, "redis")).image(
+        [(base, "gzip"), (redis_layer(redis), "gzip")],
+        {
+            "Env": [PATH_ENV],
+            "Cmd": ["redis-server", "--protected-mode", "no", "--save", "", "--appendonly", "no",
+                    "--bind", "0.0.0.0"],
+            "WorkingDir": "/data",
+        },
+    )
 
 
 def main():
     ensure_busybox()
+    ensure_redis()
+    redis = redis_closure()
     h = hashlib.sha256()
     h.update(open(__file__, "rb").read())
     h.update(open(BUSYBOX, "rb").read())
+    h.update(open(REDIS, "rb").read())
+    files, links = redis
+    for f in files:
+        h.update(f.encode() + b"\0")
+        h.update(open(f, "rb").read())
+    h.update(json.dumps(links, sort_keys=True).encode())
     out = os.path.join(cache_root(), "test-images", h.hexdigest()[:16])
-    if not os.path.exists(os.path.join(out, "layered", "index.json")):
+    if not all(os.path.exists(os.path.join(out, img, "index.json")) for img in ("layered", "redis")):
         os.makedirs(os.path.dirname(out), exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".build-", dir=os.path.dirname(out))
         try:
-            build(tmp)
+            build(tmp, redis)
             shutil.rmtree(out, ignore_errors=True)
             os.rename(tmp, out)
         except BaseException:

@@ -2,9 +2,264 @@
 
 mod common;
 
+use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 use common::*;
+
+/// A private runtime dir, snapshot store and TMPDIR for one test's daemons, so what they
+/// leave behind (processes, run directories, registry entries) can be looked for.
+struct Sandbox {
+    runtime: tempfile::TempDir,
+    snaps: tempfile::TempDir,
+    tmp: tempfile::TempDir,
+}
+
+impl Sandbox {
+    fn new() -> Self {
+        Sandbox {
+            runtime: tempfile::tempdir().unwrap(),
+            snaps: tempfile::tempdir().unwrap(),
+            tmp: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn sm(&self, args: &[&str]) -> Output {
+        supermachine()
+            .env("SUPERMACHINE_RUNTIME_DIR", self.runtime.path())
+            .env("SUPERMACHINE_SNAPSHOTS", self.snaps.path())
+            .env("TMPDIR", self.tmp.path())
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Processes started for this sandbox (the daemon, its workers, their VMs), by the
+    /// runtime dir in their environment.
+    fn processes(&self) -> Vec<u32> {
+        let needle = format!("SUPERMACHINE_RUNTIME_DIR={}", self.runtime.path().display());
+        let me = std::process::id();
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+                continue;
+            };
+            if pid == me {
+                continue;
+            }
+            let Ok(env) = std::fs::read(e.path().join("environ")) else {
+                continue;
+            };
+            if env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes()) {
+                out.push(pid);
+            }
+        }
+        out
+    }
+
+    /// Nothing of a daemon is left: no process, no run directory, no `ps` line.
+    fn assert_nothing_left(&self, name: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.processes().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert_eq!(
+            self.processes(),
+            Vec::<u32>::new(),
+            "processes left running"
+        );
+        let left: Vec<_> = std::fs::read_dir(self.tmp.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        assert!(left.is_empty(), "left in TMPDIR: {left:?}");
+        let ps = self.sm(&["ps"]);
+        assert!(!stdout(&ps).contains(name), "{}", stdout(&ps));
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn redis_cli(port: u16, args: &[&str]) -> Output {
+    Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli (Debian's redis-tools)")
+}
+
+/// A non-HTTP protocol through `run -d -p` (tcp, the default): Debian's redis-server in
+/// the guest, real redis clients on the host. Ready without HTTP (the guest port listens);
+/// not a byte of HTTP reaches redis; a client whose worker dies sees the connection end
+/// with no byte (no 502 in a RESP stream), and the daemon serves again after a respawn.
+#[test]
+fn redis_over_tcp_publish() {
+    let sb = Sandbox::new();
+    let port = free_port();
+    let name = "redis-test";
+    let o = sb.sm(&[
+        "run",
+        "-d",
+        "--name",
+        name,
+        "-p",
+        &format!("127.0.0.1:{port}:6379"),
+        &image("redis"),
+    ]);
+    assert_code(&o, 0);
+    let o = redis_cli(port, &["ping"]);
+    assert_eq!(stdout(&o).trim(), "PONG", "{}", stderr(&o));
+    assert_eq!(stdout(&redis_cli(port, &["set", "k", "v1"])).trim(), "OK");
+    assert_eq!(stdout(&redis_cli(port, &["get", "k"])).trim(), "v1");
+    let bench = Command::new("redis-benchmark")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-q", "-n", "2000", "-c", "8", "-t", "set,get"])
+        .output()
+        .expect("redis-benchmark (Debian's redis-tools)");
+    assert!(bench.status.success(), "{}", stderr(&bench));
+    let text = stdout(&bench);
+    assert!(text.contains("SET:") && text.contains("GET:"), "{text}");
+    assert!(!text.to_lowercase().contains("error"), "{text}");
+    let ps = stdout(&sb.sm(&["ps"]));
+    assert!(ps.contains(&format!("127.0.0.1:{port}->6379/tcp")), "{ps}");
+
+    // An open RESP connection whose worker is killed: EOF, no byte.
+    let mut conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.write_all(b"*1\r\n$4\r\nPING\r\n").unwrap();
+    let mut pong = [0u8; 7];
+    conn.read_exact(&mut pong).unwrap();
+    assert_eq!(&pong, b"+PONG\r\n");
+    let daemon = registry_pid(&sb, name);
+    let workers: Vec<u32> = sb
+        .processes()
+        .into_iter()
+        .filter(|p| comm(*p) == "supermachine-wo" && parent(*p) == Some(daemon))
+        .collect();
+    assert_eq!(workers.len(), 1, "one worker: {workers:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(workers[0] as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut rest = Vec::new();
+    conn.read_to_end(&mut rest).unwrap();
+    assert_eq!(
+        rest,
+        b"",
+        "bytes after the worker died: {:?}",
+        String::from_utf8_lossy(&rest)
+    );
+    // Respawned: served again.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while stdout(&redis_cli(port, &["ping"])).trim() != "PONG" {
+        assert!(Instant::now() < deadline, "no worker again after the kill");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let log = stdout(&sb.sm(&["logs", name]));
+    assert!(!log.contains("SECURITY ATTACK"), "{log}");
+    assert_code(&sb.sm(&["stop", name]), 0);
+    sb.assert_nothing_left(name);
+}
+
+fn registry_pid(sb: &Sandbox, name: &str) -> u32 {
+    let ps = stdout(&sb.sm(&["ps"]));
+    let line = ps.lines().find(|l| l.starts_with(name)).expect("ps line");
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+fn comm(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+fn parent(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// A workload that never listens: `run -d` fails within --ready-timeout, names the port,
+/// and leaves nothing behind.
+#[test]
+fn a_port_that_never_opens_fails_run_d_and_leaves_nothing() {
+    let sb = Sandbox::new();
+    let name = "never-listens";
+    let t = Instant::now();
+    let o = sb.sm(&[
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--ready-timeout",
+        "20",
+        "-p",
+        &format!("{}:8099", free_port()),
+        &image("busybox"),
+        "--",
+        "sleep",
+        "1000",
+    ]);
+    assert_code(&o, 125);
+    assert!(stderr(&o).contains("8099"), "{}", stderr(&o));
+    assert!(
+        t.elapsed() < Duration::from_secs(200),
+        "took {:?}",
+        t.elapsed()
+    );
+    sb.assert_nothing_left(name);
+}
+
+/// A failing --health-cmd: the daemon is stopped and removed, with the check's reason.
+#[test]
+fn a_failing_health_cmd_stops_the_daemon() {
+    let sb = Sandbox::new();
+    let name = "unhealthy";
+    let o = sb.sm(&[
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--ready-timeout",
+        "10",
+        "--health-cmd",
+        "echo not yet >&2; exit 3",
+        "-p",
+        &format!("{}:80", free_port()),
+        &image("busybox"),
+        "--",
+        "httpd",
+        "-f",
+        "-p",
+        "80",
+        "-h",
+        "/var/www",
+    ]);
+    assert_code(&o, 125);
+    let err = stderr(&o);
+    assert!(
+        err.contains("--health-cmd") && err.contains("exit 3") && err.contains("not yet"),
+        "{err}"
+    );
+    sb.assert_nothing_left(name);
+}
 
 #[test]
 fn run_detached_then_ps_exec_logs_stop() {
@@ -30,7 +285,7 @@ fn run_detached_then_ps_exec_logs_stop() {
         "--name",
         name,
         "-p",
-        &format!("{port}:80"),
+        &format!("{port}:80/http"),
         &image("busybox"),
         "--",
         "httpd",
@@ -55,7 +310,7 @@ fn run_detached_then_ps_exec_logs_stop() {
         .map(String::from)
         .expect("ps lists the daemon");
     assert!(
-        line.contains(&format!("127.0.0.1:{port}->80/tcp")),
+        line.contains(&format!("127.0.0.1:{port}->80/http")),
         "{line}"
     );
 
@@ -66,7 +321,9 @@ fn run_detached_then_ps_exec_logs_stop() {
     let o = sm(&["logs", name]);
     assert_code(&o, 0);
     assert!(
-        stdout(&o).contains(&format!("{name} serving http://127.0.0.1:{port}")),
+        stdout(&o).contains(&format!(
+            "{name} serving 127.0.0.1:{port} -> guest port 80/http"
+        )),
         "{}",
         stdout(&o)
     );

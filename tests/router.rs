@@ -5,6 +5,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -43,6 +44,15 @@ fn bake_web(dir: &Path) -> PathBuf {
         None,
         &["httpd", "-f", "-p", "80", "-h", "/var/www"],
     )
+}
+
+/// One baked httpd snapshot for the tests that do not find their workers by the snapshot's
+/// path (those bake their own, so that no other test's workers match): a bake is the
+/// slowest step of these tests, most of all in the nested kvm stage.
+fn shared_web() -> PathBuf {
+    static S: OnceLock<PathBuf> = OnceLock::new();
+    S.get_or_init(|| bake_web(&process_scratch("router-web")))
+        .clone()
 }
 
 fn free_addr() -> SocketAddr {
@@ -96,9 +106,10 @@ fn start_with(
 ) -> Running {
     let (addr, admin) = (free_addr(), free_addr());
     let config = RouterConfig {
-        listen: addr,
+        listen: Some(addr),
         admin: Some(admin),
         routes,
+        tcp: vec![],
         pool: PoolConfig {
             min,
             max,
@@ -152,8 +163,7 @@ fn metric(admin: SocketAddr, name: &str) -> u64 {
 
 #[test]
 fn shared_pool_serves_concurrent_requests_and_large_bodies() {
-    let tmp = tempfile::tempdir().unwrap();
-    let snap = bake_web(tmp.path());
+    let snap = shared_web();
     let r = start_one(snap, Isolation::Shared, 2, 4);
     let addr = r.addr;
     let threads: Vec<_> = (0..20)
@@ -196,8 +206,7 @@ fn shared_pool_serves_concurrent_requests_and_large_bodies() {
 
 #[test]
 fn fresh_isolation_gives_every_connection_a_new_vm() {
-    let tmp = tempfile::tempdir().unwrap();
-    let snap = bake_web(tmp.path());
+    let snap = shared_web();
     let r = start_one(snap, Isolation::Fresh, 2, 2);
     for i in 0..3 {
         let (_, body) = http_get(
@@ -217,7 +226,7 @@ fn fresh_isolation_gives_every_connection_a_new_vm() {
 #[test]
 fn host_routes_reach_different_images() {
     let tmp = tempfile::tempdir().unwrap();
-    let web = bake_web(tmp.path());
+    let web = shared_web();
     let data = bake(
         tmp.path(),
         "data",
@@ -423,8 +432,7 @@ fn in_flight_connections_of_a_dead_worker_get_502() {
 
 #[test]
 fn status_codes_are_counted_and_workers_can_accept_themselves() {
-    let tmp = tempfile::tempdir().unwrap();
-    let snap = bake_web(tmp.path());
+    let snap = shared_web();
     {
         let r = start_one(snap.clone(), Isolation::Shared, 1, 1);
         for _ in 0..3 {

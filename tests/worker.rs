@@ -107,7 +107,8 @@ fn handoff_passes_the_client_socket_and_the_bytes_already_read() {
         while !head[..got].windows(4).any(|w| w == b"\r\n\r\n") {
             got += conn.read(&mut head[got..]).unwrap();
         }
-        w.handoff(conn, 80, &head[..got]).unwrap();
+        w.handoff(conn, 80, supermachine::PortProtocol::Http, &head[..got])
+            .unwrap();
         let resp = client.join().unwrap();
         assert!(
             resp.starts_with(b"HTTP/1.0 200") || resp.starts_with(b"HTTP/1.1 200"),

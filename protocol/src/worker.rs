@@ -7,6 +7,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::ExitStatus;
 
+/// What a published port carries, which decides what a client that cannot be served may be
+/// sent: an HTTP client gets a 502 response; a TCP client only sees the connection close
+/// (any byte would corrupt a protocol that is not HTTP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum PortProtocol {
+    /// Bytes pass untouched, none read before the handoff (docker's `-p` default).
+    #[default]
+    Tcp,
+    /// The router read the request head to route it.
+    Http,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum WorkerRequest {
     /// Load the snapshot into the waiting VM monitor and run the guest.
@@ -16,6 +28,7 @@ pub enum WorkerRequest {
     /// connection closes (fresh-VM-per-connection isolation).
     Handoff {
         guest_port: u16,
+        protocol: PortProtocol,
         prefix: Vec<u8>,
         last: bool,
         /// Names the connection in the `Closed` report.
@@ -23,7 +36,10 @@ pub enum WorkerRequest {
     },
     /// Accept connections on the attached listening socket yourself (single-image
     /// `--accept-in-workers` mode) and bridge each to `guest_port`.
-    Listen { guest_port: u16 },
+    Listen {
+        guest_port: u16,
+        protocol: PortProtocol,
+    },
     /// Stop the VM and exit.
     Stop,
 }

@@ -1,6 +1,7 @@
-//! The HTTP ingress: accepts TCP connections, reads the request head to pick an image (by
+//! The ingress. HTTP: accepts TCP connections, reads the request head to pick an image (by
 //! `Host` header, or the only image), and hands the client socket plus the bytes already
-//! read to a worker with SCM_RIGHTS. The data path is client <-> worker <-> guest; the
+//! read to a worker with SCM_RIGHTS. TCP routes: each listening address belongs to one
+//! image, and its connections are handed off with no byte read (any protocol). The data path is client <-> worker <-> guest; the
 //! router copies nothing after the head. Because bytes pass through untouched, keep-alive,
 //! pipelining, any request body and WebSocket upgrades work as the workload speaks them.
 //!
@@ -22,6 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 pub use metrics::Metrics;
 pub use pool::{ImagePool, Isolation, PoolConfig};
+pub use supermachine_worker::PortProtocol;
 
 use supermachine_worker::Error;
 
@@ -41,9 +43,13 @@ pub struct Route {
 
 #[derive(Debug, Clone)]
 pub struct RouterConfig {
-    pub listen: SocketAddr,
+    /// Where HTTP clients connect (routed by the request head); `None`: TCP routes only.
+    pub listen: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
+    /// HTTP routes (by `Host`), served on `listen`.
     pub routes: Vec<Route>,
+    /// TCP routes, each on its own listening address.
+    pub tcp: Vec<TcpRoute>,
     pub pool: PoolConfig,
     /// How long SIGTERM waits for connections to finish.
     pub grace: Duration,
@@ -166,6 +172,66 @@ async fn handle(router: Arc<Router>, mut stream: TcpStream) {
     }
 }
 
+/// A TCP (L4) route: every connection to `listen` goes, untouched, to the snapshot's port.
+#[derive(Debug, Clone)]
+pub struct TcpRoute {
+    pub listen: SocketAddr,
+    pub snapshot: PathBuf,
+}
+
+/// Hands one raw TCP connection to a worker: no byte is read, and one that cannot be
+/// served is closed with nothing written (anything would be the protocol's first bytes).
+async fn handle_tcp(pool: Arc<ImagePool>, metrics: Arc<Metrics>, stream: TcpStream) {
+    let accepted = Instant::now();
+    let _ = stream.set_nodelay(true);
+    let Ok(std_stream) = stream.into_std() else {
+        return;
+    };
+    let _ = std_stream.set_nonblocking(false);
+    match tokio::task::spawn_blocking(move || pool.handoff(std_stream, &[])).await {
+        Ok(Ok(())) => metrics.handed_off(accepted.elapsed()),
+        Ok(Err((e, _stream))) => {
+            tracing::warn!(error = %e, "no worker could take the TCP connection");
+            metrics.rejected("no_worker");
+        }
+        Err(_) => metrics.rejected("internal"),
+    }
+}
+
+/// Accepts on `listener` until dropped, one task per connection.
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    mode: &'static str,
+    metrics: Arc<Metrics>,
+    on: F,
+) where
+    F: Fn(TcpStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let name = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                metrics.accepted(&name, mode);
+                tokio::spawn(on(stream));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::io(format!("listening on {addr}"), e))
+}
+
 /// Runs the router until `shutdown` resolves, then drains (bounded by `grace`) and stops
 /// every worker.
 pub async fn serve(
@@ -173,25 +239,28 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), Error> {
     let metrics = Arc::new(Metrics::default());
-    let mut pools = Vec::new();
     if config.accept_in_workers {
-        if config.routes.len() != 1 || config.pool.isolation != Isolation::Shared {
-            return Err(Error::Worker(
-                "--accept-in-workers needs exactly one image and shared isolation".into(),
-            ));
-        }
-        let listener = std::net::TcpListener::bind(config.listen)
-            .map_err(|e| Error::io(format!("listening on {}", config.listen), e))?;
+        let listen = match (config.listen, config.routes.len(), config.pool.isolation) {
+            (Some(l), 1, Isolation::Shared) if config.tcp.is_empty() => l,
+            _ => {
+                return Err(Error::Worker(
+                    "--accept-in-workers needs exactly one image, an HTTP listener, no TCP routes and shared isolation".into(),
+                ))
+            }
+        };
+        let listener = std::net::TcpListener::bind(listen)
+            .map_err(|e| Error::io(format!("listening on {listen}"), e))?;
         let pool = ImagePool::start_accepting(
             config.routes[0].snapshot.clone(),
             config.pool.clone(),
+            PortProtocol::Http,
             metrics.clone(),
             listener,
         )?;
         let admin_task = config
             .admin
             .map(|addr| tokio::spawn(admin::serve(addr, metrics.clone(), vec![pool.clone()])));
-        tracing::info!(listen = %config.listen, "workers accept on the shared listener");
+        tracing::info!(listen = %listen, "workers accept on the shared listener");
         shutdown.await;
         pool.shutdown();
         if let Some(t) = admin_task {
@@ -199,52 +268,82 @@ pub async fn serve(
         }
         return Ok(());
     }
+    if config.listen.is_none() && !config.routes.is_empty() {
+        return Err(Error::Worker(
+            "HTTP routes need an HTTP listening address".into(),
+        ));
+    }
+    if config.routes.is_empty() && config.tcp.is_empty() {
+        return Err(Error::Worker(
+            "nothing to serve: no HTTP or TCP route".into(),
+        ));
+    }
+    let mut all_pools: Vec<Arc<ImagePool>> = Vec::new();
+    let mut pools = Vec::new();
     for r in &config.routes {
-        let pool = ImagePool::start(r.snapshot.clone(), config.pool.clone(), metrics.clone())?;
+        let pool = ImagePool::start(
+            r.snapshot.clone(),
+            config.pool.clone(),
+            PortProtocol::Http,
+            metrics.clone(),
+        )?;
+        all_pools.push(pool.clone());
         pools.push((r.host.clone().map(|h| h.to_ascii_lowercase()), pool));
     }
     let router = Arc::new(Router {
         pools,
         metrics: metrics.clone(),
     });
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| Error::io(format!("listening on {}", config.listen), e))?;
-    tracing::info!(listen = %config.listen, "router listening");
-    let admin_task = match config.admin {
-        Some(addr) => {
-            let pools: Vec<Arc<ImagePool>> = router.pools.iter().map(|(_, p)| p.clone()).collect();
-            Some(tokio::spawn(admin::serve(addr, metrics.clone(), pools)))
-        }
-        None => None,
-    };
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    tokio::spawn(handle(router.clone(), stream));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            },
-        }
+    let mut tasks = Vec::new();
+    // Listeners bind before pools of later routes start, so a port in use fails fast.
+    if let Some(listen) = config.listen.filter(|_| !config.routes.is_empty()) {
+        let listener = bind(listen).await?;
+        tracing::info!(listen = %listen, mode = "http", "router listening");
+        let r = router.clone();
+        tasks.push(tokio::spawn(accept_loop(
+            listener,
+            "http",
+            metrics.clone(),
+            move |s| handle(r.clone(), s),
+        )));
     }
-    drop(listener);
+    for t in &config.tcp {
+        let listener = bind(t.listen).await?;
+        let pool = ImagePool::start(
+            t.snapshot.clone(),
+            config.pool.clone(),
+            PortProtocol::Tcp,
+            metrics.clone(),
+        )?;
+        all_pools.push(pool.clone());
+        tracing::info!(listen = %t.listen, mode = "tcp", "router listening");
+        let m = metrics.clone();
+        tasks.push(tokio::spawn(accept_loop(
+            listener,
+            "tcp",
+            metrics.clone(),
+            move |s| handle_tcp(pool.clone(), m.clone(), s),
+        )));
+    }
+    if let Some(addr) = config.admin {
+        tasks.push(tokio::spawn(admin::serve(
+            addr,
+            metrics.clone(),
+            all_pools.clone(),
+        )));
+    }
+    shutdown.await;
+    // Stop accepting (the listeners close with their tasks), then drain.
+    for t in &tasks {
+        t.abort();
+    }
     tracing::info!("draining");
     let deadline = Instant::now() + config.grace;
-    while Instant::now() < deadline && router.pools.iter().any(|(_, p)| p.active_connections() > 0)
-    {
+    while Instant::now() < deadline && all_pools.iter().any(|p| p.active_connections() > 0) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    for (_, p) in &router.pools {
+    for p in &all_pools {
         p.shutdown();
-    }
-    if let Some(t) = admin_task {
-        t.abort();
     }
     Ok(())
 }

@@ -61,12 +61,20 @@ pub struct Metrics {
     rejected: Mutex<BTreeMap<String, u64>>,
     /// First-response status codes of closed connections, as the workers saw them.
     responses: Mutex<BTreeMap<String, u64>>,
+    /// Connections accepted, by listening address and the port's mode (tcp, http).
+    accepted: Mutex<BTreeMap<(String, &'static str), u64>>,
 }
 
 impl Metrics {
     pub fn handed_off(&self, latency: Duration) {
         self.connections.fetch_add(1, Ordering::Relaxed);
         self.handoff_latency.observe(latency);
+    }
+
+    pub fn accepted(&self, listen: &str, mode: &'static str) {
+        if let Ok(mut m) = self.accepted.lock() {
+            *m.entry((listen.to_string(), mode)).or_default() += 1;
+        }
     }
 
     pub fn rejected(&self, reason: &str) {
@@ -108,6 +116,15 @@ impl Metrics {
             "Workers that died unexpectedly.",
             self.worker_crashes.load(Ordering::Relaxed),
         );
+        let _ = writeln!(o, "# HELP supermachine_accepted_total Connections accepted, by listening address and mode (tcp: bytes untouched; http: routed by the request head).\n# TYPE supermachine_accepted_total counter");
+        if let Ok(m) = self.accepted.lock() {
+            for ((listen, mode), v) in m.iter() {
+                let _ = writeln!(
+                    o,
+                    "supermachine_accepted_total{{listen=\"{listen}\",mode=\"{mode}\"}} {v}"
+                );
+            }
+        }
         let _ = writeln!(o, "# HELP supermachine_rejected_total Connections the router answered itself, by reason.\n# TYPE supermachine_rejected_total counter");
         if let Ok(m) = self.rejected.lock() {
             for (k, v) in m.iter() {

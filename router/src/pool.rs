@@ -11,7 +11,7 @@ use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use supermachine_worker::snapshot::Snapshot;
-use supermachine_worker::{Error, Spares, Worker};
+use supermachine_worker::{Error, PortProtocol, Spares, Worker};
 
 use crate::metrics::Metrics;
 
@@ -49,6 +49,8 @@ struct Inner {
 pub struct ImagePool {
     dir: PathBuf,
     guest_port: u16,
+    /// What the connections handed to this pool's workers carry.
+    protocol: PortProtocol,
     config: PoolConfig,
     metrics: Arc<Metrics>,
     inner: Mutex<Inner>,
@@ -69,14 +71,16 @@ impl ImagePool {
     pub fn start(
         dir: PathBuf,
         config: PoolConfig,
+        protocol: PortProtocol,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<ImagePool>, Error> {
-        Self::start_with(dir, config, metrics, None)
+        Self::start_with(dir, config, protocol, metrics, None)
     }
 
     fn start_with(
         dir: PathBuf,
         config: PoolConfig,
+        protocol: PortProtocol,
         metrics: Arc<Metrics>,
         listener: Option<std::net::TcpListener>,
     ) -> Result<Arc<ImagePool>, Error> {
@@ -95,13 +99,14 @@ impl ImagePool {
                 };
                 Some(Spares::start(
                     config.min,
-                    Box::new(move || restore_worker(&d, guest_port, &m, l.as_ref())),
+                    Box::new(move || restore_worker(&d, guest_port, protocol, &m, l.as_ref())),
                 ))
             }
         };
         let pool = Arc::new(ImagePool {
             dir,
             guest_port,
+            protocol,
             config,
             metrics,
             inner: Mutex::new(Inner::default()),
@@ -123,6 +128,7 @@ impl ImagePool {
         restore_worker(
             &self.dir,
             self.guest_port,
+            self.protocol,
             &self.metrics,
             self.listener.as_ref(),
         )
@@ -133,10 +139,11 @@ impl ImagePool {
     pub fn start_accepting(
         dir: PathBuf,
         config: PoolConfig,
+        protocol: PortProtocol,
         metrics: Arc<Metrics>,
         listener: std::net::TcpListener,
     ) -> Result<Arc<ImagePool>, Error> {
-        Self::start_with(dir, config, metrics, Some(listener))
+        Self::start_with(dir, config, protocol, metrics, Some(listener))
     }
 
     /// Hands `stream` (with `prefix` already read from it) to a worker.
@@ -194,7 +201,7 @@ impl ImagePool {
         slot.last_busy = Instant::now();
         let clone = stream.try_clone().ok();
         slot.worker
-            .handoff(stream, self.guest_port, prefix)
+            .handoff(stream, self.guest_port, self.protocol, prefix)
             .map_err(|e| (e, clone))
     }
 
@@ -208,7 +215,7 @@ impl ImagePool {
             },
         };
         let clone = stream.try_clone().ok();
-        w.handoff_with(stream, self.guest_port, prefix, true)
+        w.handoff_with(stream, self.guest_port, self.protocol, prefix, true)
             .map_err(|e| (e, clone))?;
         if let Ok(mut i) = self.inner.lock() {
             i.draining.push(w);
@@ -309,6 +316,7 @@ impl ImagePool {
 fn restore_worker(
     dir: &std::path::Path,
     guest_port: u16,
+    protocol: PortProtocol,
     metrics: &Arc<Metrics>,
     listener: Option<&std::net::TcpListener>,
 ) -> Result<Worker, Error> {
@@ -319,7 +327,7 @@ fn restore_worker(
     w.restore()?;
     metrics.restored(t.elapsed());
     if let Some(l) = listener {
-        w.listen_on(l, guest_port)?;
+        w.listen_on(l, guest_port, protocol)?;
     }
     Ok(w)
 }

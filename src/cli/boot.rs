@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use crate::cli::{registry, EXIT_INTERNAL};
 use supermachine::boot::{self, BootReport, BootRequest};
-use supermachine::{ImageRef, Overrides, Vm};
+use supermachine::{ImageRef, Overrides, PortProtocol, Vm};
 
 #[derive(Args)]
 pub struct BootArgs {
@@ -56,7 +56,8 @@ pub struct BootArgs {
     /// Name the VM so `supermachine exec NAME` can reach it.
     #[arg(long)]
     name: Option<String>,
-    /// Publish a guest port: [IP:]HOST_PORT:GUEST_PORT (IP defaults to 127.0.0.1); repeatable.
+    /// Publish a guest port: [IP:]HOST_PORT:GUEST_PORT[/tcp] (IP defaults to 127.0.0.1;
+    /// bytes are forwarded untouched); repeatable.
     #[arg(short = 'p', long = "publish", value_name = "[IP:]HOST:GUEST")]
     publish: Vec<String>,
     #[command(flatten)]
@@ -121,7 +122,11 @@ pub fn run(args: BootArgs) -> i32 {
     let mut publish = Vec::new();
     for spec in &args.publish {
         match parse_publish(spec) {
-            Ok(p) => publish.push(p),
+            Ok(p) if p.protocol == PortProtocol::Tcp => publish.push((p.listen, p.guest_port)),
+            Ok(_) => {
+                eprintln!("supermachine: error: --publish {spec:?}: boot forwards TCP only; HTTP routing is `run` and `serve`");
+                return EXIT_INTERNAL;
+            }
             Err(e) => {
                 eprintln!("supermachine: error: {e}");
                 return EXIT_INTERNAL;
@@ -195,10 +200,30 @@ pub fn run(args: BootArgs) -> i32 {
 /// The registry entry of this process's named VM, for the signal handler to remove.
 static REGISTRATION: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
-/// `[IP:]HOST:GUEST` -> (listen address, guest port).
-pub(crate) fn parse_publish(spec: &str) -> Result<(SocketAddr, u16), String> {
-    let bad = || format!("invalid --publish {spec:?}: expected [IP:]HOST_PORT:GUEST_PORT");
-    let (front, guest) = spec.rsplit_once(':').ok_or_else(bad)?;
+/// One `-p` argument: where clients connect, the guest port, what the port carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Publish {
+    pub listen: SocketAddr,
+    pub guest_port: u16,
+    pub protocol: PortProtocol,
+}
+
+/// `[IP:]HOST:GUEST[/tcp|/http]` (IP defaults to 127.0.0.1; the protocol to tcp, which
+/// passes bytes untouched and so never corrupts a protocol that is not HTTP).
+pub(crate) fn parse_publish(spec: &str) -> Result<Publish, String> {
+    let bad =
+        || format!("invalid --publish {spec:?}: expected [IP:]HOST_PORT:GUEST_PORT[/tcp|/http]");
+    let (addr, protocol) = match spec.rsplit_once('/') {
+        Some((a, "tcp")) => (a, PortProtocol::Tcp),
+        Some((a, "http")) => (a, PortProtocol::Http),
+        Some((_, other)) => {
+            return Err(format!(
+                "invalid --publish {spec:?}: unknown protocol {other:?} (tcp or http)"
+            ))
+        }
+        None => (spec, PortProtocol::Tcp),
+    };
+    let (front, guest) = addr.rsplit_once(':').ok_or_else(bad)?;
     let guest: u16 = guest.parse().map_err(|_| bad())?;
     let (ip, host) = match front.rsplit_once(':') {
         Some((ip, host)) => (ip.trim_start_matches('[').trim_end_matches(']'), host),
@@ -209,7 +234,11 @@ pub(crate) fn parse_publish(spec: &str) -> Result<(SocketAddr, u16), String> {
     if guest == 0 {
         return Err(bad());
     }
-    Ok((SocketAddr::new(ip, host), guest))
+    Ok(Publish {
+        listen: SocketAddr::new(ip, host),
+        guest_port: guest,
+        protocol,
+    })
 }
 
 fn fail(e: &supermachine::Error) -> i32 {
@@ -257,20 +286,23 @@ mod tests {
 
     #[test]
     fn publish_specs() {
+        use supermachine::PortProtocol::{Http, Tcp};
+        let p = |s| parse_publish(s).map(|p| (p.listen, p.guest_port, p.protocol));
         assert_eq!(
-            parse_publish("8080:80").unwrap(),
-            ("127.0.0.1:8080".parse().unwrap(), 80)
+            p("8080:80").unwrap(),
+            ("127.0.0.1:8080".parse().unwrap(), 80, Tcp)
         );
         assert_eq!(
-            parse_publish("0.0.0.0:8080:80").unwrap(),
-            ("0.0.0.0:8080".parse().unwrap(), 80)
+            p("0.0.0.0:8080:80/http").unwrap(),
+            ("0.0.0.0:8080".parse().unwrap(), 80, Http)
         );
         assert_eq!(
-            parse_publish("[::1]:9:80").unwrap(),
-            ("[::1]:9".parse().unwrap(), 80)
+            p("[::1]:9:80/tcp").unwrap(),
+            ("[::1]:9".parse().unwrap(), 80, Tcp)
         );
-        assert!(parse_publish("80").is_err());
-        assert!(parse_publish("x:80").is_err());
-        assert!(parse_publish("8080:0").is_err());
+        assert!(p("80").is_err());
+        assert!(p("x:80").is_err());
+        assert!(p("8080:0").is_err());
+        assert!(p("8080:80/udp").unwrap_err().contains("udp"));
     }
 }

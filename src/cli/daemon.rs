@@ -14,16 +14,34 @@ use crate::cli::{registry, EXIT_INTERNAL};
 use supermachine::pull;
 use supermachine::snapshot::{self, Snapshot};
 use supermachine::Error;
-use supermachine_router::{Isolation, PoolConfig, Route, RouterConfig};
+use supermachine::{ExecBuilder, ExecStdin, PortProtocol};
+use supermachine_router::{Isolation, PoolConfig, Route, RouterConfig, TcpRoute};
+use supermachine_worker::agent::AgentClient;
+
+use crate::cli::boot::Publish;
 
 #[derive(Args)]
 pub struct RunArgs {
-    /// Publish: [IP:]HOST_PORT:GUEST_PORT (one; the guest port is where the workload listens).
-    #[arg(short = 'p', long = "publish", value_name = "[IP:]HOST:GUEST")]
+    /// Publish: [IP:]HOST_PORT:GUEST_PORT[/tcp|/http] (one; the guest port is where the
+    /// workload listens). tcp (the default) passes bytes untouched, any protocol; http
+    /// routes by the request head and answers 502 when no VM can serve.
+    #[arg(short = 'p', long = "publish", value_name = "[IP:]HOST:GUEST[/PROTO]")]
     publish: Option<String>,
-    /// Run in the background; return once the workload answers.
+    /// Run in the background; return once the workload is ready: the guest port listens,
+    /// then --health-cmd and --health-http pass if given.
     #[arg(short = 'd', long)]
     detach: bool,
+    /// Readiness check run in the guest (`sh -c CMD`; ready at exit status 0), retried
+    /// until --ready-timeout.
+    #[arg(long, value_name = "CMD")]
+    health_cmd: Option<String>,
+    /// Readiness check over HTTP: GET PATH on the published port must answer below 400.
+    #[arg(long, value_name = "PATH")]
+    health_http: Option<String>,
+    /// Seconds the workload has to become ready: to listen on its port while it is baked,
+    /// and to pass the checks after it starts. Past it, -d stops the daemon and fails.
+    #[arg(long, default_value_t = 120, value_name = "S")]
+    ready_timeout: u64,
     /// Name (for exec, logs, stop); default: generated.
     #[arg(long)]
     name: Option<String>,
@@ -82,6 +100,7 @@ fn snapshot_for(a: &RunArgs, guest_port: u16, root: &std::path::Path) -> Result<
         .memory_mib(a.memory)
         .vcpus(a.vcpus)
         .guest_port(guest_port)
+        .ready_timeout(Duration::from_secs(a.ready_timeout))
         .snapshots_dir(root);
     if !a.argv.is_empty() {
         b = b.cmd(a.argv.clone());
@@ -107,16 +126,29 @@ pub fn run(a: RunArgs) -> i32 {
     if registry::lookup(&name).is_ok() {
         return fail(format!("a VM named {name:?} is already running"));
     }
-    let (listen, guest_port) = match a.publish.as_deref().map(crate::cli::boot::parse_publish) {
+    let publish = match a.publish.as_deref().map(crate::cli::boot::parse_publish) {
         Some(Ok(p)) => p,
         Some(Err(e)) => return fail(e),
         None => match free_addr() {
-            Ok(addr) => (addr, 80),
+            Ok(listen) => Publish {
+                listen,
+                guest_port: 80,
+                protocol: PortProtocol::Tcp,
+            },
             Err(e) => return fail(e),
         },
     };
+    let (listen, guest_port) = (publish.listen, publish.guest_port);
     if a.detach && std::env::var_os("SUPERMACHINE_DETACHED").is_none() {
-        return detach(&name, listen);
+        let ready = Readiness {
+            publish,
+            health_cmd: a.health_cmd.clone(),
+            health_http: a.health_http.clone(),
+            // The bake's own port wait comes first, then the checks after the start.
+            timeout: Duration::from_secs(a.ready_timeout.saturating_mul(2).saturating_add(30)),
+            checks_timeout: Duration::from_secs(a.ready_timeout),
+        };
+        return detach(&name, &ready);
     }
     let root = a
         .snapshots_dir
@@ -136,6 +168,7 @@ pub fn run(a: RunArgs) -> i32 {
         admin: Some(admin),
         listen: Some(listen),
         guest_port: Some(guest_port),
+        protocol: Some(protocol_name(publish.protocol).into()),
         image: a.image.clone(),
         started_unix: SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -147,13 +180,29 @@ pub fn run(a: RunArgs) -> i32 {
         Ok(r) => r,
         Err(e) => return fail(e),
     };
+    let (http_listen, routes, tcp) = match publish.protocol {
+        PortProtocol::Http => (
+            Some(listen),
+            vec![Route {
+                host: None,
+                snapshot: snap,
+            }],
+            vec![],
+        ),
+        PortProtocol::Tcp => (
+            None,
+            vec![],
+            vec![TcpRoute {
+                listen,
+                snapshot: snap,
+            }],
+        ),
+    };
     let config = RouterConfig {
-        listen,
+        listen: http_listen,
         admin: Some(admin),
-        routes: vec![Route {
-            host: None,
-            snapshot: snap,
-        }],
+        routes,
+        tcp,
         pool: PoolConfig {
             min: a.replicas.max(1),
             max: a.replicas.max(1),
@@ -163,7 +212,10 @@ pub fn run(a: RunArgs) -> i32 {
         grace: Duration::from_secs(10),
         accept_in_workers: false,
     };
-    eprintln!("supermachine: {name} serving http://{listen} -> guest port {guest_port}");
+    eprintln!(
+        "supermachine: {name} serving {listen} -> guest port {guest_port}/{}",
+        protocol_name(publish.protocol)
+    );
     let result = crate::cli::serve::run_router(config);
     match result {
         Ok(()) => 0,
@@ -171,9 +223,28 @@ pub fn run(a: RunArgs) -> i32 {
     }
 }
 
+fn protocol_name(p: PortProtocol) -> &'static str {
+    match p {
+        PortProtocol::Tcp => "tcp",
+        PortProtocol::Http => "http",
+    }
+}
+
+/// When a detached daemon counts as started.
+struct Readiness {
+    publish: Publish,
+    health_cmd: Option<String>,
+    health_http: Option<String>,
+    /// From the start of the daemon (its bake included) to ready.
+    timeout: Duration,
+    /// For the checks once a VM runs.
+    checks_timeout: Duration,
+}
+
 /// Starts this command again in the background (own session, output to the log) and
-/// returns once the workload answers on `listen`.
-fn detach(name: &str, listen: SocketAddr) -> i32 {
+/// returns once the workload is ready. Not ready in time, or the daemon died: it is
+/// stopped, its registry entry removed, and the reason and the log's tail printed.
+fn detach(name: &str, ready: &Readiness) -> i32 {
     let log = registry::log_path(name);
     if let Some(d) = log.parent() {
         let _ = std::fs::create_dir_all(d);
@@ -198,7 +269,17 @@ fn detach(name: &str, listen: SocketAddr) -> i32 {
         .iter()
         .any(|a| a == "-p" || a.starts_with("--publish") || a.starts_with("-p"))
     {
-        args.insert(1, format!("--publish={}:{}:80", listen.ip(), listen.port()));
+        let p = &ready.publish;
+        args.insert(
+            1,
+            format!(
+                "--publish={}:{}:{}/{}",
+                p.listen.ip(),
+                p.listen.port(),
+                p.guest_port,
+                protocol_name(p.protocol)
+            ),
+        );
     }
     let mut cmd = std::process::Command::new(exe);
     cmd.args(&args)
@@ -217,41 +298,152 @@ fn detach(name: &str, listen: SocketAddr) -> i32 {
         Ok(c) => c,
         Err(e) => return fail(format!("starting the daemon: {e}")),
     };
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            let tail = std::fs::read_to_string(&log).unwrap_or_default();
-            return fail(format!(
-                "{name} exited ({status}) before answering:\n{tail}"
-            ));
-        }
-        if answers(listen) {
+    let tail = || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    };
+    match wait_ready(name, &mut child, ready) {
+        Ok(()) => {
             println!("{name}");
-            return 0;
+            0
         }
-        if Instant::now() > deadline {
-            return fail(format!(
-                "{name} did not answer on {listen} within 300 s (log: {})",
-                log.display()
-            ));
+        Err(Unready::Exited(status)) => fail(format!(
+            "{name} exited ({status}) before it was ready; its log ({}):\n{}",
+            log.display(),
+            tail()
+        )),
+        Err(Unready::NotReady(why)) => {
+            stop_daemon(name, &mut child);
+            fail(format!(
+                "{name} was not ready: {why}; it was stopped. Its log ({}):\n{}",
+                log.display(),
+                tail()
+            ))
         }
-        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
-/// True when an HTTP request to `addr` gets any response.
-fn answers(addr: SocketAddr) -> bool {
-    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
-        return false;
+enum Unready {
+    Exited(std::process::ExitStatus),
+    NotReady(String),
+}
+
+/// Ready: registered (so baked and serving), a VM restored, its guest port listening (the
+/// guest agent says so; no byte goes to the workload), then the user's checks.
+fn wait_ready(
+    name: &str,
+    child: &mut std::process::Child,
+    ready: &Readiness,
+) -> Result<(), Unready> {
+    let started = Instant::now();
+    let exited = |child: &mut std::process::Child| match child.try_wait() {
+        Ok(Some(status)) => Err(Unready::Exited(status)),
+        _ => Ok(()),
     };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
-    if s.write_all(b"GET / HTTP/1.0\r\nHost: supermachine\r\n\r\n")
-        .is_err()
-    {
-        return false;
+    let port = ready.publish.guest_port;
+    // Registered with a VM whose agent answers.
+    let agent = loop {
+        exited(child)?;
+        let entry = registry::lookup(name).ok();
+        if let Some(agent) = entry.and_then(|e| crate::cli::exec::daemon_agent(&e).ok()) {
+            break AgentClient::new(agent);
+        }
+        if started.elapsed() > ready.timeout {
+            return Err(Unready::NotReady(format!(
+                "no VM was running after {} s",
+                ready.timeout.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let checks_start = Instant::now();
+    let left = |what: &str| -> Result<Duration, Unready> {
+        ready
+            .checks_timeout
+            .checked_sub(checks_start.elapsed())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                Unready::NotReady(format!(
+                    "{what} within --ready-timeout {} s",
+                    ready.checks_timeout.as_secs()
+                ))
+            })
+    };
+    agent
+        .wait_listening(port, left("port")?)
+        .map_err(|e| Unready::NotReady(format!("guest port {port} did not listen: {e}")))?;
+    if let Some(cmd) = &ready.health_cmd {
+        loop {
+            exited(child)?;
+            let out = ExecBuilder::new(agent.clone())
+                .argv(["sh".to_string(), "-c".to_string(), cmd.clone()])
+                .stdin(ExecStdin::Null)
+                .timeout(left("--health-cmd to finish")?)
+                .output();
+            let last = match out {
+                Ok(o) if o.code() == 0 => break,
+                Ok(o) => format!(
+                    "exit {}: {}",
+                    o.code(),
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ),
+                Err(e) => e.to_string(),
+            };
+            left(&format!("--health-cmd {cmd:?} did not pass ({last})"))?;
+            std::thread::sleep(Duration::from_secs(1));
+        }
     }
-    let mut b = [0u8; 5];
-    s.read_exact(&mut b).is_ok() && &b == b"HTTP/"
+    if let Some(path) = &ready.health_http {
+        loop {
+            exited(child)?;
+            let last = match http_status(ready.publish.listen, path) {
+                Ok(code) if code < 400 => break,
+                Ok(code) => format!("status {code}"),
+                Err(e) => e,
+            };
+            left(&format!("--health-http {path} did not pass ({last})"))?;
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+    Ok(())
+}
+
+/// SIGTERM, then SIGKILL after 15 s; the registry entry goes too (a killed daemon cannot
+/// remove its own).
+fn stop_daemon(name: &str, child: &mut std::process::Child) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if !matches!(child.try_wait(), Ok(Some(_))) {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    registry::unregister(name);
+}
+
+/// The status code of `GET path` on `addr`.
+fn http_status(addr: SocketAddr, path: &str) -> Result<u16, String> {
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .map_err(|e| format!("connecting to {addr}: {e}"))?;
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    write!(s, "GET {path} HTTP/1.0\r\nHost: supermachine\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head)
+        .map_err(|e| format!("no HTTP answer: {e}"))?;
+    let line = std::str::from_utf8(&head).map_err(|_| "no HTTP answer".to_string())?;
+    if !line.starts_with("HTTP/") {
+        return Err(format!("no HTTP answer ({line:?})"));
+    }
+    line.get(9..12)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no status code in {line:?}"))
 }
 
 #[derive(Args)]
@@ -268,7 +460,7 @@ pub fn ps(_a: PsArgs) -> i32 {
         .unwrap_or(0);
     for e in registry::list() {
         let ports = match (e.listen, e.guest_port) {
-            (Some(l), Some(g)) => format!("{l}->{g}/tcp"),
+            (Some(l), Some(g)) => format!("{l}->{g}/{}", e.protocol.as_deref().unwrap_or("http")),
             _ => "-".into(),
         };
         let up = if e.started_unix > 0 {

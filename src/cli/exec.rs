@@ -176,7 +176,7 @@ pub fn run(args: ExecArgs) -> i32 {
 }
 
 /// A `run` daemon's VM: ask its admin endpoint for a worker's agent.
-fn daemon_agent(entry: &registry::Entry) -> Result<AgentEndpoint, String> {
+pub(crate) fn daemon_agent(entry: &registry::Entry) -> Result<AgentEndpoint, String> {
     use std::io::{Read, Write};
     let admin = entry.admin.ok_or_else(|| {
         format!(

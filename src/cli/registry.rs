@@ -42,6 +42,9 @@ pub struct Entry {
     pub listen: Option<SocketAddr>,
     #[serde(default)]
     pub guest_port: Option<u16>,
+    /// What the published port carries: "tcp" or "http" (`run`).
+    #[serde(default)]
+    pub protocol: Option<String>,
     #[serde(default)]
     pub image: String,
     #[serde(default)]
@@ -65,6 +68,11 @@ pub fn lookup(name: &str) -> Result<Entry, String> {
         ));
     }
     Ok(e)
+}
+
+/// Removes `name`'s entry if its process is gone (lookup does that).
+pub fn unregister(name: &str) {
+    let _ = lookup(name);
 }
 
 /// Every live entry.

@@ -1,4 +1,5 @@
-//! `supermachine serve`: the multi-VM HTTP ingress.
+//! `supermachine serve`: the multi-VM ingress — HTTP routes by Host on one listener, TCP
+//! routes each on its own.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,7 +12,7 @@ use supermachine::boot::BootRequest;
 use supermachine::pull::{self, PullRequest};
 use supermachine::snapshot;
 use supermachine::ImageRef;
-use supermachine_router::{self as router, Isolation, PoolConfig, Route, RouterConfig};
+use supermachine_router::{self as router, Isolation, PoolConfig, Route, RouterConfig, TcpRoute};
 
 #[derive(Clone, Copy, ValueEnum)]
 enum IsolationArg {
@@ -23,7 +24,7 @@ enum IsolationArg {
 
 #[derive(Args)]
 pub struct ServeArgs {
-    /// Where clients connect.
+    /// Where HTTP clients connect (when there is an --image or --route).
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
     /// Serve /_supermachine/health and /_supermachine/metrics here.
@@ -36,7 +37,11 @@ pub struct ServeArgs {
     /// Route a Host header to an image: HOST=IMAGE; repeatable.
     #[arg(long = "route", value_name = "HOST=IMAGE")]
     routes: Vec<String>,
-    /// Guest port of images baked here.
+    /// A TCP route: connections to LISTEN go, bytes untouched (any protocol), to IMAGE's
+    /// guest PORT; repeatable. IMAGE as for --image (baked with PORT).
+    #[arg(long = "tcp-port", value_name = "LISTEN=IMAGE:PORT")]
+    tcp_ports: Vec<String>,
+    /// Guest port of images baked here for --image and --route.
     #[arg(long, default_value_t = 80)]
     port: u16,
     /// VMs kept per image (fresh: restored and waiting).
@@ -112,11 +117,46 @@ pub fn run(a: ServeArgs) -> i32 {
             }
         }
     }
-    if specs.is_empty() {
+    let mut tcp_specs = Vec::new();
+    for t in &a.tcp_ports {
+        match parse_tcp_port(t) {
+            Ok(spec) => tcp_specs.push(spec),
+            Err(e) => {
+                eprintln!("supermachine: error: {e}");
+                return EXIT_INTERNAL;
+            }
+        }
+    }
+    if specs.is_empty() && tcp_specs.is_empty() {
         eprintln!(
-            "supermachine: error: nothing to serve: give --image IMAGE or --route HOST=IMAGE"
+            "supermachine: error: nothing to serve: give --image IMAGE, --route HOST=IMAGE or --tcp-port LISTEN=IMAGE:PORT"
         );
         return EXIT_INTERNAL;
+    }
+    let mut tcp = Vec::new();
+    for (listen, image, port) in tcp_specs {
+        match resolve_image(&image, port, &root, &a.backend).and_then(|dir| {
+            let baked = snapshot::Snapshot::open(&dir)
+                .map_err(|e| e.to_string())?
+                .meta
+                .guest_port;
+            if baked != port {
+                return Err(format!(
+                    "the snapshot {} was baked for guest port {baked}, not {port}",
+                    dir.display()
+                ));
+            }
+            Ok(dir)
+        }) {
+            Ok(dir) => tcp.push(TcpRoute {
+                listen,
+                snapshot: dir,
+            }),
+            Err(e) => {
+                eprintln!("supermachine: error: --tcp-port {listen}={image}:{port}: {e}");
+                return EXIT_INTERNAL;
+            }
+        }
     }
     for (host, image) in specs {
         match resolve_image(&image, a.port, &root, &a.backend) {
@@ -130,10 +170,12 @@ pub fn run(a: ServeArgs) -> i32 {
             }
         }
     }
+    let has_http = !routes.is_empty();
     let config = RouterConfig {
-        listen: a.listen,
+        listen: has_http.then_some(a.listen),
         admin: a.admin,
         routes,
+        tcp,
         pool: PoolConfig {
             min: a.min,
             max: a.max.max(a.min).max(1),
@@ -146,7 +188,16 @@ pub fn run(a: ServeArgs) -> i32 {
         grace: Duration::from_secs(a.grace),
         accept_in_workers: a.accept_in_workers,
     };
-    eprintln!("supermachine: serving on http://{}", config.listen);
+    if let Some(l) = config.listen {
+        eprintln!("supermachine: serving HTTP on http://{l}");
+    }
+    for t in &config.tcp {
+        eprintln!(
+            "supermachine: serving TCP on {} -> {}",
+            t.listen,
+            t.snapshot.display()
+        );
+    }
     let result = run_router(config);
     match result {
         Ok(()) => 0,
@@ -155,6 +206,26 @@ pub fn run(a: ServeArgs) -> i32 {
             EXIT_INTERNAL
         }
     }
+}
+
+/// `LISTEN=IMAGE:PORT` (IMAGE may itself hold colons: oci-layout:DIR:TAG).
+fn parse_tcp_port(spec: &str) -> Result<(SocketAddr, String, u16), String> {
+    let bad =
+        |why: &str| format!("invalid --tcp-port {spec:?}: {why} (expected LISTEN=IMAGE:PORT)");
+    let (listen, rest) = spec.split_once('=').ok_or_else(|| bad("no '='"))?;
+    let listen: SocketAddr = listen
+        .parse()
+        .map_err(|_| bad("LISTEN is not an address like 127.0.0.1:6379"))?;
+    let (image, port) = rest.rsplit_once(':').ok_or_else(|| bad("no guest port"))?;
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| bad("PORT is not a port number"))?;
+    if image.is_empty() {
+        return Err(bad("no IMAGE"));
+    }
+    Ok((listen, image.to_string(), port))
 }
 
 /// Runs the router on a fresh tokio runtime until SIGTERM or SIGINT.
@@ -176,4 +247,30 @@ pub(crate) fn run_router(config: RouterConfig) -> Result<(), supermachine::Error
             _ = int.recv() => {},
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_tcp_port;
+
+    #[test]
+    fn tcp_port_specs() {
+        assert_eq!(
+            parse_tcp_port("127.0.0.1:6379=oci-layout:/x/redis:latest:6379").unwrap(),
+            (
+                "127.0.0.1:6379".parse().unwrap(),
+                "oci-layout:/x/redis:latest".to_string(),
+                6379
+            )
+        );
+        assert!(parse_tcp_port("6379=redis:6379")
+            .unwrap_err()
+            .contains("LISTEN"));
+        assert!(parse_tcp_port("127.0.0.1:1=redis")
+            .unwrap_err()
+            .contains("guest port"));
+        assert!(parse_tcp_port("127.0.0.1:1=:5")
+            .unwrap_err()
+            .contains("IMAGE"));
+    }
 }

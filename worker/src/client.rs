@@ -11,7 +11,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use supermachine_backend::AgentEndpoint;
-use supermachine_protocol::worker::{WorkerReply, WorkerRequest};
+use supermachine_protocol::worker::{PortProtocol, WorkerReply, WorkerRequest};
 
 use crate::agent::AgentClient;
 use crate::channel;
@@ -37,10 +37,13 @@ pub struct Worker {
     replies: Option<mpsc::Receiver<WorkerReply>>,
     state: Arc<WorkerState>,
     /// Our copies of handed-off client sockets, by connection id, until `Closed`.
-    inflight: Arc<Mutex<HashMap<u64, std::net::TcpStream>>>,
+    inflight: Arc<Mutex<Inflight>>,
     next_id: u64,
     /// Called with the first response's status code of every closed connection.
     on_closed: Option<Arc<dyn Fn(Option<u16>) + Send + Sync>>,
+    /// The worker's TMPDIR, holding its VMs' run directories; removed after `Drop` has
+    /// reaped the worker (fields drop after `drop` runs).
+    _run_root: tempfile::TempDir,
 }
 
 /// Whether any data went out on this connection (the kernel's TCP_INFO of the socket the
@@ -62,17 +65,21 @@ fn response_started(c: &std::net::TcpStream) -> bool {
     r != 0 || info.tcpi_data_segs_out > 0
 }
 
-/// The worker died: answer every connection it still held with a 502.
-fn fail_inflight(inflight: &Mutex<HashMap<u64, std::net::TcpStream>>) {
+/// Our copies of the handed-off connections not closed yet, by id, with their protocol.
+type Inflight = HashMap<u64, (std::net::TcpStream, PortProtocol)>;
+
+/// The worker died: answer every HTTP connection it still held with a 502 and close them
+/// all (a TCP client only sees the close).
+fn fail_inflight(inflight: &Mutex<Inflight>) {
     use std::io::Write;
-    let conns: Vec<std::net::TcpStream> = match inflight.lock() {
+    let conns: Vec<(std::net::TcpStream, PortProtocol)> = match inflight.lock() {
         Ok(mut m) => m.drain().map(|(_, s)| s).collect(),
         Err(_) => return,
     };
-    for mut c in conns {
+    for (mut c, protocol) in conns {
         // Only a client that has seen no response yet can be told 502; one whose response
         // was under way just sees the connection end.
-        if !response_started(&c) {
+        if protocol == PortProtocol::Http && !response_started(&c) {
             let _ = c.write_all(super::BAD_GATEWAY);
         }
         let _ = c.shutdown(std::net::Shutdown::Both);
@@ -137,8 +144,15 @@ impl Worker {
         let (host, worker) =
             channel::pair().map_err(|e| Error::io("creating the worker socket", e))?;
         let worker_fd = worker.as_raw_fd();
+        // The worker's VM run directories go under a directory of ours, removed once the
+        // worker is reaped: a worker that was SIGKILLed cannot remove its own.
+        let run_root = tempfile::Builder::new()
+            .prefix("supermachine-run-")
+            .tempdir()
+            .map_err(|e| Error::io("creating the worker's run directory", e))?;
         let mut cmd = Command::new(&exe);
         cmd.arg("--snapshot").arg(dir).arg("--control-fd").arg("3");
+        cmd.env("TMPDIR", run_root.path());
         cmd.stdin(Stdio::null());
         // SAFETY: dup2 is async-signal-safe; the descriptor is valid in the child.
         unsafe {
@@ -167,6 +181,7 @@ impl Worker {
             inflight: Arc::default(),
             next_id: 0,
             on_closed: None,
+            _run_root: run_root,
         };
         match w.recv()? {
             WorkerReply::Prepared { monitor_pid } => w.monitor_pid = monitor_pid,
@@ -259,9 +274,10 @@ impl Worker {
         &mut self,
         client: impl AsRawFd,
         guest_port: u16,
+        protocol: PortProtocol,
         prefix: &[u8],
     ) -> Result<(), Error> {
-        self.handoff_with(client, guest_port, prefix, false)
+        self.handoff_with(client, guest_port, protocol, prefix, false)
     }
 
     /// [`Worker::handoff`]; with `last`, the worker stops its VM and exits when this
@@ -270,6 +286,7 @@ impl Worker {
         &mut self,
         client: impl AsRawFd,
         guest_port: u16,
+        protocol: PortProtocol,
         prefix: &[u8],
         last: bool,
     ) -> Result<(), Error> {
@@ -277,17 +294,18 @@ impl Worker {
         self.next_id += 1;
         let req = WorkerRequest::Handoff {
             guest_port,
+            protocol,
             prefix: prefix.to_vec(),
             last,
             id,
         };
         // Keep our own handle until the worker reports the connection closed: if the
-        // worker dies first, the client gets a 502 from us instead of a reset.
+        // worker dies first, an HTTP client gets a 502 from us instead of a reset.
         if let Ok(dup) = nix::unistd::dup(client.as_raw_fd()) {
             // SAFETY: dup just returned this descriptor; nothing else owns it.
             let dup = unsafe { <std::net::TcpStream as std::os::fd::FromRawFd>::from_raw_fd(dup) };
             if let Ok(mut m) = self.inflight.lock() {
-                m.insert(id, dup);
+                m.insert(id, (dup, protocol));
             }
         }
         self.state.active.fetch_add(1, Ordering::SeqCst);
@@ -318,9 +336,13 @@ impl Worker {
         &mut self,
         listener: &std::net::TcpListener,
         guest_port: u16,
+        protocol: PortProtocol,
     ) -> Result<(), Error> {
         self.send(
-            &WorkerRequest::Listen { guest_port },
+            &WorkerRequest::Listen {
+                guest_port,
+                protocol,
+            },
             Some(listener.as_raw_fd()),
         )?;
         match self.recv()? {
@@ -397,5 +419,7 @@ impl Drop for Worker {
         if let Ok(None) = self.child.try_wait() {
             self.shutdown();
         }
+        // Reaped either way before `_run_root` goes (try_wait reaps an exited child).
+        let _ = self.child.try_wait();
     }
 }

@@ -29,6 +29,7 @@ pub use error::Error;
 pub use exec::{ExecBuilder, ExecChild, ExecOutcome, ExecStdin, ExecStdinWriter};
 pub use forward::TcpForwarder;
 pub use spares::Spares;
+pub use supermachine_protocol::worker::PortProtocol;
 pub use vm::{OutputSink, PreparedRestore, Vm};
 
 /// The one answer to an HTTP client whose connection no VM could serve: the worker could

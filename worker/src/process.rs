@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use supermachine_protocol::worker::{WorkerReply, WorkerRequest};
+use supermachine_protocol::worker::{PortProtocol, WorkerReply, WorkerRequest};
 
 use crate::agent::pump;
 use crate::snapshot::Snapshot;
@@ -126,6 +126,7 @@ pub fn main() -> i32 {
             }
             WorkerRequest::Handoff {
                 guest_port,
+                protocol,
                 prefix,
                 last,
                 id,
@@ -139,7 +140,7 @@ pub fn main() -> i32 {
                 let client = TcpStream::from(fd);
                 let notify = control.try_clone().ok();
                 std::thread::spawn(move || {
-                    let sent = serve_connection(&v, client, guest_port, &prefix);
+                    let sent = serve_connection(&v, client, guest_port, protocol, &prefix);
                     if let Some(c) = &notify {
                         let _ = channel::send(
                             c,
@@ -159,7 +160,10 @@ pub fn main() -> i32 {
                 });
                 reply(&WorkerReply::HandedOff);
             }
-            WorkerRequest::Listen { guest_port } => {
+            WorkerRequest::Listen {
+                guest_port,
+                protocol,
+            } => {
                 let (Some(v), Some(fd)) = (vm.clone(), fd) else {
                     reply(&WorkerReply::Error {
                         message: "listen needs a restored VM and a listening socket".into(),
@@ -171,7 +175,9 @@ pub fn main() -> i32 {
                     for conn in listener.incoming() {
                         let Ok(client) = conn else { continue };
                         let v = v.clone();
-                        std::thread::spawn(move || serve_connection(&v, client, guest_port, &[]));
+                        std::thread::spawn(move || {
+                            serve_connection(&v, client, guest_port, protocol, &[])
+                        });
                     }
                 });
                 reply(&WorkerReply::HandedOff);
@@ -188,11 +194,13 @@ pub fn main() -> i32 {
     }
 }
 
-/// Client <-> guest port, after sending what the router already read.
+/// Client <-> guest port, after sending what the router already read. Returns the bytes
+/// sent to the client and, for HTTP, the first response's status code.
 fn serve_connection(
     vm: &Vm,
     client: TcpStream,
     guest_port: u16,
+    protocol: PortProtocol,
     prefix: &[u8],
 ) -> (u64, Option<u16>) {
     use std::io::Write;
@@ -200,10 +208,14 @@ fn serve_connection(
     let mut guest = match vm.connect(guest_port) {
         Ok(g) => g,
         Err(_) => {
-            // The connection cannot be served: tell an HTTP client so rather than hang up.
-            let mut c = client;
-            let _ = c.write_all(BAD_GATEWAY);
-            return (0, Some(502));
+            // The connection cannot be served: tell an HTTP client so rather than hang up;
+            // a TCP client only sees the close (a byte would be the protocol's first).
+            if protocol == PortProtocol::Http {
+                let mut c = client;
+                let _ = c.write_all(BAD_GATEWAY);
+                return (0, Some(502));
+            }
+            return (0, None);
         }
     };
     if !prefix.is_empty() && guest.write_all(prefix).is_err() {
@@ -213,15 +225,16 @@ fn serve_connection(
         return (0, None);
     };
     let up = std::thread::spawn(move || pump(client, guest));
-    let result = pump_observing_status(g2, c2);
+    let result = pump_observing_status(g2, c2, protocol == PortProtocol::Http);
     let _ = up.join();
     result
 }
 
-/// Guest -> client copy that also notes the status code of the first response.
+/// Guest -> client copy that also notes the status code of the first response (`http`).
 fn pump_observing_status(
     mut from: crate::agent::GuestStream,
     mut to: TcpStream,
+    http: bool,
 ) -> (u64, Option<u16>) {
     use std::io::{Read, Write};
     let mut buf = vec![0u8; 64 * 1024];
@@ -231,7 +244,7 @@ fn pump_observing_status(
         match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                if head.len() < 16 {
+                if http && head.len() < 16 {
                     head.extend_from_slice(&buf[..n.min(16 - head.len())]);
                 }
                 if to.write_all(&buf[..n]).is_err() {
