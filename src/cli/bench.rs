@@ -1,4 +1,5 @@
-//! `supermachine bench restore`: restore latency, time to first byte, memory per VM.
+//! `supermachine bench restore`: restore latency, time to first byte, memory per VM; and the
+//! load generators `bench http` and `bench tcp`.
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
@@ -22,6 +23,8 @@ enum BenchCommand {
     Restore(RestoreArgs),
     /// HTTP load against a URL for a bounded time.
     Http(crate::cli::bench_http::HttpArgs),
+    /// Request/reply load over raw TCP (default: RESP PING/+PONG) for a bounded time.
+    Tcp(crate::cli::bench_tcp::TcpArgs),
 }
 
 #[derive(Args)]
@@ -72,6 +75,7 @@ pub fn run(a: BenchArgs) -> i32 {
     let a = match a.what {
         BenchCommand::Restore(a) => a,
         BenchCommand::Http(h) => return crate::cli::bench_http::run(h),
+        BenchCommand::Tcp(t) => return crate::cli::bench_tcp::run(t),
     };
     let dir = {
         let p = PathBuf::from(&a.name);

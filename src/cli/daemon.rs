@@ -358,30 +358,35 @@ fn wait_ready(
         std::thread::sleep(Duration::from_millis(200));
     };
     let checks_start = Instant::now();
-    let left = |what: &str| -> Result<Duration, Unready> {
+    let secs = ready.checks_timeout.as_secs();
+    let remaining = || {
         ready
             .checks_timeout
             .checked_sub(checks_start.elapsed())
             .filter(|d| !d.is_zero())
-            .ok_or_else(|| {
-                Unready::NotReady(format!(
-                    "{what} within --ready-timeout {} s",
-                    ready.checks_timeout.as_secs()
-                ))
-            })
     };
+    let not_ready = |what: &str, last: &Option<String>| {
+        Unready::NotReady(format!(
+            "{what} did not pass within --ready-timeout {secs} s ({})",
+            last.as_deref().unwrap_or("it never ran")
+        ))
+    };
+    let wait = remaining().ok_or_else(|| not_ready("the port check", &None))?;
     agent
-        .wait_listening(port, left("port")?)
+        .wait_listening(port, wait)
         .map_err(|e| Unready::NotReady(format!("guest port {port} did not listen: {e}")))?;
     if let Some(cmd) = &ready.health_cmd {
+        let what = format!("--health-cmd {cmd:?}");
+        let mut last = None;
         loop {
             exited(child)?;
+            let wait = remaining().ok_or_else(|| not_ready(&what, &last))?;
             let out = ExecBuilder::new(agent.clone())
                 .argv(["sh".to_string(), "-c".to_string(), cmd.clone()])
                 .stdin(ExecStdin::Null)
-                .timeout(left("--health-cmd to finish")?)
+                .timeout(wait)
                 .output();
-            let last = match out {
+            last = Some(match out {
                 Ok(o) if o.code() == 0 => break,
                 Ok(o) => format!(
                     "exit {}: {}",
@@ -389,20 +394,21 @@ fn wait_ready(
                     String::from_utf8_lossy(&o.stderr).trim()
                 ),
                 Err(e) => e.to_string(),
-            };
-            left(&format!("--health-cmd {cmd:?} did not pass ({last})"))?;
+            });
             std::thread::sleep(Duration::from_secs(1));
         }
     }
     if let Some(path) = &ready.health_http {
+        let what = format!("--health-http {path}");
+        let mut last = None;
         loop {
             exited(child)?;
-            let last = match http_status(ready.publish.listen, path) {
+            remaining().ok_or_else(|| not_ready(&what, &last))?;
+            last = Some(match http_status(ready.publish.listen, path) {
                 Ok(code) if code < 400 => break,
                 Ok(code) => format!("status {code}"),
                 Err(e) => e,
-            };
-            left(&format!("--health-http {path} did not pass ({last})"))?;
+            });
             std::thread::sleep(Duration::from_secs(1));
         }
     }

@@ -5,6 +5,7 @@
 mod backend;
 mod bench;
 mod bench_http;
+mod bench_tcp;
 pub(crate) mod boot;
 mod daemon;
 mod exec;
