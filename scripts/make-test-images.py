@@ -14,10 +14,16 @@ Images (each its own OCI layout directory, tag `latest`):
              closure per ldd (real files at their real paths, symlink names recreated) and
              an empty /data; Cmd runs redis-server on 0.0.0.0:6379 without persistence or
              protected mode, WorkingDir /data.
+  openssl  - the busybox base layer, then a gzip layer with Debian's /usr/bin/openssl, its
+             shared-library closure per ldd (as for redis) and the OpenSSL config
+             (/usr/lib/ssl/openssl.cnf, a symlink to the real /etc/ssl/openssl.cnf, as on the
+             host); Cmd makes a self-signed certificate for CN guest.test at boot, then runs
+             `openssl s_server -www` (TLS on port 443; `GET /` gets an HTML status page),
+             WorkingDir /tmp.
 
 Output is cached under ~/.cache/supermachine/test-images/<hash of this script, busybox, the
-redis binary and its libraries>/ and reproducible (fixed mtimes, sorted entries, gzip without
-timestamps). Prints the directory holding the layouts.
+redis and openssl binaries, their libraries and the OpenSSL config>/ and reproducible (fixed
+mtimes, sorted entries, gzip without timestamps). Prints the directory holding the layouts.
 """
 import gzip
 import hashlib
@@ -34,6 +40,9 @@ BUSYBOX = "/bin/busybox"
 # Debian's redis-tools ships the server binary under this name (the redis-server package
 # only adds a symlink to it); run as "redis-server" it is the server.
 REDIS = "/usr/bin/redis-check-rdb"
+OPENSSL = "/usr/bin/openssl"
+# A symlink to /etc/ssl/openssl.cnf on Debian; both are recreated in the image.
+OPENSSL_CNF = "/usr/lib/ssl/openssl.cnf"
 MTIME = 1700000000
 PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -58,8 +67,12 @@ def ensure_busybox():
     ensure_package("busybox-static", BUSYBOX)
 
 
-def ensure_redis():
-    ensure_package("redis-tools", REDIS)
+# Images that are the base layer plus one "binary + ldd closure" layer:
+# name -> (Debian package, host binary, path in the image, extra host files, empty dirs).
+BUNDLES = {
+    "openssl": ("openssl", OPENSSL, "usr/bin/openssl", (OPENSSL_CNF,), ()),
+    "redis": ("redis-tools", REDIS, "usr/bin/redis-server", (), ("data",)),
+}
 
 
 def resolve(path, links, depth=0):
@@ -83,14 +96,15 @@ def resolve(path, links, depth=0):
     return cur
 
 
-def redis_closure():
-    """The redis binary's shared-library closure per ldd, the dynamic loader included:
-    (sorted real files, {symlink path: link text})."""
+def closure(binary, extras=()):
+    """`binary`'s shared-library closure per ldd, the dynamic loader included, plus the
+    absolute host paths `extras`: (sorted real files, {symlink path: link text}) with every
+    symlink met on the way to each file."""
     libs = []
-    for line in subprocess.run(["ldd", REDIS], check=True, capture_output=True, text=True).stdout.splitlines():
+    for line in subprocess.run(["ldd", binary], check=True, capture_output=True, text=True).stdout.splitlines():
         line = line.strip()
         if "not found" in line:
-            raise RuntimeError(f"test-images: {REDIS}: unresolved library: {line}")
+            raise RuntimeError(f"test-images: {binary}: unresolved library: {line}")
         if "=>" in line:
             target = line.split("=>", 1)[1].split()
             if target and target[0].startswith("/"):
@@ -98,12 +112,12 @@ def redis_closure():
         elif line.startswith("/"):
             libs.append(line.split()[0])  # the dynamic loader
     if not any(os.path.basename(l).startswith("ld-linux") for l in libs):
-        raise RuntimeError(f"test-images: ldd {REDIS} named no dynamic loader")
+        raise RuntimeError(f"test-images: ldd {binary} named no dynamic loader")
     files, links = set(), {}
-    for lib in libs:
-        real = resolve(lib, links)
+    for path in libs + list(extras):
+        real = resolve(path, links)
         if not os.path.isfile(real):
-            raise RuntimeError(f"test-images: {lib} resolves to {real}, not a file")
+            raise RuntimeError(f"test-images: {path} resolves to {real}, not a file")
         files.add(real)
     return sorted(files), dict(sorted(links.items()))
 
@@ -183,9 +197,13 @@ def base_layer():
     return l.bytes()
 
 
-def redis_layer(closure):
+def binary_layer(binary, name, closure, dirs=()):
+    """A layer with host `binary` at `name` (mode 0755), the real files and symlinks of
+    `closure` at their host paths, empty directories `dirs`, and every parent directory."""
     files, links = closure
-    entries = {"usr/bin/redis-server": ("file", REDIS, 0o755), "data": ("dir",)}
+    entries = {name: ("file", binary, 0o755)}
+    for d in dirs:
+        entries[d] = ("dir",)
     for f in files:
         entries[f.lstrip("/")] = ("file", f, os.stat(f).st_mode & 0o7777)
     for path, target in links.items():
@@ -292,7 +310,12 @@ class Layout:
         self.tag(self.blob(json.dumps(nested, sort_keys=True).encode(), "application/vnd.oci.image.index.v1+json"), tag)
 
 
-def build(out, redis):
+def bundle_layer(image, closures):
+    _, binary, name, _, dirs = BUNDLES[image]
+    return binary_layer(binary, name, closures[image], dirs)
+
+
+def build(out, closures):
     base = base_layer()
     Layout(os.path.join(out, "busybox")).image([(base, "gzip")], {"Env": [PATH_ENV], "Cmd": ["/bin/sh"]})
     # A multi-arch index whose arm64 entry is a decoy: only amd64 can run here.
@@ -316,7 +339,7 @@ def build(out, redis):
         },
     )
     Layout(os.path.join(out, "redis")).image(
-        [(base, "gzip"), (redis_layer(redis), "gzip")],
+        [(base, "gzip"), (bundle_layer("redis", closures), "gzip")],
         {
             "Env": [PATH_ENV],
             "Cmd": ["redis-server", "--protected-mode", "no", "--save", "", "--appendonly", "no",
@@ -324,27 +347,44 @@ def build(out, redis):
             "WorkingDir": "/data",
         },
     )
+    Layout(os.path.join(out, "openssl")).image(
+        [(base, "gzip"), (bundle_layer("openssl", closures), "gzip")],
+        {
+            "Env": [PATH_ENV],
+            "Cmd": ["/bin/sh", "-c",
+                    "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
+                    " -keyout /tmp/key.pem -out /tmp/cert.pem -subj /CN=guest.test"
+                    " -addext subjectAltName=DNS:guest.test -days 2 2>/dev/null"
+                    " && exec openssl s_server -accept 443 -cert /tmp/cert.pem -key /tmp/key.pem"
+                    " -www -quiet"],
+            "WorkingDir": "/tmp",
+        },
+    )
 
 
 def main():
     ensure_busybox()
-    ensure_redis()
-    redis = redis_closure()
+    for pkg, binary, _, _, _ in BUNDLES.values():
+        ensure_package(pkg, binary)
+    closures = {img: closure(b[1], b[3]) for img, b in BUNDLES.items()}
     h = hashlib.sha256()
     h.update(open(__file__, "rb").read())
     h.update(open(BUSYBOX, "rb").read())
-    h.update(open(REDIS, "rb").read())
-    files, links = redis
-    for f in files:
-        h.update(f.encode() + b"\0")
-        h.update(open(f, "rb").read())
-    h.update(json.dumps(links, sort_keys=True).encode())
+    for img in sorted(BUNDLES):
+        binary = BUNDLES[img][1]
+        h.update(img.encode() + b"\0" + binary.encode() + b"\0")
+        h.update(open(binary, "rb").read())
+        files, links = closures[img]
+        for f in files:
+            h.update(f.encode() + b"\0")
+            h.update(open(f, "rb").read())
+        h.update(json.dumps(links, sort_keys=True).encode())
     out = os.path.join(cache_root(), "test-images", h.hexdigest()[:16])
-    if not all(os.path.exists(os.path.join(out, img, "index.json")) for img in ("layered", "redis")):
+    if not all(os.path.exists(os.path.join(out, img, "index.json")) for img in ("layered", "redis", "openssl")):
         os.makedirs(os.path.dirname(out), exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".build-", dir=os.path.dirname(out))
         try:
-            build(tmp, redis)
+            build(tmp, closures)
             shutil.rmtree(out, ignore_errors=True)
             os.rename(tmp, out)
         except BaseException:

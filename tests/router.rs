@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use supermachine::PullRequest;
-use supermachine_router::{self as router, Isolation, PoolConfig, Route, RouterConfig};
+use supermachine_router::{
+    self as router, Isolation, PoolConfig, Route, RouterConfig, SniConfig, SniRoute, TlsFiles,
+};
 
 const INDEX: &[u8] = b"<h1>hello from supermachine</h1>\n";
 
@@ -94,7 +96,7 @@ fn start_one(snapshot: PathBuf, isolation: Isolation, min: usize, max: usize) ->
 }
 
 fn start(routes: Vec<Route>, isolation: Isolation, min: usize, max: usize) -> Running {
-    start_with(routes, isolation, min, max, false)
+    start_with(routes, isolation, min, max, false, vec![])
 }
 
 fn start_with(
@@ -103,6 +105,7 @@ fn start_with(
     min: usize,
     max: usize,
     accept_in_workers: bool,
+    tls: Vec<TlsFiles>,
 ) -> Running {
     let (addr, admin) = (free_addr(), free_addr());
     let config = RouterConfig {
@@ -110,6 +113,8 @@ fn start_with(
         admin: Some(admin),
         routes,
         tcp: vec![],
+        tls,
+        sni: None,
         pool: PoolConfig {
             min,
             max,
@@ -119,6 +124,11 @@ fn start_with(
         grace: Duration::from_secs(5),
         accept_in_workers,
     };
+    launch(config, addr, admin, min)
+}
+
+/// Runs `config` in a thread; returns once its admin endpoint reports `min` workers.
+fn launch(config: RouterConfig, addr: SocketAddr, admin: SocketAddr, min: usize) -> Running {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let thread = std::thread::spawn(move || {
         let rt = tokio::runtime::Runtime::new().unwrap();
@@ -462,6 +472,7 @@ fn status_codes_are_counted_and_workers_can_accept_themselves() {
         2,
         2,
         true,
+        vec![],
     );
     for _ in 0..10 {
         let (status, body) = http_get(TcpStream::connect(r.addr).unwrap(), "/");
@@ -512,4 +523,241 @@ fn connections_stay_open_across_many_exchanges() {
     }
     // 20 connections carried 200 exchanges: one handoff per connection.
     assert_eq!(metric(r.admin, "supermachine_connections_total"), 20);
+}
+
+/// Runs openssl with `args` in `dir`; panics with its stderr when it fails.
+fn openssl(dir: &Path, args: &[&str]) {
+    let o = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl");
+    assert!(o.status.success(), "openssl {args:?}: {}", stderr(&o));
+}
+
+/// A test CA and, for each name, a certificate (SAN DNS:name) and key signed by it.
+fn test_pki(dir: &Path, names: &[&str]) -> Vec<TlsFiles> {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-subj",
+        "/CN=supermachine test CA",
+        "-days",
+        "2",
+    ]);
+    openssl(dir, &ca);
+    names
+        .iter()
+        .map(|n| {
+            let (key, csr, pem, ext) = (
+                format!("{n}.key"),
+                format!("{n}.csr"),
+                format!("{n}.pem"),
+                format!("{n}.ext"),
+            );
+            std::fs::write(dir.join(&ext), format!("subjectAltName=DNS:{n}\n")).unwrap();
+            let subj = format!("/CN={n}");
+            let mut req = vec!["req"];
+            req.extend(ec);
+            req.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
+            openssl(dir, &req);
+            openssl(
+                dir,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &csr,
+                    "-CA",
+                    "ca.pem",
+                    "-CAkey",
+                    "ca.key",
+                    "-CAcreateserial",
+                    "-out",
+                    &pem,
+                    "-days",
+                    "2",
+                    "-extfile",
+                    &ext,
+                ],
+            );
+            TlsFiles {
+                cert: dir.join(pem),
+                key: dir.join(key),
+            }
+        })
+        .collect()
+}
+
+/// `serve --tls-cert/--tls-key`: HTTPS in, the VM's plain HTTP behind; the certificate is
+/// the one for the SNI name; ALPN settles on http/1.1 (also for a client that offers h2);
+/// a plain-HTTP client on the TLS port reaches no VM.
+#[test]
+fn tls_is_terminated_with_the_certificate_for_the_sni_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tls = test_pki(tmp.path(), &["a.test", "b.test"]);
+    let r = start_with(
+        vec![Route {
+            host: None,
+            snapshot: shared_web(),
+        }],
+        Isolation::Shared,
+        1,
+        2,
+        false,
+        tls,
+    );
+    let port = r.addr.port();
+    let curl = |name: &str, extra: &[&str]| {
+        let o = std::process::Command::new("curl")
+            .args(["-sS", "-v", "--max-time", "60", "--cacert"])
+            .arg(tmp.path().join("ca.pem"))
+            .args(["--resolve", &format!("{name}:{port}:127.0.0.1")])
+            .args(extra)
+            .arg(format!("https://{name}:{port}/"))
+            .output()
+            .expect("curl");
+        let log = stderr(&o);
+        assert!(o.status.success(), "curl {name}: {log}");
+        (o.stdout, log)
+    };
+    for name in ["a.test", "b.test"] {
+        let (body, log) = curl(name, &[]);
+        assert_eq!(body, INDEX, "{log}");
+        assert!(log.contains(&format!("subject: CN={name}")), "{log}");
+        assert!(log.contains("ALPN: server accepted http/1.1"), "{log}");
+    }
+    // A client that would rather speak h2 is answered in HTTP/1.1 and served.
+    let (body, log) = curl("a.test", &["--http2"]);
+    assert_eq!(body, INDEX, "{log}");
+    assert!(log.contains("ALPN: server accepted http/1.1"), "{log}");
+    // Plain HTTP on the TLS port: the handshake fails, no VM sees it.
+    let before = metric(r.admin, "supermachine_connections_total");
+    let mut s = TcpStream::connect(r.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\nHost: a.test\r\n\r\n")
+        .unwrap();
+    let mut back = Vec::new();
+    let _ = s.read_to_end(&mut back);
+    assert!(
+        !back.windows(INDEX.len()).any(|w| w == INDEX),
+        "plain HTTP was served"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(
+        r.admin,
+        "supermachine_rejected_total{reason=\"tls_handshake\"}",
+    ) < 1
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the failed handshake was not counted"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(metric(r.admin, "supermachine_connections_total"), before);
+}
+
+/// `serve --sni-route`: TLS passes through undecrypted, routed by the ClientHello's server
+/// name, to a guest that terminates it itself (Debian's `openssl s_server` with a
+/// certificate it made at boot): the client sees the guest's certificate. An unknown name
+/// and plain HTTP reach no VM and get no byte.
+#[test]
+fn tls_passthrough_reaches_the_guests_own_server_by_sni() {
+    let tmp = tempfile::tempdir().unwrap();
+    let req = PullRequest {
+        boot: request("openssl"),
+        name: "tls".into(),
+        port: 443,
+        ready_timeout: Duration::from_secs(120),
+        snapshots_dir: tmp.path().to_path_buf(),
+    };
+    let snapshot = supermachine::pull::pull(&req).unwrap().snapshot.dir;
+    let (addr, admin) = (free_addr(), free_addr());
+    let config = RouterConfig {
+        listen: None,
+        admin: Some(admin),
+        routes: vec![],
+        tcp: vec![],
+        tls: vec![],
+        sni: Some(SniConfig {
+            listen: addr,
+            routes: vec![SniRoute {
+                name: "guest.test".into(),
+                snapshot,
+            }],
+        }),
+        pool: PoolConfig {
+            min: 1,
+            max: 2,
+            idle_timeout: Duration::from_secs(60),
+            isolation: Isolation::Shared,
+        },
+        grace: Duration::from_secs(5),
+        accept_in_workers: false,
+    };
+    let r = launch(config, addr, admin, 1);
+    let s_client = |name: &str| {
+        let o = std::process::Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &addr.to_string(),
+                "-servername",
+                name,
+            ])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("openssl");
+        format!("{}{}", stdout(&o), stderr(&o))
+    };
+    let out = s_client("guest.test");
+    assert!(out.contains("subject=CN = guest.test"), "{out}");
+    let o = std::process::Command::new("curl")
+        .args(["-sS", "-k", "--max-time", "60", "--resolve"])
+        .arg(format!("guest.test:{}:127.0.0.1", addr.port()))
+        .arg(format!("https://guest.test:{}/", addr.port()))
+        .output()
+        .expect("curl");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("s_server"), "{}", stdout(&o));
+
+    let out = s_client("other.test");
+    assert!(
+        !out.contains("subject="),
+        "an unknown name got a certificate: {out}"
+    );
+    let mut plain = TcpStream::connect(addr).unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    plain
+        .write_all(b"GET / HTTP/1.0\r\nHost: guest.test\r\n\r\n")
+        .unwrap();
+    let mut back = Vec::new();
+    let _ = plain.read_to_end(&mut back);
+    assert_eq!(back, b"", "plain HTTP got bytes back");
+    assert!(
+        metric(
+            r.admin,
+            "supermachine_rejected_total{reason=\"sni_no_route\"}"
+        ) >= 1
+    );
+    assert!(
+        metric(
+            r.admin,
+            "supermachine_rejected_total{reason=\"sni_not_tls\"}"
+        ) >= 1
+    );
 }

@@ -12,18 +12,21 @@
 mod admin;
 mod metrics;
 mod pool;
+pub mod sni;
+mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
 pub use metrics::Metrics;
 pub use pool::{ImagePool, Isolation, PoolConfig};
 pub use supermachine_worker::PortProtocol;
+pub use tls::TlsFiles;
 
 use supermachine_worker::Error;
 
@@ -50,6 +53,12 @@ pub struct RouterConfig {
     pub routes: Vec<Route>,
     /// TCP routes, each on its own listening address.
     pub tcp: Vec<TcpRoute>,
+    /// Certificates (PEM): when any is given, the HTTP listener speaks TLS (HTTPS), the
+    /// certificate chosen by the client's SNI among them (the first when none covers it).
+    pub tls: Vec<TlsFiles>,
+    /// TLS passthrough: a listener whose connections are routed by the ClientHello's
+    /// server name and passed on undecrypted (the guest terminates TLS).
+    pub sni: Option<SniConfig>,
     pub pool: PoolConfig,
     /// How long SIGTERM waits for connections to finish.
     pub grace: Duration,
@@ -107,22 +116,32 @@ pub fn host_of(head: &[u8]) -> Option<String> {
         .map(|s| s.trim().to_string())
 }
 
-async fn reply_and_close(s: TcpStream, status: &str) {
+async fn reply_and_close<S: AsyncWrite + Unpin>(s: S, status: &str) {
     let body = format!("{status}\n");
     let msg = format!("HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
     send_and_close(s, msg.as_bytes()).await;
 }
 
 /// Writes a whole response and closes the connection (a peer gone meanwhile is no error).
-async fn send_and_close(mut s: TcpStream, response: &[u8]) {
+async fn send_and_close<S: AsyncWrite + Unpin>(mut s: S, response: &[u8]) {
     use tokio::io::AsyncWriteExt;
     let _ = s.write_all(response).await;
     let _ = s.shutdown().await;
 }
 
-async fn handle(router: Arc<Router>, mut stream: TcpStream) {
-    let accepted = Instant::now();
-    let _ = stream.set_nodelay(true);
+/// A request head read from a client: everything read so far (`bytes`, which may run past
+/// the head into the body) and which pool it is for.
+struct Head {
+    bytes: Vec<u8>,
+    pool: Arc<ImagePool>,
+}
+
+/// Reads the request head from `stream` and picks its pool; a client that is answered by
+/// the router itself (too large, too slow, no route) or went away gets `None`.
+async fn read_head<S: AsyncRead + AsyncWrite + Unpin>(
+    router: &Router,
+    stream: &mut S,
+) -> Option<Head> {
     let mut buf = vec![0u8; 8192];
     let mut len = 0;
     let head = loop {
@@ -132,44 +151,114 @@ async fn handle(router: Arc<Router>, mut stream: TcpStream) {
         if len == buf.len() {
             if buf.len() >= MAX_HEAD {
                 router.metrics.rejected("head_too_large");
-                return reply_and_close(stream, "431 Request Header Fields Too Large").await;
+                reply_and_close(stream, "431 Request Header Fields Too Large").await;
+                return None;
             }
             buf.resize(buf.len() * 2, 0);
         }
         match tokio::time::timeout(HEAD_TIMEOUT, stream.read(&mut buf[len..])).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(0)) | Ok(Err(_)) => return None,
             Ok(Ok(n)) => len += n,
             Err(_) => {
                 router.metrics.rejected("head_timeout");
-                return reply_and_close(stream, "408 Request Timeout").await;
+                reply_and_close(stream, "408 Request Timeout").await;
+                return None;
             }
         }
     };
     let host = host_of(&buf[..head]);
     let Some(pool) = router.pick(host.as_deref()).cloned() else {
         router.metrics.rejected("no_route");
-        return reply_and_close(stream, "404 Not Found").await;
+        reply_and_close(stream, "404 Not Found").await;
+        return None;
     };
-    // Everything read so far (head and any body bytes) goes to the worker first.
-    let prefix = buf[..len].to_vec();
-    let std_stream = match stream.into_std() {
-        Ok(s) => s,
-        Err(_) => return,
-    };
-    let _ = std_stream.set_nonblocking(false);
-    let metrics = router.metrics.clone();
-    let result = tokio::task::spawn_blocking(move || pool.handoff(std_stream, &prefix)).await;
-    match result {
-        Ok(Ok(())) => metrics.handed_off(accepted.elapsed()),
+    buf.truncate(len);
+    Some(Head { bytes: buf, pool })
+}
+
+/// Hands `client` (std, blocking) with `prefix` to a worker of `pool`. On failure the
+/// client is returned (when the pool still has it) for the router's 502.
+async fn hand_off(
+    metrics: &Metrics,
+    pool: Arc<ImagePool>,
+    client: std::net::TcpStream,
+    prefix: Vec<u8>,
+    accepted: Instant,
+) -> Result<(), Option<std::net::TcpStream>> {
+    let _ = client.set_nonblocking(false);
+    match tokio::task::spawn_blocking(move || pool.handoff(client, &prefix)).await {
+        Ok(Ok(())) => {
+            metrics.handed_off(accepted.elapsed());
+            Ok(())
+        }
         Ok(Err((e, stream))) => {
             tracing::warn!(error = %e, "no worker could take the connection");
             metrics.rejected("no_worker");
-            if let Some(s) = stream.and_then(|s| TcpStream::from_std(s).ok()) {
-                send_and_close(s, supermachine_worker::BAD_GATEWAY).await;
-            }
+            Err(stream)
         }
-        Err(_) => metrics.rejected("internal"),
+        Err(_) => {
+            metrics.rejected("internal");
+            Err(None)
+        }
     }
+}
+
+async fn handle(router: Arc<Router>, mut stream: TcpStream) {
+    let accepted = Instant::now();
+    let _ = stream.set_nodelay(true);
+    let Some(head) = read_head(&router, &mut stream).await else {
+        return;
+    };
+    let Ok(std_stream) = stream.into_std() else {
+        return;
+    };
+    // Everything read so far (head and any body bytes) goes to the worker first.
+    if let Err(Some(s)) =
+        hand_off(&router.metrics, head.pool, std_stream, head.bytes, accepted).await
+    {
+        if let Ok(s) = TcpStream::from_std(s) {
+            send_and_close(s, supermachine_worker::BAD_GATEWAY).await;
+        }
+    }
+}
+
+/// An HTTPS client: the TLS handshake (certificate by SNI), then the decrypted head is
+/// routed as plain HTTP. The worker gets one end of a socketpair and the router copies
+/// between it and the TLS stream, so it stays in the data path (the keys are here).
+async fn handle_tls(router: Arc<Router>, acceptor: tokio_rustls::TlsAcceptor, stream: TcpStream) {
+    let accepted = Instant::now();
+    let _ = stream.set_nodelay(true);
+    let mut tls = match tokio::time::timeout(HEAD_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(t)) => t,
+        _ => {
+            router.metrics.rejected("tls_handshake");
+            return;
+        }
+    };
+    let Some(head) = read_head(&router, &mut tls).await else {
+        return;
+    };
+    let (ours, theirs) = match std::os::unix::net::UnixStream::pair() {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "socketpair for a TLS connection");
+            router.metrics.rejected("internal");
+            return reply_and_close(&mut tls, "500 Internal Server Error").await;
+        }
+    };
+    // The worker bridges any stream socket; it only reads, writes and shuts it down.
+    let theirs = std::net::TcpStream::from(std::os::fd::OwnedFd::from(theirs));
+    if hand_off(&router.metrics, head.pool, theirs, head.bytes, accepted)
+        .await
+        .is_err()
+    {
+        return send_and_close(&mut tls, supermachine_worker::BAD_GATEWAY).await;
+    }
+    let _ = ours.set_nonblocking(true);
+    let Ok(mut ours) = tokio::net::UnixStream::from_std(ours) else {
+        return;
+    };
+    let _ = tokio::io::copy_bidirectional(&mut tls, &mut ours).await;
 }
 
 /// A TCP (L4) route: every connection to `listen` goes, untouched, to the snapshot's port.
@@ -177,6 +266,70 @@ async fn handle(router: Arc<Router>, mut stream: TcpStream) {
 pub struct TcpRoute {
     pub listen: SocketAddr,
     pub snapshot: PathBuf,
+}
+
+/// TLS passthrough routes on one listener.
+#[derive(Debug, Clone)]
+pub struct SniConfig {
+    pub listen: SocketAddr,
+    pub routes: Vec<SniRoute>,
+}
+
+/// Connections whose ClientHello names `name` (`*`: any other) go to the snapshot's port.
+#[derive(Debug, Clone)]
+pub struct SniRoute {
+    pub name: String,
+    pub snapshot: PathBuf,
+}
+
+/// A TLS client routed by SNI: reads until the ClientHello is complete (nothing is sent
+/// back), picks the pool by its server name, and hands the connection off with those
+/// bytes as the prefix — the guest's TLS server sees the handshake untouched. Not TLS, no
+/// route, too slow: closed with nothing written.
+async fn handle_sni(
+    routes: Arc<Vec<(String, Arc<ImagePool>)>>,
+    metrics: Arc<Metrics>,
+    mut stream: TcpStream,
+) {
+    let accepted = Instant::now();
+    let _ = stream.set_nodelay(true);
+    let mut buf = vec![0u8; 4096];
+    let mut len = 0;
+    let name = loop {
+        match sni::client_hello_sni(&buf[..len]) {
+            Ok(sni::Hello::Complete(name)) => break name,
+            Ok(sni::Hello::Incomplete) => {}
+            Err(sni::NotTls(why)) => {
+                tracing::debug!(why, "not a routable ClientHello");
+                return metrics.rejected("sni_not_tls");
+            }
+        }
+        if len == buf.len() {
+            if buf.len() >= sni::MAX_HELLO + 1024 {
+                return metrics.rejected("sni_not_tls");
+            }
+            buf.resize(buf.len() * 2, 0);
+        }
+        match tokio::time::timeout(HEAD_TIMEOUT, stream.read(&mut buf[len..])).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(n)) => len += n,
+            Err(_) => return metrics.rejected("sni_timeout"),
+        }
+    };
+    let pool = routes
+        .iter()
+        .find(|(n, _)| Some(n.as_str()) == name.as_deref())
+        .or_else(|| routes.iter().find(|(n, _)| n == "*"))
+        .map(|(_, p)| p.clone());
+    let Some(pool) = pool else {
+        return metrics.rejected("sni_no_route");
+    };
+    let Ok(std_stream) = stream.into_std() else {
+        return;
+    };
+    buf.truncate(len);
+    // A failure leaves the client to the close (protocol tcp: no byte written).
+    let _ = hand_off(&metrics, pool, std_stream, buf, accepted).await;
 }
 
 /// Hands one raw TCP connection to a worker: no byte is read, and one that cannot be
@@ -241,10 +394,10 @@ pub async fn serve(
     let metrics = Arc::new(Metrics::default());
     if config.accept_in_workers {
         let listen = match (config.listen, config.routes.len(), config.pool.isolation) {
-            (Some(l), 1, Isolation::Shared) if config.tcp.is_empty() => l,
+            (Some(l), 1, Isolation::Shared) if config.tcp.is_empty() && config.tls.is_empty() && config.sni.is_none() => l,
             _ => {
                 return Err(Error::Worker(
-                    "--accept-in-workers needs exactly one image, an HTTP listener, no TCP routes and shared isolation".into(),
+                    "--accept-in-workers needs exactly one image, a plain HTTP listener (no TLS), no TCP routes and shared isolation".into(),
                 ))
             }
         };
@@ -298,14 +451,25 @@ pub async fn serve(
     // Listeners bind before pools of later routes start, so a port in use fails fast.
     if let Some(listen) = config.listen.filter(|_| !config.routes.is_empty()) {
         let listener = bind(listen).await?;
-        tracing::info!(listen = %listen, mode = "http", "router listening");
         let r = router.clone();
-        tasks.push(tokio::spawn(accept_loop(
-            listener,
-            "http",
-            metrics.clone(),
-            move |s| handle(r.clone(), s),
-        )));
+        if config.tls.is_empty() {
+            tracing::info!(listen = %listen, mode = "http", "router listening");
+            tasks.push(tokio::spawn(accept_loop(
+                listener,
+                "http",
+                metrics.clone(),
+                move |s| handle(r.clone(), s),
+            )));
+        } else {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls::server_config(&config.tls)?);
+            tracing::info!(listen = %listen, mode = "https", "router listening");
+            tasks.push(tokio::spawn(accept_loop(
+                listener,
+                "https",
+                metrics.clone(),
+                move |s| handle_tls(r.clone(), acceptor.clone(), s),
+            )));
+        }
     }
     for t in &config.tcp {
         let listener = bind(t.listen).await?;
@@ -323,6 +487,28 @@ pub async fn serve(
             "tcp",
             metrics.clone(),
             move |s| handle_tcp(pool.clone(), m.clone(), s),
+        )));
+    }
+    if let Some(sni) = &config.sni {
+        let listener = bind(sni.listen).await?;
+        let mut routes = Vec::new();
+        for r in &sni.routes {
+            let pool = ImagePool::start(
+                r.snapshot.clone(),
+                config.pool.clone(),
+                PortProtocol::Tcp,
+                metrics.clone(),
+            )?;
+            all_pools.push(pool.clone());
+            routes.push((r.name.to_ascii_lowercase(), pool));
+        }
+        tracing::info!(listen = %sni.listen, mode = "tls-passthrough", "router listening");
+        let (routes, m) = (Arc::new(routes), metrics.clone());
+        tasks.push(tokio::spawn(accept_loop(
+            listener,
+            "tls-passthrough",
+            metrics.clone(),
+            move |s| handle_sni(routes.clone(), m.clone(), s),
         )));
     }
     if let Some(addr) = config.admin {

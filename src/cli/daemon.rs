@@ -203,6 +203,8 @@ pub fn run(a: RunArgs) -> i32 {
         admin: Some(admin),
         routes,
         tcp,
+        tls: vec![],
+        sni: None,
         pool: PoolConfig {
             min: a.replicas.max(1),
             max: a.replicas.max(1),

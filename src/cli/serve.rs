@@ -12,7 +12,10 @@ use supermachine::boot::BootRequest;
 use supermachine::pull::{self, PullRequest};
 use supermachine::snapshot;
 use supermachine::ImageRef;
-use supermachine_router::{self as router, Isolation, PoolConfig, Route, RouterConfig, TcpRoute};
+use supermachine_router::{
+    self as router, Isolation, PoolConfig, Route, RouterConfig, SniConfig, SniRoute, TcpRoute,
+    TlsFiles,
+};
 
 #[derive(Clone, Copy, ValueEnum)]
 enum IsolationArg {
@@ -60,6 +63,21 @@ pub struct ServeArgs {
     grace: u64,
     #[arg(long)]
     snapshots_dir: Option<PathBuf>,
+    /// TLS passthrough: connections whose ClientHello names NAME go undecrypted to IMAGE's
+    /// guest PORT (the guest holds the certificate); NAME `*` takes every other name.
+    /// Served on --sni-listen; repeatable.
+    #[arg(long = "sni-route", value_name = "NAME=IMAGE:PORT")]
+    sni_routes: Vec<String>,
+    /// Where the --sni-route clients connect.
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    sni_listen: SocketAddr,
+    /// Terminate TLS on --listen with this certificate chain (PEM); repeatable, each with
+    /// its --tls-key in the same order. The certificate is chosen by the client's SNI.
+    #[arg(long = "tls-cert", value_name = "FILE")]
+    tls_certs: Vec<PathBuf>,
+    /// The private key (PEM) of the --tls-cert at the same position.
+    #[arg(long = "tls-key", value_name = "FILE")]
+    tls_keys: Vec<PathBuf>,
     /// Single image: every worker accepts on the listening socket itself.
     #[arg(long)]
     accept_in_workers: bool,
@@ -127,27 +145,38 @@ pub fn run(a: ServeArgs) -> i32 {
             }
         }
     }
-    if specs.is_empty() && tcp_specs.is_empty() {
+    let mut sni_specs = Vec::new();
+    for r in &a.sni_routes {
+        match parse_sni_route(r) {
+            Ok(spec) => sni_specs.push(spec),
+            Err(e) => {
+                eprintln!("supermachine: error: {e}");
+                return EXIT_INTERNAL;
+            }
+        }
+    }
+    if specs.is_empty() && tcp_specs.is_empty() && sni_specs.is_empty() {
         eprintln!(
-            "supermachine: error: nothing to serve: give --image IMAGE, --route HOST=IMAGE or --tcp-port LISTEN=IMAGE:PORT"
+            "supermachine: error: nothing to serve: give --image IMAGE, --route HOST=IMAGE, --tcp-port LISTEN=IMAGE:PORT or --sni-route NAME=IMAGE:PORT"
         );
         return EXIT_INTERNAL;
     }
+    let mut sni_routes = Vec::new();
+    for (name, image, port) in sni_specs {
+        match resolve_port_image(&image, port, &root, &a.backend) {
+            Ok(dir) => sni_routes.push(SniRoute {
+                name,
+                snapshot: dir,
+            }),
+            Err(e) => {
+                eprintln!("supermachine: error: --sni-route {name}={image}:{port}: {e}");
+                return EXIT_INTERNAL;
+            }
+        }
+    }
     let mut tcp = Vec::new();
     for (listen, image, port) in tcp_specs {
-        match resolve_image(&image, port, &root, &a.backend).and_then(|dir| {
-            let baked = snapshot::Snapshot::open(&dir)
-                .map_err(|e| e.to_string())?
-                .meta
-                .guest_port;
-            if baked != port {
-                return Err(format!(
-                    "the snapshot {} was baked for guest port {baked}, not {port}",
-                    dir.display()
-                ));
-            }
-            Ok(dir)
-        }) {
+        match resolve_port_image(&image, port, &root, &a.backend) {
             Ok(dir) => tcp.push(TcpRoute {
                 listen,
                 snapshot: dir,
@@ -170,12 +199,38 @@ pub fn run(a: ServeArgs) -> i32 {
             }
         }
     }
+    if a.tls_certs.len() != a.tls_keys.len() {
+        eprintln!(
+            "supermachine: error: {} --tls-cert but {} --tls-key: give them in pairs",
+            a.tls_certs.len(),
+            a.tls_keys.len()
+        );
+        return EXIT_INTERNAL;
+    }
+    let tls: Vec<TlsFiles> = a
+        .tls_certs
+        .iter()
+        .zip(&a.tls_keys)
+        .map(|(cert, key)| TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        })
+        .collect();
     let has_http = !routes.is_empty();
+    if !tls.is_empty() && !has_http {
+        eprintln!("supermachine: error: --tls-cert terminates TLS for HTTP routes: give --image or --route");
+        return EXIT_INTERNAL;
+    }
     let config = RouterConfig {
         listen: has_http.then_some(a.listen),
         admin: a.admin,
         routes,
         tcp,
+        tls,
+        sni: (!sni_routes.is_empty()).then_some(SniConfig {
+            listen: a.sni_listen,
+            routes: sni_routes,
+        }),
         pool: PoolConfig {
             min: a.min,
             max: a.max.max(a.min).max(1),
@@ -189,7 +244,18 @@ pub fn run(a: ServeArgs) -> i32 {
         accept_in_workers: a.accept_in_workers,
     };
     if let Some(l) = config.listen {
-        eprintln!("supermachine: serving HTTP on http://{l}");
+        let scheme = if config.tls.is_empty() {
+            "http"
+        } else {
+            "https"
+        };
+        eprintln!("supermachine: serving HTTP on {scheme}://{l}");
+    }
+    if let Some(sni) = &config.sni {
+        eprintln!(
+            "supermachine: passing TLS through on {} by server name",
+            sni.listen
+        );
     }
     for t in &config.tcp {
         eprintln!(
@@ -206,6 +272,51 @@ pub fn run(a: ServeArgs) -> i32 {
             EXIT_INTERNAL
         }
     }
+}
+
+/// [`resolve_image`] for a route that names its guest port: the snapshot must be for it.
+fn resolve_port_image(
+    image: &str,
+    port: u16,
+    root: &Path,
+    backend: &crate::cli::backend::BackendArgs,
+) -> Result<PathBuf, String> {
+    let dir = resolve_image(image, port, root, backend)?;
+    let baked = snapshot::Snapshot::open(&dir)
+        .map_err(|e| e.to_string())?
+        .meta
+        .guest_port;
+    if baked != port {
+        return Err(format!(
+            "the snapshot {} was baked for guest port {baked}, not {port}",
+            dir.display()
+        ));
+    }
+    Ok(dir)
+}
+
+/// `NAME=IMAGE:PORT` for --sni-route (NAME a host name, or `*`).
+fn parse_sni_route(spec: &str) -> Result<(String, String, u16), String> {
+    let bad = |why: &str| format!("invalid --sni-route {spec:?}: {why} (expected NAME=IMAGE:PORT)");
+    let (name, rest) = spec.split_once('=').ok_or_else(|| bad("no '='"))?;
+    let valid = name == "*"
+        || (!name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_')));
+    if !valid {
+        return Err(bad("NAME is not a host name or *"));
+    }
+    let (image, port) = rest.rsplit_once(':').ok_or_else(|| bad("no guest port"))?;
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| bad("PORT is not a port number"))?;
+    if image.is_empty() {
+        return Err(bad("no IMAGE"));
+    }
+    Ok((name.to_ascii_lowercase(), image.to_string(), port))
 }
 
 /// `LISTEN=IMAGE:PORT` (IMAGE may itself hold colons: oci-layout:DIR:TAG).
