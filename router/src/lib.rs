@@ -426,9 +426,9 @@ pub async fn serve(
             "HTTP routes need an HTTP listening address".into(),
         ));
     }
-    if config.routes.is_empty() && config.tcp.is_empty() {
+    if config.routes.is_empty() && config.tcp.is_empty() && config.sni.is_none() {
         return Err(Error::Worker(
-            "nothing to serve: no HTTP or TCP route".into(),
+            "nothing to serve: no HTTP, TCP or SNI route".into(),
         ));
     }
     let mut all_pools: Vec<Arc<ImagePool>> = Vec::new();
