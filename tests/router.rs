@@ -601,7 +601,7 @@ fn test_pki(dir: &Path, names: &[&str]) -> Vec<TlsFiles> {
 }
 
 /// `serve --tls-cert/--tls-key`: HTTPS in, the VM's plain HTTP behind; the certificate is
-/// the one for the SNI name; ALPN settles on http/1.1 (also for a client that offers h2);
+/// the one for the SNI name; ALPN gives http/1.1 or h2 (the router terminates HTTP/2);
 /// a plain-HTTP client on the TLS port reaches no VM.
 #[test]
 fn tls_is_terminated_with_the_certificate_for_the_sni_name() {
@@ -633,15 +633,21 @@ fn tls_is_terminated_with_the_certificate_for_the_sni_name() {
         (o.stdout, log)
     };
     for name in ["a.test", "b.test"] {
-        let (body, log) = curl(name, &[]);
+        let (body, log) = curl(name, &["--http1.1"]);
         assert_eq!(body, INDEX, "{log}");
         assert!(log.contains(&format!("subject: CN={name}")), "{log}");
         assert!(log.contains("ALPN: server accepted http/1.1"), "{log}");
     }
-    // A client that would rather speak h2 is answered in HTTP/1.1 and served.
+    // HTTP/2 over TLS (ALPN h2): the router speaks h2 and hands each stream to a VM as
+    // HTTP/1.1; three requests on one connection are three streams.
     let (body, log) = curl("a.test", &["--http2"]);
     assert_eq!(body, INDEX, "{log}");
-    assert!(log.contains("ALPN: server accepted http/1.1"), "{log}");
+    assert!(log.contains("ALPN: server accepted h2"), "{log}");
+    assert!(log.contains("< HTTP/2 200"), "{log}");
+    let url = format!("https://a.test:{port}/");
+    let (body, log) = curl("a.test", &["--http2", &url, &url]);
+    assert_eq!(body, [INDEX, INDEX, INDEX].concat(), "{log}");
+    assert!(log.contains("Re-using existing connection"), "{log}");
     // Plain HTTP on the TLS port: the handshake fails, no VM sees it.
     let before = metric(r.admin, "supermachine_connections_total");
     let mut s = TcpStream::connect(r.addr).unwrap();
@@ -760,4 +766,54 @@ fn tls_passthrough_reaches_the_guests_own_server_by_sni() {
             "supermachine_rejected_total{reason=\"sni_not_tls\"}"
         ) >= 1
     );
+}
+
+/// h2c with prior knowledge on the plain listener, routed by :authority; HTTP/1.1 clients
+/// on the same listener are unaffected.
+#[test]
+fn h2c_with_prior_knowledge_is_routed_by_authority() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = bake(
+        tmp.path(),
+        "data",
+        "layered",
+        Some(""),
+        &["httpd", "-f", "-p", "80", "-h", "/data"],
+    );
+    let r = start(
+        vec![
+            Route {
+                host: Some("a.test".into()),
+                snapshot: shared_web(),
+            },
+            Route {
+                host: Some("b.test".into()),
+                snapshot: data,
+            },
+        ],
+        Isolation::Shared,
+        1,
+        2,
+    );
+    let port = r.addr.port();
+    let curl = |name: &str, path: &str, extra: &[&str]| {
+        let o = std::process::Command::new("curl")
+            .args(["-sS", "-v", "--max-time", "60"])
+            .args(["--resolve", &format!("{name}:{port}:127.0.0.1")])
+            .args(extra)
+            .arg(format!("http://{name}:{port}{path}"))
+            .output()
+            .expect("curl");
+        let log = stderr(&o);
+        assert!(o.status.success(), "curl {name}: {log}");
+        (o.stdout, log)
+    };
+    let (body, log) = curl("a.test", "/", &["--http2-prior-knowledge"]);
+    assert_eq!(body, INDEX, "{log}");
+    assert!(log.contains("< HTTP/2 200"), "{log}");
+    let (body, log) = curl("b.test", "/keep.txt", &["--http2-prior-knowledge"]);
+    assert_eq!(body, b"kept\n", "{log}");
+    let (body, log) = curl("a.test", "/", &["--http1.1"]);
+    assert_eq!(body, INDEX, "{log}");
+    assert!(log.contains("< HTTP/1."), "{log}");
 }

@@ -10,6 +10,7 @@
 //! status codes.
 
 mod admin;
+mod h2;
 mod metrics;
 mod pool;
 pub mod sni;
@@ -129,11 +130,16 @@ async fn send_and_close<S: AsyncWrite + Unpin>(mut s: S, response: &[u8]) {
     let _ = s.shutdown().await;
 }
 
-/// A request head read from a client: everything read so far (`bytes`, which may run past
-/// the head into the body) and which pool it is for.
-struct Head {
-    bytes: Vec<u8>,
-    pool: Arc<ImagePool>,
+/// What a client's first bytes were.
+enum Head {
+    /// An HTTP/1 request head: everything read so far (`bytes`, which may run past the
+    /// head into the body) and which pool it is for.
+    Http1 {
+        bytes: Vec<u8>,
+        pool: Arc<ImagePool>,
+    },
+    /// The HTTP/2 connection preface (h2c with prior knowledge), with what was read.
+    H2c { bytes: Vec<u8> },
 }
 
 /// Reads the request head from `stream` and picks its pool; a client that is answered by
@@ -166,14 +172,17 @@ async fn read_head<S: AsyncRead + AsyncWrite + Unpin>(
             }
         }
     };
+    buf.truncate(len);
+    if buf.starts_with(&h2::PREFACE[..16]) {
+        return Some(Head::H2c { bytes: buf });
+    }
     let host = host_of(&buf[..head]);
     let Some(pool) = router.pick(host.as_deref()).cloned() else {
         router.metrics.rejected("no_route");
         reply_and_close(stream, "404 Not Found").await;
         return None;
     };
-    buf.truncate(len);
-    Some(Head { bytes: buf, pool })
+    Some(Head::Http1 { bytes: buf, pool })
 }
 
 /// Hands `client` (std, blocking) with `prefix` to a worker of `pool`. On failure the
@@ -206,16 +215,18 @@ async fn hand_off(
 async fn handle(router: Arc<Router>, mut stream: TcpStream) {
     let accepted = Instant::now();
     let _ = stream.set_nodelay(true);
-    let Some(head) = read_head(&router, &mut stream).await else {
-        return;
+    let (bytes, pool) = match read_head(&router, &mut stream).await {
+        None => return,
+        Some(Head::H2c { bytes }) => {
+            return h2::serve(router, h2::Rewind::new(bytes, stream)).await
+        }
+        Some(Head::Http1 { bytes, pool }) => (bytes, pool),
     };
     let Ok(std_stream) = stream.into_std() else {
         return;
     };
     // Everything read so far (head and any body bytes) goes to the worker first.
-    if let Err(Some(s)) =
-        hand_off(&router.metrics, head.pool, std_stream, head.bytes, accepted).await
-    {
+    if let Err(Some(s)) = hand_off(&router.metrics, pool, std_stream, bytes, accepted).await {
         if let Ok(s) = TcpStream::from_std(s) {
             send_and_close(s, supermachine_worker::BAD_GATEWAY).await;
         }
@@ -235,8 +246,13 @@ async fn handle_tls(router: Arc<Router>, acceptor: tokio_rustls::TlsAcceptor, st
             return;
         }
     };
-    let Some(head) = read_head(&router, &mut tls).await else {
-        return;
+    if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+        return h2::serve(router, tls).await;
+    }
+    let (bytes, pool) = match read_head(&router, &mut tls).await {
+        None => return,
+        Some(Head::H2c { bytes }) => return h2::serve(router, h2::Rewind::new(bytes, tls)).await,
+        Some(Head::Http1 { bytes, pool }) => (bytes, pool),
     };
     let (ours, theirs) = match std::os::unix::net::UnixStream::pair() {
         Ok(p) => p,
@@ -248,7 +264,7 @@ async fn handle_tls(router: Arc<Router>, acceptor: tokio_rustls::TlsAcceptor, st
     };
     // The worker bridges any stream socket; it only reads, writes and shuts it down.
     let theirs = std::net::TcpStream::from(std::os::fd::OwnedFd::from(theirs));
-    if hand_off(&router.metrics, head.pool, theirs, head.bytes, accepted)
+    if hand_off(&router.metrics, pool, theirs, bytes, accepted)
         .await
         .is_err()
     {

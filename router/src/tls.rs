@@ -71,8 +71,8 @@ fn load(
     Ok((leaf, Arc::new(certified)))
 }
 
-/// The server configuration for `files` (at least one). ALPN offers http/1.1 only: the
-/// decrypted bytes go to the guest as HTTP/1.1, so offering h2 would break h2 clients.
+/// The server configuration for `files` (at least one). ALPN offers h2 (served by the
+/// router's HTTP/2 front, each stream to a VM as HTTP/1.1) and http/1.1.
 pub fn server_config(files: &[TlsFiles]) -> Result<Arc<rustls::ServerConfig>, Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut certs = Vec::new();
@@ -87,6 +87,6 @@ pub fn server_config(files: &[TlsFiles]) -> Result<Arc<rustls::ServerConfig>, Er
         .map_err(|e| Error::Worker(format!("TLS configuration: {e}")))?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(BySni { certs }));
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
