@@ -20,6 +20,9 @@ Images (each its own OCI layout directory, tag `latest`):
              host); Cmd makes a self-signed certificate for CN guest.test at boot, then runs
              `openssl s_server -www` (TLS on port 443; `GET /` gets an HTML status page),
              WorkingDir /tmp.
+  websocket - the busybox base layer, then Debian's websocketd (and its libc closure) at
+             /usr/bin/websocketd; Cmd `websocketd --port=80 cat`: a WebSocket echo, one
+             message per line.
 
 Output is cached under ~/.cache/supermachine/test-images/<hash of this script, busybox, the
 redis and openssl binaries, their libraries and the OpenSSL config>/ and reproducible (fixed
@@ -41,6 +44,7 @@ BUSYBOX = "/bin/busybox"
 # only adds a symlink to it); run as "redis-server" it is the server.
 REDIS = "/usr/bin/redis-check-rdb"
 OPENSSL = "/usr/bin/openssl"
+WEBSOCKETD = "/usr/bin/websocketd"
 # A symlink to /etc/ssl/openssl.cnf on Debian; both are recreated in the image.
 OPENSSL_CNF = "/usr/lib/ssl/openssl.cnf"
 MTIME = 1700000000
@@ -72,6 +76,7 @@ def ensure_busybox():
 BUNDLES = {
     "openssl": ("openssl", OPENSSL, "usr/bin/openssl", (OPENSSL_CNF,), ()),
     "redis": ("redis-tools", REDIS, "usr/bin/redis-server", (), ("data",)),
+    "websocket": ("websocketd", WEBSOCKETD, "usr/bin/websocketd", (), ()),
 }
 
 
@@ -360,6 +365,11 @@ def build(out, closures):
             "WorkingDir": "/tmp",
         },
     )
+    # A WebSocket echo: websocketd runs `cat` per connection, one message per line.
+    Layout(os.path.join(out, "websocket")).image(
+        [(base, "gzip"), (bundle_layer("websocket", closures), "gzip")],
+        {"Env": [PATH_ENV], "Cmd": ["websocketd", "--port=80", "cat"], "WorkingDir": "/tmp"},
+    )
 
 
 def main():
@@ -380,7 +390,7 @@ def main():
             h.update(open(f, "rb").read())
         h.update(json.dumps(links, sort_keys=True).encode())
     out = os.path.join(cache_root(), "test-images", h.hexdigest()[:16])
-    if not all(os.path.exists(os.path.join(out, img, "index.json")) for img in ("layered", "redis", "openssl")):
+    if not all(os.path.exists(os.path.join(out, img, "index.json")) for img in ("layered", "redis", "openssl", "websocket")):
         os.makedirs(os.path.dirname(out), exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".build-", dir=os.path.dirname(out))
         try:

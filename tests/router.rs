@@ -817,3 +817,55 @@ fn h2c_with_prior_knowledge_is_routed_by_authority() {
     assert_eq!(body, INDEX, "{log}");
     assert!(log.contains("< HTTP/1."), "{log}");
 }
+
+/// A WebSocket through the router: the upgrade is an HTTP/1.1 request like any other, and
+/// after the handoff the frames pass untouched. The guest runs Debian's websocketd with
+/// `cat` (an echo, one message per line); this is a minimal RFC 6455 client.
+#[test]
+fn a_websocket_echo_works_through_the_router() {
+    let tmp = tempfile::tempdir().unwrap();
+    let req = PullRequest {
+        boot: request("websocket"),
+        name: "ws".into(),
+        port: 80,
+        ready_timeout: Duration::from_secs(120),
+        snapshots_dir: tmp.path().to_path_buf(),
+    };
+    let snapshot = supermachine::pull::pull(&req).unwrap().snapshot.dir;
+    let r = start_one(snapshot, Isolation::Shared, 1, 2);
+    let mut s = TcpStream::connect(r.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    // The handshake of RFC 6455 1.3, whose accept value is given there.
+    s.write_all(
+        b"GET / HTTP/1.1\r\nHost: ws.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b).unwrap();
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{head}");
+    for i in 0..20 {
+        let msg = format!("message {i} through the router");
+        // A masked text frame (clients must mask).
+        let mask = [0x37, 0xfa, 0x21, 0x3d];
+        let mut frame = vec![0x81, 0x80 | msg.len() as u8];
+        frame.extend(mask);
+        frame.extend(msg.bytes().enumerate().map(|(j, c)| c ^ mask[j % 4]));
+        s.write_all(&frame).unwrap();
+        // The echo: an unmasked text frame.
+        let mut hdr = [0u8; 2];
+        s.read_exact(&mut hdr).unwrap();
+        assert_eq!(hdr[0], 0x81, "frame {i}: FIN + text");
+        let len = (hdr[1] & 0x7f) as usize;
+        let mut payload = vec![0u8; len];
+        s.read_exact(&mut payload).unwrap();
+        assert_eq!(String::from_utf8_lossy(&payload), msg, "frame {i}");
+    }
+    assert_eq!(metric(r.admin, "supermachine_connections_total"), 1);
+}
