@@ -5,8 +5,9 @@
 #   1. --tcp-port           (tcp: bytes untouched, no parsing)
 #   2. --image              (http: the router reads the head, routes by Host)
 #   3. --image --tls-cert   (TLS terminated by the router, then as 2; the router copies)
-# then redis through --tcp-port vs the same redis-server natively, with `supermachine bench
-# tcp` (RESP PING/+PONG on C kept-open connections).
+# then HTTP/1.1 keep-alive vs h2c (`supermachine bench http` vs `bench http --h2`) against
+# --image, and redis through --tcp-port vs the same redis-server natively, with
+# `supermachine bench tcp` (RESP PING/+PONG on C kept-open connections).
 # Prints a markdown table. Usage: scripts/bench-ports.sh [C] [D]
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -70,6 +71,24 @@ p="$(free_port)"
   --min 1 --max 1 2>/dev/null & pids+=($!)
 wait_tcp "$p"; sleep 2
 ab_row "httpd via --image --tls-cert (TLS terminated)" "https://127.0.0.1:$p/"
+stop_last
+echo
+echo "| HTTP/1.1 vs HTTP/2 to --image (c=$c, ${d}s, bench http) | req/s | p50 ms | p99 ms | errors |"
+echo "|---|---|---|---|---|"
+p="$(free_port)"
+"$sm" serve --image web --listen "127.0.0.1:$p" --min 1 --max 1 2>/dev/null & pids+=($!)
+wait_tcp "$p"; sleep 2
+http_row() { # label flags...
+  local label="$1"; shift
+  "$sm" bench http "http://127.0.0.1:$p/" -c "$c" -d "$d" --json "$work/http.json" "$@" >/dev/null
+  python3 - "$label" "$work/http.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[2])); l = r["latency_ms"]
+print(f"| {sys.argv[1]} | {r['rps']:.1f} | {l['p50']:.1f} | {l['p99']:.1f} | {sum(r['errors'].values())} |")
+PY
+}
+http_row "HTTP/1.1 (a handoff per connection)"
+http_row "h2c, --h2 (a handoff per stream)" --h2
 stop_last
 echo
 echo "| redis PING (c=$c, ${d}s, kept-open connections) | req/s | p50 ms | p99 ms | errors |"

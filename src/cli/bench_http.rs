@@ -1,4 +1,5 @@
-//! `supermachine bench http`: a bounded HTTP load generator (hyper client, keep-alive).
+//! `supermachine bench http`: a bounded HTTP load generator (hyper client, keep-alive;
+//! `--h2`: HTTP/2 with prior knowledge).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -23,6 +24,9 @@ pub struct HttpArgs {
     /// Seconds to run.
     #[arg(short = 'd', default_value_t = 10)]
     duration: u64,
+    /// Speak HTTP/2 with prior knowledge (h2c; every request a stream on the connections).
+    #[arg(long)]
+    h2: bool,
     /// Write the results as JSON.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
@@ -53,7 +57,9 @@ pub fn run(a: HttpArgs) -> i32 {
     let deadline = Instant::now() + Duration::from_secs(a.duration);
     let started = Instant::now();
     rt.block_on(async {
-        let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+        let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+            .http2_only(a.h2)
+            .build_http();
         let mut tasks = Vec::new();
         for _ in 0..a.concurrency.max(1) {
             let (client, uri, hist, errors) =
