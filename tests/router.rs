@@ -57,6 +57,21 @@ fn shared_web() -> PathBuf {
         .clone()
 }
 
+/// The `layered` image serving /data (keep.txt), shared as [`shared_web`] is.
+fn shared_data() -> PathBuf {
+    static S: OnceLock<PathBuf> = OnceLock::new();
+    S.get_or_init(|| {
+        bake(
+            &process_scratch("router-data"),
+            "data",
+            "layered",
+            Some(""),
+            &["httpd", "-f", "-p", "80", "-h", "/data"],
+        )
+    })
+    .clone()
+}
+
 fn free_addr() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -235,15 +250,8 @@ fn fresh_isolation_gives_every_connection_a_new_vm() {
 
 #[test]
 fn host_routes_reach_different_images() {
-    let tmp = tempfile::tempdir().unwrap();
     let web = shared_web();
-    let data = bake(
-        tmp.path(),
-        "data",
-        "layered",
-        Some(""),
-        &["httpd", "-f", "-p", "80", "-h", "/data"],
-    );
+    let data = shared_data();
     let r = start(
         vec![
             Route {
@@ -772,14 +780,7 @@ fn tls_passthrough_reaches_the_guests_own_server_by_sni() {
 /// on the same listener are unaffected.
 #[test]
 fn h2c_with_prior_knowledge_is_routed_by_authority() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = bake(
-        tmp.path(),
-        "data",
-        "layered",
-        Some(""),
-        &["httpd", "-f", "-p", "80", "-h", "/data"],
-    );
+    let data = shared_data();
     let r = start(
         vec![
             Route {
