@@ -44,6 +44,44 @@ struct RestoreArgs {
     snapshots_dir: Option<PathBuf>,
 }
 
+/// What `bench http` and `bench tcp` print (and write as JSON): requests, req/s, latency
+/// percentiles from `h` (microseconds), errors by kind. Exit code 0, or 125 when the JSON
+/// file cannot be written.
+pub fn report_load(
+    h: &hdrhistogram::Histogram<u64>,
+    errors: &std::collections::BTreeMap<String, u64>,
+    secs: f64,
+    json: Option<&std::path::Path>,
+) -> i32 {
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let requests = h.len();
+    let rps = requests as f64 / secs;
+    println!("{requests} requests in {secs:.1} s: {rps:.1} req/s");
+    println!(
+        "latency ms: p50 {:.2}, p90 {:.2}, p99 {:.2}, max {:.2}",
+        ms(0.5),
+        ms(0.9),
+        ms(0.99),
+        h.max() as f64 / 1000.0
+    );
+    if !errors.is_empty() {
+        println!("errors: {errors:?}");
+    }
+    if let Some(path) = json {
+        let v = serde_json::json!({
+            "rps": rps,
+            "requests": requests,
+            "latency_ms": { "p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "max": h.max() as f64 / 1000.0 },
+            "errors": errors,
+        });
+        if let Err(e) = std::fs::write(path, format!("{v}\n")) {
+            eprintln!("supermachine: writing {}: {e}", path.display());
+            return EXIT_INTERNAL;
+        }
+    }
+    0
+}
+
 /// p50/p90/p99/max in milliseconds.
 fn summary(mut v: Vec<Duration>) -> serde_json::Value {
     v.sort();

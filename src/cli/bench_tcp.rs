@@ -153,36 +153,15 @@ pub fn run(a: TcpArgs) -> i32 {
         .lock()
         .map(|h| h.clone())
         .unwrap_or_else(|_| hdrhistogram::Histogram::new(3).expect("histogram"));
-    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-    let requests = h.len();
-    let rps = requests as f64 / secs;
-    let errors = errors.lock().map(|e| e.clone()).unwrap_or_default();
-    println!("{requests} requests in {secs:.1} s: {rps:.1} req/s");
-    println!(
-        "latency ms: p50 {:.2}, p90 {:.2}, p99 {:.2}, max {:.2}",
-        ms(0.5),
-        ms(0.9),
-        ms(0.99),
-        h.max() as f64 / 1000.0
-    );
-    if !errors.is_empty() {
-        println!("errors: {errors:?}");
-    }
-    if let Some(path) = &a.json {
-        let v = serde_json::json!({
-            "rps": rps,
-            "requests": requests,
-            "latency_ms": { "p50": ms(0.5), "p90": ms(0.9), "p99": ms(0.99), "max": h.max() as f64 / 1000.0 },
-            "errors": errors,
-        });
-        if let Err(e) = std::fs::write(path, format!("{v}\n")) {
-            return fail(format!("writing {}: {e}", path.display()));
-        }
-    }
-    if requests == 0 {
+    let errors = errors
+        .lock()
+        .map(|e| e.iter().map(|(k, v)| (k.to_string(), *v)).collect())
+        .unwrap_or_default();
+    let code = crate::cli::bench::report_load(&h, &errors, secs, a.json.as_deref());
+    if code == 0 && h.is_empty() {
         return fail("no request succeeded");
     }
-    0
+    code
 }
 
 fn fail(msg: impl std::fmt::Display) -> i32 {

@@ -117,131 +117,12 @@ fn resolve_image(
 }
 
 pub fn run(a: ServeArgs) -> i32 {
-    let root = a
-        .snapshots_dir
-        .clone()
-        .unwrap_or_else(snapshot::default_root);
-    let mut routes = Vec::new();
-    let mut specs: Vec<(Option<String>, String)> =
-        a.image.iter().map(|i| (None, i.clone())).collect();
-    for r in &a.routes {
-        match r.split_once('=') {
-            Some((h, i)) if !h.is_empty() && !i.is_empty() => {
-                specs.push((Some(h.to_string()), i.to_string()))
-            }
-            _ => {
-                eprintln!("supermachine: error: invalid --route {r:?}: expected HOST=IMAGE");
-                return EXIT_INTERNAL;
-            }
+    let config = match router_config(&a) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("supermachine: error: {e}");
+            return EXIT_INTERNAL;
         }
-    }
-    let mut tcp_specs = Vec::new();
-    for t in &a.tcp_ports {
-        match parse_tcp_port(t) {
-            Ok(spec) => tcp_specs.push(spec),
-            Err(e) => {
-                eprintln!("supermachine: error: {e}");
-                return EXIT_INTERNAL;
-            }
-        }
-    }
-    let mut sni_specs = Vec::new();
-    for r in &a.sni_routes {
-        match parse_sni_route(r) {
-            Ok(spec) => sni_specs.push(spec),
-            Err(e) => {
-                eprintln!("supermachine: error: {e}");
-                return EXIT_INTERNAL;
-            }
-        }
-    }
-    if specs.is_empty() && tcp_specs.is_empty() && sni_specs.is_empty() {
-        eprintln!(
-            "supermachine: error: nothing to serve: give --image IMAGE, --route HOST=IMAGE, --tcp-port LISTEN=IMAGE:PORT or --sni-route NAME=IMAGE:PORT"
-        );
-        return EXIT_INTERNAL;
-    }
-    let mut sni_routes = Vec::new();
-    for (name, image, port) in sni_specs {
-        match resolve_port_image(&image, port, &root, &a.backend) {
-            Ok(dir) => sni_routes.push(SniRoute {
-                name,
-                snapshot: dir,
-            }),
-            Err(e) => {
-                eprintln!("supermachine: error: --sni-route {name}={image}:{port}: {e}");
-                return EXIT_INTERNAL;
-            }
-        }
-    }
-    let mut tcp = Vec::new();
-    for (listen, image, port) in tcp_specs {
-        match resolve_port_image(&image, port, &root, &a.backend) {
-            Ok(dir) => tcp.push(TcpRoute {
-                listen,
-                snapshot: dir,
-            }),
-            Err(e) => {
-                eprintln!("supermachine: error: --tcp-port {listen}={image}:{port}: {e}");
-                return EXIT_INTERNAL;
-            }
-        }
-    }
-    for (host, image) in specs {
-        match resolve_image(&image, a.port, &root, &a.backend) {
-            Ok(dir) => routes.push(Route {
-                host,
-                snapshot: dir,
-            }),
-            Err(e) => {
-                eprintln!("supermachine: error: {image}: {e}");
-                return EXIT_INTERNAL;
-            }
-        }
-    }
-    if a.tls_certs.len() != a.tls_keys.len() {
-        eprintln!(
-            "supermachine: error: {} --tls-cert but {} --tls-key: give them in pairs",
-            a.tls_certs.len(),
-            a.tls_keys.len()
-        );
-        return EXIT_INTERNAL;
-    }
-    let tls: Vec<TlsFiles> = a
-        .tls_certs
-        .iter()
-        .zip(&a.tls_keys)
-        .map(|(cert, key)| TlsFiles {
-            cert: cert.clone(),
-            key: key.clone(),
-        })
-        .collect();
-    let has_http = !routes.is_empty();
-    if !tls.is_empty() && !has_http {
-        eprintln!("supermachine: error: --tls-cert terminates TLS for HTTP routes: give --image or --route");
-        return EXIT_INTERNAL;
-    }
-    let config = RouterConfig {
-        listen: has_http.then_some(a.listen),
-        admin: a.admin,
-        routes,
-        tcp,
-        tls,
-        sni: (!sni_routes.is_empty()).then_some(SniConfig {
-            listen: a.sni_listen,
-            routes: sni_routes,
-        }),
-        pool: PoolConfig {
-            min: a.min,
-            max: a.max.max(a.min).max(1),
-            idle_timeout: Duration::from_secs(a.idle_timeout),
-            isolation: match a.isolation {
-                IsolationArg::Shared => Isolation::Shared,
-                IsolationArg::Fresh => Isolation::Fresh,
-            },
-        },
-        grace: Duration::from_secs(a.grace),
-        accept_in_workers: a.accept_in_workers,
     };
     if let Some(l) = config.listen {
         let scheme = if config.tls.is_empty() {
@@ -272,6 +153,97 @@ pub fn run(a: ServeArgs) -> i32 {
             EXIT_INTERNAL
         }
     }
+}
+
+/// What the flags ask to serve, with every image resolved (baked if need be).
+fn router_config(a: &ServeArgs) -> Result<RouterConfig, String> {
+    let root = a
+        .snapshots_dir
+        .clone()
+        .unwrap_or_else(snapshot::default_root);
+    let mut routes = Vec::new();
+    let mut specs: Vec<(Option<String>, String)> =
+        a.image.iter().map(|i| (None, i.clone())).collect();
+    for r in &a.routes {
+        match r.split_once('=') {
+            Some((h, i)) if !h.is_empty() && !i.is_empty() => {
+                specs.push((Some(h.to_string()), i.to_string()))
+            }
+            _ => return Err(format!("invalid --route {r:?}: expected HOST=IMAGE")),
+        }
+    }
+    let tcp_specs = a
+        .tcp_ports
+        .iter()
+        .map(|t| parse_tcp_port(t))
+        .collect::<Result<Vec<_>, _>>()?;
+    let sni_specs = a
+        .sni_routes
+        .iter()
+        .map(|r| parse_sni_route(r))
+        .collect::<Result<Vec<_>, _>>()?;
+    if specs.is_empty() && tcp_specs.is_empty() && sni_specs.is_empty() {
+        return Err("nothing to serve: give --image IMAGE, --route HOST=IMAGE, --tcp-port LISTEN=IMAGE:PORT or --sni-route NAME=IMAGE:PORT".into());
+    }
+    let mut sni_routes = Vec::new();
+    for (name, image, port) in sni_specs {
+        let snapshot = resolve_port_image(&image, port, &root, &a.backend)
+            .map_err(|e| format!("--sni-route {name}={image}:{port}: {e}"))?;
+        sni_routes.push(SniRoute { name, snapshot });
+    }
+    let mut tcp = Vec::new();
+    for (listen, image, port) in tcp_specs {
+        let snapshot = resolve_port_image(&image, port, &root, &a.backend)
+            .map_err(|e| format!("--tcp-port {listen}={image}:{port}: {e}"))?;
+        tcp.push(TcpRoute { listen, snapshot });
+    }
+    for (host, image) in specs {
+        let snapshot = resolve_image(&image, a.port, &root, &a.backend)
+            .map_err(|e| format!("{image}: {e}"))?;
+        routes.push(Route { host, snapshot });
+    }
+    if a.tls_certs.len() != a.tls_keys.len() {
+        return Err(format!(
+            "{} --tls-cert but {} --tls-key: give them in pairs",
+            a.tls_certs.len(),
+            a.tls_keys.len()
+        ));
+    }
+    let tls: Vec<TlsFiles> = a
+        .tls_certs
+        .iter()
+        .zip(&a.tls_keys)
+        .map(|(cert, key)| TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        })
+        .collect();
+    let has_http = !routes.is_empty();
+    if !tls.is_empty() && !has_http {
+        return Err("--tls-cert terminates TLS for HTTP routes: give --image or --route".into());
+    }
+    Ok(RouterConfig {
+        listen: has_http.then_some(a.listen),
+        admin: a.admin,
+        routes,
+        tcp,
+        tls,
+        sni: (!sni_routes.is_empty()).then_some(SniConfig {
+            listen: a.sni_listen,
+            routes: sni_routes,
+        }),
+        pool: PoolConfig {
+            min: a.min,
+            max: a.max.max(a.min).max(1),
+            idle_timeout: Duration::from_secs(a.idle_timeout),
+            isolation: match a.isolation {
+                IsolationArg::Shared => Isolation::Shared,
+                IsolationArg::Fresh => Isolation::Fresh,
+            },
+        },
+        grace: Duration::from_secs(a.grace),
+        accept_in_workers: a.accept_in_workers,
+    })
 }
 
 /// [`resolve_image`] for a route that names its guest port: the snapshot must be for it.
