@@ -10,11 +10,12 @@
 //! status codes.
 
 mod admin;
+mod error;
 mod h2;
 mod metrics;
 mod pool;
 pub mod sni;
-mod tls;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -24,12 +25,11 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
+pub use error::RouterError;
 pub use metrics::Metrics;
 pub use pool::{ImagePool, Isolation, PoolConfig};
 pub use supermachine_worker::PortProtocol;
 pub use tls::TlsFiles;
-
-use supermachine_worker::Error;
 
 /// Largest request head the router reads before choosing a worker.
 const MAX_HEAD: usize = 64 * 1024;
@@ -395,10 +395,10 @@ async fn accept_loop<F, Fut>(
     }
 }
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
+async fn bind(addr: SocketAddr) -> Result<TcpListener, RouterError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|e| Error::io(format!("listening on {addr}"), e))
+        .map_err(|source| RouterError::Listen { addr, source })
 }
 
 /// Runs the router until `shutdown` resolves, then drains (bounded by `grace`) and stops
@@ -406,19 +406,22 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
 pub async fn serve(
     config: RouterConfig,
     shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), Error> {
+) -> Result<(), RouterError> {
     let metrics = Arc::new(Metrics::default());
     if config.accept_in_workers {
         let listen = match (config.listen, config.routes.len(), config.pool.isolation) {
             (Some(l), 1, Isolation::Shared) if config.tcp.is_empty() && config.tls.is_empty() && config.sni.is_none() => l,
             _ => {
-                return Err(Error::Worker(
+                return Err(RouterError::Config(
                     "--accept-in-workers needs exactly one image, a plain HTTP listener (no TLS), no TCP routes and shared isolation".into(),
                 ))
             }
         };
-        let listener = std::net::TcpListener::bind(listen)
-            .map_err(|e| Error::io(format!("listening on {listen}"), e))?;
+        let listener =
+            std::net::TcpListener::bind(listen).map_err(|source| RouterError::Listen {
+                addr: listen,
+                source,
+            })?;
         let pool = ImagePool::start_accepting(
             config.routes[0].snapshot.clone(),
             config.pool.clone(),
@@ -438,12 +441,12 @@ pub async fn serve(
         return Ok(());
     }
     if config.listen.is_none() && !config.routes.is_empty() {
-        return Err(Error::Worker(
+        return Err(RouterError::Config(
             "HTTP routes need an HTTP listening address".into(),
         ));
     }
     if config.routes.is_empty() && config.tcp.is_empty() && config.sni.is_none() {
-        return Err(Error::Worker(
+        return Err(RouterError::Config(
             "nothing to serve: no HTTP, TCP or SNI route".into(),
         ));
     }

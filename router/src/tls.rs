@@ -5,11 +5,11 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::RouterError;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use supermachine_worker::Error;
 
 /// One certificate chain and its private key, both PEM files.
 #[derive(Debug, Clone)]
@@ -45,8 +45,11 @@ impl ResolvesServerCert for BySni {
 fn load(
     files: &TlsFiles,
     provider: &rustls::crypto::CryptoProvider,
-) -> Result<(CertificateDer<'static>, Arc<CertifiedKey>), Error> {
-    let bad = |path: &PathBuf, what: String| Error::Worker(format!("{}: {what}", path.display()));
+) -> Result<(CertificateDer<'static>, Arc<CertifiedKey>), RouterError> {
+    let bad = |path: &PathBuf, reason: String| RouterError::Tls {
+        path: path.clone(),
+        reason,
+    };
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
         .map_err(|e| bad(&files.cert, format!("reading certificates: {e}")))?
         .collect::<Result<_, _>>()
@@ -73,18 +76,20 @@ fn load(
 
 /// The server configuration for `files` (at least one). ALPN offers h2 (served by the
 /// router's HTTP/2 front, each stream to a VM as HTTP/1.1) and http/1.1.
-pub fn server_config(files: &[TlsFiles]) -> Result<Arc<rustls::ServerConfig>, Error> {
+pub fn server_config(files: &[TlsFiles]) -> Result<Arc<rustls::ServerConfig>, RouterError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut certs = Vec::new();
     for f in files {
         certs.push(load(f, &provider)?);
     }
     if certs.is_empty() {
-        return Err(Error::Worker("TLS needs at least one certificate".into()));
+        return Err(RouterError::Config(
+            "TLS needs at least one certificate".into(),
+        ));
     }
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| Error::Worker(format!("TLS configuration: {e}")))?
+        .map_err(|e| RouterError::Config(format!("TLS configuration: {e}")))?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(BySni { certs }));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];

@@ -157,6 +157,26 @@ pub fn run(a: ServeArgs) -> i32 {
 
 /// What the flags ask to serve, with every image resolved (baked if need be).
 fn router_config(a: &ServeArgs) -> Result<RouterConfig, String> {
+    if a.tls_certs.len() != a.tls_keys.len() {
+        return Err(format!(
+            "{} --tls-cert but {} --tls-key: give them in pairs",
+            a.tls_certs.len(),
+            a.tls_keys.len()
+        ));
+    }
+    let tls: Vec<TlsFiles> = a
+        .tls_certs
+        .iter()
+        .zip(&a.tls_keys)
+        .map(|(cert, key)| TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        })
+        .collect();
+    // Certificates are read now, before any bake, so a bad file fails fast.
+    if !tls.is_empty() {
+        router::tls::server_config(&tls).map_err(|e| e.to_string())?;
+    }
     let root = a
         .snapshots_dir
         .clone()
@@ -202,22 +222,6 @@ fn router_config(a: &ServeArgs) -> Result<RouterConfig, String> {
             .map_err(|e| format!("{image}: {e}"))?;
         routes.push(Route { host, snapshot });
     }
-    if a.tls_certs.len() != a.tls_keys.len() {
-        return Err(format!(
-            "{} --tls-cert but {} --tls-key: give them in pairs",
-            a.tls_certs.len(),
-            a.tls_keys.len()
-        ));
-    }
-    let tls: Vec<TlsFiles> = a
-        .tls_certs
-        .iter()
-        .zip(&a.tls_keys)
-        .map(|(cert, key)| TlsFiles {
-            cert: cert.clone(),
-            key: key.clone(),
-        })
-        .collect();
     let has_http = !routes.is_empty();
     if !tls.is_empty() && !has_http {
         return Err("--tls-cert terminates TLS for HTTP routes: give --image or --route".into());
@@ -312,12 +316,12 @@ fn parse_tcp_port(spec: &str) -> Result<(SocketAddr, String, u16), String> {
 }
 
 /// Runs the router on a fresh tokio runtime until SIGTERM or SIGINT.
-pub(crate) fn run_router(config: RouterConfig) -> Result<(), supermachine::Error> {
+pub(crate) fn run_router(config: RouterConfig) -> Result<(), String> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(|e| supermachine::Error::io("starting the async runtime", e))?;
-    rt.block_on(router::serve(config, async {
+        .map_err(|e| format!("starting the async runtime: {e}"))?;
+    let served = rt.block_on(router::serve(config, async {
         use tokio::signal::unix::{signal, SignalKind};
         let (Ok(mut term), Ok(mut int)) = (
             signal(SignalKind::terminate()),
@@ -329,7 +333,8 @@ pub(crate) fn run_router(config: RouterConfig) -> Result<(), supermachine::Error
             _ = term.recv() => {},
             _ = int.recv() => {},
         }
-    }))
+    }));
+    served.map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
