@@ -122,17 +122,11 @@ impl Vm {
             extra_cmdline: req.kernel_args.clone(),
             memory_mib: req.memory_mib,
             vcpus: req.vcpus,
-            disks: prepared
-                .run_config
-                .layers
-                .iter()
-                .zip(&prepared.layers)
-                .map(|(m, (path, _))| Disk {
-                    path: path.clone(),
-                    serial: m.serial.clone(),
-                    read_only: true,
-                })
-                .collect(),
+            disks: layer_disks(
+                &prepared.run_config.layers,
+                prepared.layers.iter().map(|(p, _)| p.as_path()),
+            )
+            .map_err(Error::Guest)?,
             run_dir: run_dir.path().to_path_buf(),
             agent_port: shim.as_ref().map(|_| AGENT_PORT),
             memory_file: None,
@@ -575,4 +569,28 @@ fn follow_events(
             }
         }
     }
+}
+
+/// The guest's layer disks: read-only, in the run config's order, each with the serial init
+/// looks for. One path per layer, or an error saying how many are missing or extra.
+pub(crate) fn layer_disks<'a>(
+    mounts: &[supermachine_protocol::LayerMount],
+    paths: impl ExactSizeIterator<Item = &'a std::path::Path>,
+) -> Result<Vec<Disk>, String> {
+    if mounts.len() != paths.len() {
+        return Err(format!(
+            "the run config names {} layers but {} layer files are given",
+            mounts.len(),
+            paths.len()
+        ));
+    }
+    Ok(mounts
+        .iter()
+        .zip(paths)
+        .map(|(m, path)| Disk {
+            path: path.to_path_buf(),
+            serial: m.serial.clone(),
+            read_only: true,
+        })
+        .collect())
 }

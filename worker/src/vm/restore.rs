@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-use supermachine_backend::{tail_of, BootSpec, Disk, SnapshotRecord};
+use supermachine_backend::{tail_of, BootSpec, SnapshotRecord};
 use supermachine_protocol::agent::AGENT_PORT;
 use supermachine_protocol::HostCommand;
 
@@ -40,17 +40,14 @@ impl Vm {
             extra_cmdline: meta.kernel_args.clone(),
             memory_mib: meta.memory_mib,
             vcpus: meta.vcpus,
-            disks: meta
-                .run_config
-                .layers
-                .iter()
-                .zip(&meta.layers)
-                .map(|(m, l)| Disk {
-                    path: l.path.clone(),
-                    serial: m.serial.clone(),
-                    read_only: true,
-                })
-                .collect(),
+            disks: super::layer_disks(
+                &meta.run_config.layers,
+                meta.layers.iter().map(|l| l.path.as_path()),
+            )
+            .map_err(|reason| Error::CacheInvalid {
+                path: snapshot.dir.clone(),
+                reason,
+            })?,
             run_dir: run_dir.path().to_path_buf(),
             agent_port: Some(AGENT_PORT),
             memory_file: None,
