@@ -25,7 +25,9 @@ declare -A STAGE=(
   # Refused or cached before any VM exists: the same code on every backend.
   [boot_errors]="--skip missing_layout_dir --skip unknown_tag_is_named --skip unsupported_reference_is_quoted --skip corrupted_blob_is_refused_and_not_cached --skip truncated_layer_is_refused_and_not_cached"
   [agent]=""
-  [snapshot]=""
+  # Cache and pull-policy logic above the backend (the re-bake path itself runs in the
+  # damage test), and the bake's port wait, which is pull.rs on either backend.
+  [snapshot]="--skip pull_policies --skip deleted_layer_is_named --skip bake_timeout_names_the_port_and_the_log"
   [worker]=""
   [daemon]=""
   [router]=""
