@@ -30,17 +30,35 @@ fn pull_request(dir: &Path, name: &str) -> PullRequest {
 
 /// One baked httpd snapshot shared by the tests that only restore from it.
 fn shared_snapshot() -> &'static PathBuf {
-    static S: OnceLock<PathBuf> = OnceLock::new();
-    S.get_or_init(|| {
-        let dir = process_scratch("snapshot-httpd");
-        let out = supermachine::pull::pull(&pull_request(&dir, "httpd")).expect("bake");
+    // In a temp dir that is never dropped (left for the OS to clean), not in target/tmp:
+    // with the snapshot under target/tmp, the 20 sequential restores below failed on kvm
+    // in L1 twice in a row (the agent closed a guest-port stream), cause not found yet.
+    static S: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &S.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let out = supermachine::pull::pull(&pull_request(dir.path(), "httpd")).expect("bake");
         assert!(!out.cached);
-        out.snapshot.dir
+        let p = out.snapshot.dir.clone();
+        (dir, p)
     })
+    .1
 }
 
 fn get(vm: &supermachine::Vm) -> Vec<u8> {
-    let (status, body) = http_get(vm.connect(80).unwrap(), "/");
+    let stream = vm.connect(80).unwrap_or_else(|e| {
+        // What the guest had listening and what its console said, for the failure report.
+        let listening = vm
+            .exec(["sh", "-c", "cat /proc/net/tcp /proc/net/tcp6 2>&1; ps 2>&1"])
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_else(|e| format!("(exec failed too: {e})"));
+        let console = std::fs::read_to_string(vm.run_dir().join("console.log")).unwrap_or_default();
+        let tail: Vec<&str> = console.lines().rev().take(30).collect();
+        panic!(
+            "connecting to guest port 80: {e}\n--- guest sockets and processes ---\n{listening}\n--- console tail ---\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
+    });
+    let (status, body) = http_get(stream, "/");
     assert!(status.contains("200"), "{status}");
     body
 }
