@@ -144,8 +144,11 @@ pub fn run(a: RunArgs) -> i32 {
             publish,
             health_cmd: a.health_cmd.clone(),
             health_http: a.health_http.clone(),
-            // The bake's own port wait comes first, then the checks after the start.
-            timeout: Duration::from_secs(a.ready_timeout.saturating_mul(2).saturating_add(30)),
+            // Until a VM runs: a first bake boots the image (bounded by its own limits),
+            // waits up to --ready-timeout for the port and snapshots; a daemon whose bake
+            // fails exits, which ends the wait at once. This only bounds a daemon that
+            // neither serves nor exits.
+            timeout: Duration::from_secs(a.ready_timeout.saturating_add(BAKE_ALLOWANCE_S)),
             checks_timeout: Duration::from_secs(a.ready_timeout),
         };
         return detach(&name, &ready);
@@ -231,6 +234,10 @@ fn protocol_name(p: PortProtocol) -> &'static str {
         PortProtocol::Http => "http",
     }
 }
+
+/// How much longer than --ready-timeout `run -d` waits for a first VM: the boot and the
+/// snapshot of a bake (slow on emulated CPUs), besides the port wait.
+const BAKE_ALLOWANCE_S: u64 = 600;
 
 /// When a detached daemon counts as started.
 struct Readiness {
