@@ -22,17 +22,19 @@ declare -A STAGE=(
   [kvm_backend]=""
   [kvm_control_channel]=""
   [boot]=""
-  # Refused or cached before any VM exists: the same code on every backend.
-  [boot_errors]="--skip missing_layout_dir --skip unknown_tag_is_named --skip unsupported_reference_is_quoted --skip corrupted_blob_is_refused_and_not_cached --skip truncated_layer_is_refused_and_not_cached"
+  # Refused or cached before any VM exists, or image unpacking and layer caching: the
+  # same code on every backend.
+  [boot_errors]="--skip missing_layout_dir --skip unknown_tag_is_named --skip unsupported_reference_is_quoted --skip corrupted_blob_is_refused_and_not_cached --skip truncated_layer_is_refused_and_not_cached --skip layers_are_cached_by_diff_id_and_shared --skip oci_archive_boots_and_is_unpacked_once"
   [agent]=""
   # Cache and pull-policy logic above the backend (the re-bake path itself runs in the
   # damage test), and the bake's port wait, which is pull.rs on either backend.
   [snapshot]="--skip pull_policies --skip deleted_layer_is_named --skip bake_timeout_names_the_port_and_the_log"
   [worker]=""
-  [daemon]=""
+  # The health-check loop is the CLI's; its VM part is run_detached's.
+  [daemon]="--skip a_failing_health_cmd_stops_the_daemon"
   [router]=""
   # Registry protocol only (what reaches a VM is an OCI layout, as in the tests kept).
-  [registry]="--skip a_corrupted_blob_is_refused_and_not_cached --skip an_interrupted_download_resumes --skip credentials_from_the_docker_config --skip platform_insecure_registry_and_pull_flags"
+  [registry]="--skip a_corrupted_blob_is_refused_and_not_cached --skip an_interrupted_download_resumes --skip credentials_from_the_docker_config --skip platform_insecure_registry_and_pull_flags --skip pull_policies_against_a_stopped_registry"
 )
 ORDER=(kvm_backend kvm_control_channel boot boot_errors agent snapshot worker daemon router registry)
 if [ $# -gt 0 ]; then
