@@ -50,25 +50,35 @@ fn bake_web(dir: &Path) -> PathBuf {
 
 /// One baked httpd snapshot for the tests that do not find their workers by the snapshot's
 /// path (those bake their own, so that no other test's workers match): a bake is the
-/// slowest step of these tests, most of all in the nested kvm stage.
+/// slowest step of these tests, most of all in the nested kvm stage. In a temp dir that is
+/// never dropped (statics are not), as tests/snapshot.rs does: with a shared snapshot under
+/// target/tmp, many restores from it failed on kvm in L1 (ARCHITECTURE, "Nested kvm stage").
 fn shared_web() -> PathBuf {
-    static S: OnceLock<PathBuf> = OnceLock::new();
-    S.get_or_init(|| bake_web(&process_scratch("router-web")))
-        .clone()
+    static S: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    S.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let snap = bake_web(dir.path());
+        (dir, snap)
+    })
+    .1
+    .clone()
 }
 
 /// The `layered` image serving /data (keep.txt), shared as [`shared_web`] is.
 fn shared_data() -> PathBuf {
-    static S: OnceLock<PathBuf> = OnceLock::new();
+    static S: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
     S.get_or_init(|| {
-        bake(
-            &process_scratch("router-data"),
+        let dir = tempfile::tempdir().unwrap();
+        let snap = bake(
+            dir.path(),
             "data",
             "layered",
             Some(""),
             &["httpd", "-f", "-p", "80", "-h", "/data"],
-        )
+        );
+        (dir, snap)
     })
+    .1
     .clone()
 }
 

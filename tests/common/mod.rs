@@ -39,29 +39,6 @@ fn prepared_or(var: &str, script: &[&str]) -> PathBuf {
     }
 }
 
-/// A directory for things one test process shares between its tests (a snapshot baked
-/// once): statics are never dropped, so instead of a temp dir that would outlive the run it
-/// is `target/tmp/NAME-PID`, and those of processes that are gone are removed here.
-pub fn process_scratch(name: &str) -> PathBuf {
-    let root = Path::new(env!("CARGO_TARGET_TMPDIR"));
-    let prefix = format!("{name}-");
-    if let Ok(entries) = std::fs::read_dir(root) {
-        for e in entries.flatten() {
-            let file = e.file_name();
-            let Some(pid) = file.to_str().and_then(|f| f.strip_prefix(&prefix)) else {
-                continue;
-            };
-            if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
-    }
-    let dir = root.join(format!("{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// Directory holding the test OCI layouts (`busybox`, `layered`), built once (cached).
 pub fn images() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
