@@ -21,7 +21,7 @@ use hyper::{Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::{hand_off, Router};
+use crate::{hand_off_pair, PairError, Router};
 
 /// What an HTTP/2 client with prior knowledge sends first (RFC 9113 3.4).
 pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -69,21 +69,11 @@ async fn forward(router: Arc<Router>, mut req: Request<Incoming>) -> Response<Bo
         router.metrics.rejected("no_route");
         return text(StatusCode::NOT_FOUND);
     };
-    let (ours, theirs) = match std::os::unix::net::UnixStream::pair() {
-        Ok(p) => p,
-        Err(_) => {
-            router.metrics.rejected("internal");
-            return text(StatusCode::INTERNAL_SERVER_ERROR);
-        }
+    let ours = match hand_off_pair(&router.metrics, pool, Vec::new(), accepted).await {
+        Ok(s) => s,
+        Err(PairError::Socketpair) => return text(StatusCode::INTERNAL_SERVER_ERROR),
+        Err(PairError::NoWorker) => return text(StatusCode::BAD_GATEWAY),
     };
-    let theirs = std::net::TcpStream::from(std::os::fd::OwnedFd::from(theirs));
-    if hand_off(&router.metrics, pool, theirs, Vec::new(), accepted)
-        .await
-        .is_err()
-    {
-        return text(StatusCode::BAD_GATEWAY);
-    }
-    let _ = ours.set_nonblocking(true);
     let Ok(ours) = tokio::net::UnixStream::from_std(ours) else {
         return text(StatusCode::BAD_GATEWAY);
     };

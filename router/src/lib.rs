@@ -212,6 +212,36 @@ async fn hand_off(
     }
 }
 
+/// Why [`hand_off_pair`] could not give the router its end.
+enum PairError {
+    /// No socketpair (counted as rejected{reason="internal"}).
+    Socketpair,
+    /// No worker took the other end (counted by [`hand_off`]).
+    NoWorker,
+}
+
+/// For the fronts that stay in the data path (TLS, HTTP/2): a socketpair whose one end
+/// goes, with `prefix`, to a worker of `pool`; the router's end comes back, non-blocking.
+async fn hand_off_pair(
+    metrics: &Metrics,
+    pool: Arc<ImagePool>,
+    prefix: Vec<u8>,
+    accepted: Instant,
+) -> Result<std::os::unix::net::UnixStream, PairError> {
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(|e| {
+        tracing::warn!(error = %e, "socketpair for a connection the router terminates");
+        metrics.rejected("internal");
+        PairError::Socketpair
+    })?;
+    // The worker bridges any stream socket; it only reads, writes and shuts it down.
+    let theirs = std::net::TcpStream::from(std::os::fd::OwnedFd::from(theirs));
+    hand_off(metrics, pool, theirs, prefix, accepted)
+        .await
+        .map_err(|_| PairError::NoWorker)?;
+    let _ = ours.set_nonblocking(true);
+    Ok(ours)
+}
+
 async fn handle(router: Arc<Router>, mut stream: TcpStream) {
     let accepted = Instant::now();
     let _ = stream.set_nodelay(true);
@@ -254,23 +284,15 @@ async fn handle_tls(router: Arc<Router>, acceptor: tokio_rustls::TlsAcceptor, st
         Some(Head::H2c { bytes }) => return h2::serve(router, h2::Rewind::new(bytes, tls)).await,
         Some(Head::Http1 { bytes, pool }) => (bytes, pool),
     };
-    let (ours, theirs) = match std::os::unix::net::UnixStream::pair() {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::warn!(error = %e, "socketpair for a TLS connection");
-            router.metrics.rejected("internal");
-            return reply_and_close(&mut tls, "500 Internal Server Error").await;
+    let ours = match hand_off_pair(&router.metrics, pool, bytes, accepted).await {
+        Ok(s) => s,
+        Err(PairError::Socketpair) => {
+            return reply_and_close(&mut tls, "500 Internal Server Error").await
+        }
+        Err(PairError::NoWorker) => {
+            return send_and_close(&mut tls, supermachine_worker::BAD_GATEWAY).await
         }
     };
-    // The worker bridges any stream socket; it only reads, writes and shuts it down.
-    let theirs = std::net::TcpStream::from(std::os::fd::OwnedFd::from(theirs));
-    if hand_off(&router.metrics, pool, theirs, bytes, accepted)
-        .await
-        .is_err()
-    {
-        return send_and_close(&mut tls, supermachine_worker::BAD_GATEWAY).await;
-    }
-    let _ = ours.set_nonblocking(true);
     let Ok(mut ours) = tokio::net::UnixStream::from_std(ours) else {
         return;
     };

@@ -271,6 +271,21 @@ fn resolve_port_image(
     Ok(dir)
 }
 
+/// The `IMAGE:PORT` of a route (IMAGE may itself hold colons: oci-layout:DIR:TAG); the error
+/// says which half is wrong.
+fn image_and_port(spec: &str) -> Result<(&str, u16), &'static str> {
+    let (image, port) = spec.rsplit_once(':').ok_or("no guest port")?;
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or("PORT is not a port number")?;
+    if image.is_empty() {
+        return Err("no IMAGE");
+    }
+    Ok((image, port))
+}
+
 /// `NAME=IMAGE:PORT` for --sni-route (NAME a host name, or `*`).
 fn parse_sni_route(spec: &str) -> Result<(String, String, u16), String> {
     let bad = |why: &str| format!("invalid --sni-route {spec:?}: {why} (expected NAME=IMAGE:PORT)");
@@ -283,15 +298,7 @@ fn parse_sni_route(spec: &str) -> Result<(String, String, u16), String> {
     if !valid {
         return Err(bad("NAME is not a host name or *"));
     }
-    let (image, port) = rest.rsplit_once(':').ok_or_else(|| bad("no guest port"))?;
-    let port: u16 = port
-        .parse()
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| bad("PORT is not a port number"))?;
-    if image.is_empty() {
-        return Err(bad("no IMAGE"));
-    }
+    let (image, port) = image_and_port(rest).map_err(bad)?;
     Ok((name.to_ascii_lowercase(), image.to_string(), port))
 }
 
@@ -303,15 +310,7 @@ fn parse_tcp_port(spec: &str) -> Result<(SocketAddr, String, u16), String> {
     let listen: SocketAddr = listen
         .parse()
         .map_err(|_| bad("LISTEN is not an address like 127.0.0.1:6379"))?;
-    let (image, port) = rest.rsplit_once(':').ok_or_else(|| bad("no guest port"))?;
-    let port: u16 = port
-        .parse()
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| bad("PORT is not a port number"))?;
-    if image.is_empty() {
-        return Err(bad("no IMAGE"));
-    }
+    let (image, port) = image_and_port(rest).map_err(bad)?;
     Ok((listen, image.to_string(), port))
 }
 
