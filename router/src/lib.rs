@@ -378,15 +378,8 @@ async fn handle_tcp(pool: Arc<ImagePool>, metrics: Arc<Metrics>, stream: TcpStre
     let Ok(std_stream) = stream.into_std() else {
         return;
     };
-    let _ = std_stream.set_nonblocking(false);
-    match tokio::task::spawn_blocking(move || pool.handoff(std_stream, &[])).await {
-        Ok(Ok(())) => metrics.handed_off(accepted.elapsed()),
-        Ok(Err((e, _stream))) => {
-            tracing::warn!(error = %e, "no worker could take the TCP connection");
-            metrics.rejected("no_worker");
-        }
-        Err(_) => metrics.rejected("internal"),
-    }
+    // A failure leaves the client to the close: nothing is written.
+    let _ = hand_off(&metrics, pool, std_stream, Vec::new(), accepted).await;
 }
 
 /// Accepts on `listener` until dropped, one task per connection.
