@@ -5,7 +5,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-pkgs=(qemu-system-x86 squashfs-tools busybox-static redis-tools websocketd zstd python3 ca-certificates docker-registry skopeo apache2-utils)
+pkgs=(qemu-system-x86 squashfs-tools busybox-static redis-tools websocketd curl openssl zstd python3 ca-certificates docker-registry skopeo apache2-utils)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
