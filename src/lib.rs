@@ -25,6 +25,6 @@ pub use supermachine_protocol::ExitStatus;
 pub use supermachine_worker::{boot, guest_artifacts, run_dir, snapshot};
 pub use supermachine_worker::{
     BootReport, BootRequest, BootTimings, Error, ExecBuilder, ExecChild, ExecOutcome, ExecStdin,
-    ExecStdinWriter, GuestStream, OutputSink, PortProtocol, PreparedRestore, TcpForwarder, Vm,
-    Worker, WorkerTimings,
+    ExecStdinWriter, GuestStream, JailConfig, OutputSink, PortProtocol, PreparedRestore,
+    TcpForwarder, Vm, Worker, WorkerTimings,
 };

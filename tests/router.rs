@@ -305,6 +305,13 @@ fn pids_with(needle: &str, program: &str) -> Vec<i32> {
             }
         }
     }
+    // A jailed worker is two processes with one command line: the waiter and, in its pid
+    // namespace, the worker. Count each worker once (by its waiter).
+    let all = out.clone();
+    out.retain(|p| {
+        let parent: i32 = status_field(*p as u32, "PPid").parse().unwrap_or(0);
+        !all.contains(&parent)
+    });
     out
 }
 
@@ -879,4 +886,51 @@ fn a_websocket_echo_works_through_the_router() {
         assert_eq!(String::from_utf8_lossy(&payload), msg, "frame {i}");
     }
     assert_eq!(metric(r.admin, "supermachine_connections_total"), 1);
+}
+
+#[test]
+#[cfg(debug_assertions)]
+fn a_worker_killed_by_its_seccomp_filter_is_counted_and_replaced() {
+    // Workers of this binary may be told to call a forbidden syscall; only a request that
+    // carries the test header makes one do it.
+    let mut jail = supermachine::JailConfig::current();
+    jail.test_forbidden_syscall = true;
+    supermachine::JailConfig::set_default(jail);
+    let r = start_one(shared_web(), Isolation::Shared, 1, 1);
+    let (status, _) = http_get(TcpStream::connect(r.addr).unwrap(), "/");
+    assert!(status.contains("200"), "{status}");
+    let mut c = TcpStream::connect(r.addr).unwrap();
+    c.write_all(
+        b"GET / HTTP/1.1\r\nHost: x\r\nx-supermachine-test: forbidden-syscall\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut resp = Vec::new();
+    let _ = c.read_to_end(&mut resp);
+    assert!(
+        resp.is_empty() || resp.starts_with(b"HTTP/1.1 502"),
+        "the killed worker answered: {}",
+        String::from_utf8_lossy(&resp)
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric(r.admin, "supermachine_worker_seccomp_kills_total") < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the seccomp kill was not counted"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(metric(r.admin, "supermachine_worker_crashes_total") >= 1);
+    // The router keeps serving, from a replacement.
+    let mut served = 0;
+    while served < 5 {
+        assert!(Instant::now() < deadline, "no replacement served");
+        if let Ok(s) = TcpStream::connect(r.addr) {
+            let (status, body) = http_get(s, "/");
+            if status.contains("200") && body == INDEX {
+                served += 1;
+                continue;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

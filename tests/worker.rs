@@ -7,7 +7,7 @@ use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::*;
-use supermachine::{PullRequest, Worker};
+use supermachine::{JailConfig, PullRequest, Worker};
 
 const INDEX: &[u8] = b"<h1>hello from supermachine</h1>\n";
 
@@ -55,9 +55,9 @@ fn workers_restore_serve_and_die_alone() {
         assert!(status.contains("200"));
         assert_eq!(body, INDEX);
         if on_kvm() {
-            // Our VMM runs the VM in the worker itself.
-            assert_eq!(w.pid(), w.monitor_pid());
-            assert!(holds_kvm_vm(w.pid()), "the worker holds no KVM VM");
+            // Our VMM runs the VM in the (jailed) worker itself.
+            assert_eq!(w.jailed_pid(), Some(w.monitor_pid()));
+            assert!(holds_kvm_vm(w.monitor_pid()), "the worker holds no KVM VM");
         } else {
             assert_ne!(w.pid(), w.monitor_pid());
         }
@@ -161,3 +161,159 @@ fn pooled_vms_are_fresh_and_refilled() {
         assert_eq!(body, INDEX);
     }
 }
+
+/// The snapshot the jail tests share (baked once per test binary run).
+fn shared_snapshot() -> &'static std::path::Path {
+    static SNAP: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    SNAP.get_or_init(|| {
+        // Never dropped: the snapshot outlives every test of this binary.
+        let dir = tempfile::Builder::new()
+            .prefix("jail-snap-")
+            .tempdir()
+            .unwrap()
+            .keep();
+        bake(&dir)
+    })
+}
+
+#[test]
+fn a_worker_is_jailed_limited_and_sees_only_its_files() {
+    let snap = shared_snapshot();
+    // Something of another VM's next to this snapshot, and files of the host's.
+    let secret = snap.parent().unwrap().join("another-vm-secret");
+    std::fs::write(&secret, "not yours").unwrap();
+    let mut w = Worker::spawn(snap).unwrap();
+    w.restore().unwrap();
+    let (_, body) = http_get(w.connect(80).unwrap(), "/");
+    assert_eq!(body, INDEX);
+    let pid = w.jailed_pid().expect("jailed by default");
+    assert_ne!(pid, w.pid(), "the worker runs in a child of the waiter");
+    assert_jailed(pid);
+    assert_eq!(status_field(pid, "CapBnd"), "0000000000000000");
+    if !on_kvm() {
+        // QEMU runs in the same jail, as the same uid, under its own sandbox too.
+        let qemu = w.monitor_pid();
+        assert_ne!(qemu, pid);
+        assert_jailed(qemu);
+        assert_eq!(status_field(qemu, "Uid"), status_field(pid, "Uid"));
+    }
+    let (memory, pids) = cgroup_limits(pid);
+    assert!(
+        memory > 256 << 20 && memory < 4 << 30,
+        "memory limit {memory} is not guest memory + overhead"
+    );
+    assert_eq!(pids, 512);
+    // Its root: the snapshot, nothing of the host's.
+    let root = std::path::PathBuf::from(format!("/proc/{pid}/root"));
+    let inside = |p: &std::path::Path| root.join(p.strip_prefix("/").unwrap());
+    assert!(inside(&snap.join("metadata.json")).is_file());
+    for p in [
+        std::path::PathBuf::from("/etc/shadow"),
+        std::path::PathBuf::from("/etc/passwd"),
+        // The host's other caches: the test images, beside this VM's layers and kernel.
+        images().to_path_buf(),
+        secret.clone(),
+        std::env::current_exe().unwrap(),
+    ] {
+        assert!(
+            !inside(&p).exists(),
+            "{} is visible in the jail",
+            p.display()
+        );
+    }
+    let _ = std::fs::remove_file(&secret);
+}
+
+#[test]
+#[cfg(debug_assertions)]
+fn a_forbidden_syscall_kills_the_worker_with_sigsys() {
+    let jail = JailConfig {
+        test_forbidden_syscall: true,
+        ..JailConfig::current()
+    };
+    let mut w = Worker::spawn_with(shared_snapshot(), &jail).unwrap();
+    w.restore().unwrap();
+    // A connection without the trigger is served.
+    let (_, body) = http_get(w.connect(80).unwrap(), "/");
+    assert_eq!(body, INDEX);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let client = std::thread::spawn(move || {
+        let mut c = TcpStream::connect(addr).unwrap();
+        let mut resp = Vec::new();
+        let _ = c.read_to_end(&mut resp);
+        resp
+    });
+    let (conn, _) = listener.accept().unwrap();
+    let head = b"GET / HTTP/1.1\r\nHost: x\r\nx-supermachine-test: forbidden-syscall\r\n\r\n";
+    let _ = w.handoff(conn, 80, supermachine::PortProtocol::Http, head);
+    let resp = client.join().unwrap();
+    assert!(
+        resp.is_empty() || resp.starts_with(b"HTTP/1.1 502"),
+        "{}",
+        String::from_utf8_lossy(&resp)
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let reason = loop {
+        if let Some(r) = w.exit_reason() {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker survived a forbidden syscall"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // acct is syscall 163 on x86_64.
+    assert_eq!(
+        reason, "killed by SIGSYS: seccomp refused syscall 163",
+        "{reason}"
+    );
+}
+
+#[test]
+fn a_guest_over_its_memory_limit_kills_only_its_worker() {
+    let snap = shared_snapshot();
+    let mut neighbour = Worker::spawn(snap).unwrap();
+    neighbour.restore().unwrap();
+    // Far below guest RAM: a guest filling its memory goes over it.
+    let jail = JailConfig {
+        memory_max_mib: Some(MEMORY_LIMITED_MIB),
+        ..JailConfig::current()
+    };
+    let mut w = Worker::spawn_with(snap, &jail).unwrap();
+    w.restore().unwrap();
+    let (memory, _) = cgroup_limits(w.jailed_pid().unwrap());
+    assert_eq!(memory, u64::from(MEMORY_LIMITED_MIB) << 20);
+    // Touch ~200 MiB of guest RAM: a tmpfs file in the guest.
+    let filled = w
+        .exec_builder()
+        .unwrap()
+        .argv([
+            "sh",
+            "-c",
+            "mkdir -p /fill && mount -t tmpfs -o size=220m tmpfs /fill && \
+             dd if=/dev/zero of=/fill/x bs=1M count=200 && echo filled",
+        ])
+        .output();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while w.is_alive() {
+        assert!(
+            Instant::now() < deadline,
+            "the worker outlived its memory limit: {filled:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if on_kvm() {
+        // The OOM killer picks the biggest process of the group: the worker holding the VM
+        // (on QEMU it is QEMU, and the worker then exits on its own).
+        let reason = w.exit_reason().unwrap_or_default();
+        assert!(reason.contains("signal 9"), "{reason}");
+    }
+    // The neighbour is untouched.
+    let (_, body) = http_get(neighbour.connect(80).unwrap(), "/");
+    assert_eq!(body, INDEX);
+}
+
+/// The memory limit of the over-the-limit test, MiB.
+const MEMORY_LIMITED_MIB: u32 = 160;

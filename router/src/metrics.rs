@@ -56,6 +56,8 @@ pub struct Metrics {
     pub connections: AtomicU64,
     pub restores: AtomicU64,
     pub worker_crashes: AtomicU64,
+    /// Of those, workers killed by their seccomp filter (SIGSYS).
+    pub seccomp_kills: AtomicU64,
     pub handoff_latency: Histogram,
     pub restore_latency: Histogram,
     rejected: Mutex<BTreeMap<String, u64>>,
@@ -115,6 +117,11 @@ impl Metrics {
             "supermachine_worker_crashes_total",
             "Workers that died unexpectedly.",
             self.worker_crashes.load(Ordering::Relaxed),
+        );
+        counter(
+            "supermachine_worker_seccomp_kills_total",
+            "Workers killed by their seccomp filter (a syscall outside it: SIGSYS).",
+            self.seccomp_kills.load(Ordering::Relaxed),
         );
         let _ = writeln!(o, "# HELP supermachine_accepted_total Connections accepted, by listening address and mode (tcp: bytes untouched; http: routed by the request head).\n# TYPE supermachine_accepted_total counter");
         if let Ok(m) = self.accepted.lock() {

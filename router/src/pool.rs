@@ -345,7 +345,21 @@ fn maintain(pool: Weak<ImagePool>) {
             let Ok(mut i) = p.inner.lock() else { return };
             // Dead workers: crashes, except fresh VMs that finished their connection.
             let before = i.serving.len();
-            i.serving.retain_mut(|s| s.worker.is_alive());
+            i.serving.retain_mut(|s| {
+                if s.worker.is_alive() {
+                    return true;
+                }
+                // Why it died (a seccomp violation names its syscall), for the operator.
+                let reason = s
+                    .worker
+                    .exit_reason()
+                    .unwrap_or_else(|| "its VM stopped".into());
+                if reason.contains("SIGSYS") {
+                    p.metrics.seccomp_kills.fetch_add(1, Ordering::Relaxed);
+                }
+                tracing::warn!(pid = s.worker.pid(), %reason, "worker died");
+                false
+            });
             let spares_died = p.ready.as_ref().map(|r| r.take_deaths()).unwrap_or(0);
             let crashed = (before - i.serving.len()) as u64 + spares_died;
             if crashed > 0 {

@@ -178,10 +178,16 @@ pub fn run(a: BenchArgs) -> i32 {
     std::thread::sleep(Duration::from_millis(500));
     let pss_total: u64 = alive
         .iter()
-        // On the kvm backend the VM runs inside the worker: one process, counted once.
-        .map(|w| match w.monitor_pid() {
-            m if m == w.pid() || m == 0 => pss_kib(w.pid()),
-            m => pss_kib(w.pid()) + pss_kib(m),
+        // The worker (with the jail: its waiter and the jailed worker), and QEMU; on the
+        // kvm backend the VM runs inside the worker: each process counted once.
+        .map(|w| {
+            let mut pids = vec![w.pid()];
+            pids.extend(w.jailed_pid());
+            pids.push(w.monitor_pid());
+            pids.retain(|p| *p != 0);
+            pids.sort_unstable();
+            pids.dedup();
+            pids.into_iter().map(pss_kib).sum::<u64>()
         })
         .sum();
     let pss = if alive.is_empty() {

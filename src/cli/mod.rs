@@ -29,8 +29,85 @@ struct Cli {
     /// Log verbosity (error, warn, info, debug, trace); RUST_LOG also works.
     #[arg(long, global = true, default_value = "warn")]
     log_level: String,
+    #[command(flatten)]
+    jail: JailArgs,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The jail of every worker (docs/ARCHITECTURE.md, "Security"). Each flag sets its
+/// environment variable, so daemons started by `run -d` and their workers inherit it.
+#[derive(clap::Args)]
+#[command(next_help_heading = "Jail (serve, run, bench: every worker)")]
+struct JailArgs {
+    /// Run VMs unjailed: as root, with every capability, in the host's namespaces, no
+    /// seccomp filter, no cgroup. For debugging only.
+    #[arg(long, global = true, env = "SUPERMACHINE_NO_JAIL", value_parser = clap::builder::FalseyValueParser::new())]
+    no_jail: bool,
+    /// The uids (and gids) jailed VMs run as, START-END: one per live VM.
+    #[arg(
+        long,
+        global = true,
+        value_name = "START-END",
+        env = "SUPERMACHINE_JAIL_UIDS"
+    )]
+    jail_uids: Option<String>,
+    /// Each VM's cgroup memory limit is its guest memory plus this, MiB (default 384).
+    #[arg(
+        long,
+        global = true,
+        value_name = "MIB",
+        env = "SUPERMACHINE_JAIL_MEMORY_OVERHEAD_MIB"
+    )]
+    jail_memory_overhead_mib: Option<String>,
+    /// Processes and threads per VM (cgroup pids.max; default 512).
+    #[arg(
+        long,
+        global = true,
+        value_name = "N",
+        env = "SUPERMACHINE_JAIL_PIDS_MAX"
+    )]
+    jail_pids_max: Option<String>,
+    /// CPU limit per VM, in CPUs (cgroup cpu quota; none by default).
+    #[arg(
+        long,
+        global = true,
+        value_name = "CPUS",
+        env = "SUPERMACHINE_JAIL_CPUS"
+    )]
+    jail_cpus: Option<String>,
+}
+
+impl JailArgs {
+    /// Exports the flags to the environment (read by `JailConfig::from_env`, inherited by
+    /// daemons) and checks them; the error names the flag.
+    fn apply(&self) -> Result<supermachine::JailConfig, String> {
+        let mut check = supermachine::JailConfig::default();
+        for (flag, var, value) in [
+            ("--jail-uids", "SUPERMACHINE_JAIL_UIDS", &self.jail_uids),
+            (
+                "--jail-memory-overhead-mib",
+                "SUPERMACHINE_JAIL_MEMORY_OVERHEAD_MIB",
+                &self.jail_memory_overhead_mib,
+            ),
+            (
+                "--jail-pids-max",
+                "SUPERMACHINE_JAIL_PIDS_MAX",
+                &self.jail_pids_max,
+            ),
+            ("--jail-cpus", "SUPERMACHINE_JAIL_CPUS", &self.jail_cpus),
+        ] {
+            if let Some(v) = value {
+                check.apply_arg(flag, Some(v))?;
+                // Single-threaded still: nothing reads the environment concurrently.
+                std::env::set_var(var, v);
+            }
+        }
+        if self.no_jail {
+            std::env::set_var("SUPERMACHINE_NO_JAIL", "1");
+        }
+        supermachine::JailConfig::from_env()
+    }
 }
 
 #[derive(Subcommand)]
@@ -68,6 +145,27 @@ pub fn main() -> i32 {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    let jail = match cli.jail.apply() {
+        Ok(j) => j,
+        Err(e) => {
+            eprintln!("supermachine: {e}");
+            return 2;
+        }
+    };
+    if matches!(cli.command, Command::Serve(_) | Command::Run(_)) {
+        if !jail.enabled {
+            eprintln!(
+                "supermachine: warning: --no-jail: VMs run as root in the host's namespaces, \
+                 without seccomp or cgroup limits; a VMM escape owns the host"
+            );
+        } else if !nix::unistd::Uid::effective().is_root() {
+            eprintln!(
+                "supermachine: the worker jail needs root (namespaces, pivot_root, cgroups, a \
+                 uid per VM); run as root, or pass --no-jail to run VMs unjailed"
+            );
+            return EXIT_INTERNAL;
+        }
+    }
     match cli.command {
         Command::Boot(args) => boot::run(*args),
         Command::Exec(args) => exec::run(args),

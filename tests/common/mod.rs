@@ -281,3 +281,90 @@ pub fn run_dirs_of(pid: u32) -> Vec<PathBuf> {
         .filter_map(|f| Path::new(f).parent().map(Path::to_path_buf))
         .collect()
 }
+
+/// The children of process `pid` (of all its threads).
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(c) = std::fs::read_to_string(t.path().join("children")) {
+                out.extend(c.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+            }
+        }
+    }
+    out
+}
+
+/// A field of /proc/PID/status, e.g. `status_field(pid, "CapEff")`.
+pub fn status_field(pid: u32, name: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{name}:"))
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_default()
+}
+
+/// Asserts what the worker jail promises of process `pid` (a jailed worker or its QEMU):
+/// not root, no capability (none in the bounding set but QEMU's two), no_new_privs, a seccomp filter, and its own mount,
+/// pid, network, ipc and uts namespaces.
+pub fn assert_jailed(pid: u32) {
+    let uid = status_field(pid, "Uid");
+    assert!(
+        !uid.is_empty() && uid.split_whitespace().all(|u| u != "0"),
+        "process {pid} runs as uid {uid:?}"
+    );
+    for set in ["CapInh", "CapPrm", "CapEff", "CapAmb"] {
+        assert_eq!(
+            status_field(pid, set),
+            "0000000000000000",
+            "{set} of process {pid}"
+        );
+    }
+    // Nothing to gain by exec either; QEMU keeps CAP_SETUID|CAP_SETGID in its bounding set
+    // (it needs them for its own -runas, and has neither once it ran).
+    let bounding = u64::from_str_radix(&status_field(pid, "CapBnd"), 16).unwrap();
+    assert_eq!(bounding & !0xc0, 0, "CapBnd of process {pid}: {bounding:x}");
+    assert_eq!(status_field(pid, "NoNewPrivs"), "1", "process {pid}");
+    assert_eq!(status_field(pid, "Seccomp"), "2", "process {pid}");
+    for ns in ["mnt", "pid", "net", "ipc", "uts"] {
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        assert_ne!(theirs, ours, "process {pid} shares our {ns} namespace");
+    }
+}
+
+/// The memory and pids limits of the cgroup process `pid` is in (v2, or v1 controllers).
+pub fn cgroup_limits(pid: u32) -> (u64, u64) {
+    let groups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let mut memory = None;
+    let mut pids = None;
+    let read =
+        |p: PathBuf| -> Option<u64> { std::fs::read_to_string(&p).ok()?.trim().parse().ok() };
+    for line in groups.lines() {
+        let mut f = line.splitn(3, ':');
+        let (_, controllers, path) = (f.next(), f.next().unwrap_or(""), f.next().unwrap_or(""));
+        let rel = path.trim_start_matches('/');
+        if controllers.is_empty() {
+            for root in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
+                let d = Path::new(root).join(rel);
+                memory = memory.or_else(|| read(d.join("memory.max")));
+                pids = pids.or_else(|| read(d.join("pids.max")));
+            }
+        }
+        for c in controllers.split(',') {
+            let d = Path::new("/sys/fs/cgroup").join(c).join(rel);
+            match c {
+                "memory" => memory = memory.or_else(|| read(d.join("memory.limit_in_bytes"))),
+                "pids" => pids = pids.or_else(|| read(d.join("pids.max"))),
+                _ => {}
+            }
+        }
+    }
+    (
+        memory.unwrap_or_else(|| panic!("process {pid} has no memory limit:\n{groups}")),
+        pids.unwrap_or_else(|| panic!("process {pid} has no pids limit:\n{groups}")),
+    )
+}

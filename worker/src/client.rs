@@ -16,6 +16,7 @@ use supermachine_protocol::worker::{PortProtocol, WorkerReply, WorkerRequest};
 use crate::agent::AgentClient;
 use crate::channel;
 use crate::exec::ExecBuilder;
+use crate::jail::JailConfig;
 use crate::Error;
 
 /// What one restore in a worker cost.
@@ -41,6 +42,8 @@ pub struct Worker {
     next_id: u64,
     /// Called with the first response's status code of every closed connection.
     on_closed: Option<Arc<dyn Fn(Option<u16>) + Send + Sync>>,
+    /// Started in a jail: `child` is the waiter, the worker its child in a pid namespace.
+    jailed: bool,
     /// The worker's TMPDIR, holding its VMs' run directories; removed after `Drop` has
     /// reaped the worker (fields drop after `drop` runs).
     _run_root: tempfile::TempDir,
@@ -129,6 +132,44 @@ pub fn find_worker_binary() -> Result<PathBuf, Error> {
         })
 }
 
+/// Host pids of the children of `pid` (every thread's).
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        if let Ok(c) = std::fs::read_to_string(t.path().join("children")) {
+            out.extend(c.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+        }
+    }
+    out
+}
+
+/// The host pid of the descendant of `root` that is `ns_pid` in its own (innermost) pid
+/// namespace (`NSpid`'s last field).
+fn host_pid_in(root: u32, ns_pid: u32) -> Option<u32> {
+    let mut queue = children_of(root);
+    let mut seen = 0;
+    while let Some(p) = queue.pop() {
+        seen += 1;
+        if seen > 4096 {
+            return None;
+        }
+        let status = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
+        let inner = status
+            .lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))
+            .and_then(|v| v.split_whitespace().last())
+            .and_then(|v| v.parse::<u32>().ok());
+        if inner == Some(ns_pid) {
+            return Some(p);
+        }
+        queue.extend(children_of(p));
+    }
+    None
+}
+
 /// How long a worker may take to answer a request after its restore.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -138,8 +179,13 @@ fn protocol_error(what: &str, got: impl std::fmt::Debug) -> Error {
 
 impl Worker {
     /// Spawns a worker for the snapshot in `dir` and waits until its VM monitor is ready
-    /// for the state.
+    /// for the state. Jailed as [`JailConfig::current`] says.
     pub fn spawn(dir: &Path) -> Result<Worker, Error> {
+        Worker::spawn_with(dir, &JailConfig::current())
+    }
+
+    /// [`Worker::spawn`] with this jail.
+    pub fn spawn_with(dir: &Path, jail: &JailConfig) -> Result<Worker, Error> {
         let exe = find_worker_binary()?;
         let (host, worker) =
             channel::pair().map_err(|e| Error::io("creating the worker socket", e))?;
@@ -152,6 +198,7 @@ impl Worker {
             .map_err(|e| Error::io("creating the worker's run directory", e))?;
         let mut cmd = Command::new(&exe);
         cmd.arg("--snapshot").arg(dir).arg("--control-fd").arg("3");
+        cmd.args(jail.to_args());
         cmd.env("TMPDIR", run_root.path());
         cmd.stdin(Stdio::null());
         // SAFETY: dup2 is async-signal-safe; the descriptor is valid in the child.
@@ -181,9 +228,14 @@ impl Worker {
             inflight: Arc::default(),
             next_id: 0,
             on_closed: None,
+            jailed: jail.enabled,
             _run_root: run_root,
         };
         match w.recv()? {
+            // A jailed worker counts pids in its own namespace: find the host's number.
+            WorkerReply::Prepared { monitor_pid } if w.jailed => {
+                w.monitor_pid = host_pid_in(w.child.id(), monitor_pid).unwrap_or(0)
+            }
             WorkerReply::Prepared { monitor_pid } => w.monitor_pid = monitor_pid,
             WorkerReply::Error { message } => return Err(Error::Worker(message)),
             other => return Err(protocol_error("waiting for the worker to prepare", other)),
@@ -372,9 +424,41 @@ impl Worker {
         self.child.id()
     }
 
-    /// The VM monitor's process id.
+    /// The VM monitor's process id (the host's number): the jailed worker itself on kvm,
+    /// its QEMU on the qemu backend.
     pub fn monitor_pid(&self) -> u32 {
         self.monitor_pid
+    }
+
+    /// The jailed worker process (the waiter's child), by the host's pid; `None` unjailed.
+    pub fn jailed_pid(&self) -> Option<u32> {
+        if !self.jailed {
+            return None;
+        }
+        children_of(self.child.id()).into_iter().next()
+    }
+
+    /// How the worker ended, for logs: its exit code or signal, and for SIGSYS the
+    /// syscall its seccomp filter refused. `None` while it runs.
+    pub fn exit_reason(&mut self) -> Option<String> {
+        use std::os::unix::process::ExitStatusExt;
+        let status = self.child.try_wait().ok()??;
+        Some(match status.signal() {
+            Some(libc::SIGSYS) => {
+                let path = self
+                    ._run_root
+                    .path()
+                    .join(crate::jail::seccomp::VIOLATION_FILE);
+                match std::fs::read_to_string(&path) {
+                    Ok(n) if !n.trim().is_empty() => {
+                        format!("killed by SIGSYS: seccomp refused syscall {}", n.trim())
+                    }
+                    _ => "killed by SIGSYS (seccomp)".to_string(),
+                }
+            }
+            Some(sig) => format!("killed by signal {sig}"),
+            None => format!("exited with {status}"),
+        })
     }
 
     fn agent(&self) -> Result<&AgentClient, Error> {

@@ -9,6 +9,7 @@
 //! supermachine crates (router, CLI) and follow no stability promise.
 
 pub mod agent;
+mod agent_relay;
 pub mod boot;
 mod channel;
 mod client;
@@ -16,6 +17,7 @@ mod error;
 mod exec;
 mod forward;
 pub mod guest_artifacts;
+pub mod jail;
 pub mod process;
 pub mod run_dir;
 pub mod snapshot;
@@ -28,6 +30,7 @@ pub use client::{find_worker_binary, Worker, WorkerState, WorkerTimings};
 pub use error::Error;
 pub use exec::{ExecBuilder, ExecChild, ExecOutcome, ExecStdin, ExecStdinWriter};
 pub use forward::TcpForwarder;
+pub use jail::JailConfig;
 pub use spares::Spares;
 pub use supermachine_protocol::worker::PortProtocol;
 pub use vm::{OutputSink, PreparedRestore, Vm};

@@ -11,34 +11,87 @@ use std::time::Instant;
 use supermachine_protocol::worker::{PortProtocol, WorkerReply, WorkerRequest};
 
 use crate::agent::pump;
+use crate::jail::{JailConfig, JailPaths};
 use crate::snapshot::Snapshot;
 use crate::vm::Vm;
 use crate::{channel, BAD_GATEWAY};
+use supermachine_backend::AgentEndpoint;
+use supermachine_protocol::agent::AGENT_PORT;
 
-fn parse_args() -> Result<(PathBuf, i32), String> {
+struct Args {
+    snapshot: PathBuf,
+    control_fd: i32,
+    jail: JailConfig,
+}
+
+fn parse_args() -> Result<Args, String> {
     let args: Vec<String> = std::env::args().collect();
     let mut snapshot = None;
     let mut fd = None;
+    // Jailed unless the host says otherwise.
+    let mut jail = JailConfig::default();
     let mut i = 1;
     while i < args.len() {
+        let value = args.get(i + 1).map(|s| s.as_str());
         match args[i].as_str() {
-            "--snapshot" => snapshot = args.get(i + 1).map(PathBuf::from),
-            "--control-fd" => fd = args.get(i + 1).and_then(|v| v.parse().ok()),
-            other => return Err(format!("unknown argument {other:?}")),
+            "--snapshot" => snapshot = value.map(PathBuf::from),
+            "--control-fd" => fd = value.and_then(|v| v.parse().ok()),
+            "--no-jail" => {
+                jail.enabled = false;
+                i += 1;
+                continue;
+            }
+            flag => {
+                if !jail.apply_arg(flag, value)? {
+                    return Err(format!("unknown argument {flag:?}"));
+                }
+            }
         }
         i += 2;
     }
-    Ok((
-        snapshot.ok_or("missing --snapshot DIR")?,
-        fd.ok_or("missing --control-fd N")?,
-    ))
+    Ok(Args {
+        snapshot: snapshot.ok_or("missing --snapshot DIR")?,
+        control_fd: fd.ok_or("missing --control-fd N")?,
+        jail,
+    })
+}
+
+/// The files a restore of `snapshot` reads, for the jail's root.
+fn jail_paths(snapshot: &Snapshot) -> JailPaths {
+    let meta = &snapshot.meta;
+    let qemu = snapshot.backend_kind() == supermachine_backend::BackendKind::Qemu;
+    let mut read_only = vec![meta.kernel.path.clone()];
+    read_only.extend(meta.layers.iter().map(|l| l.path.clone()));
+    let mut read_write = Vec::new();
+    // QEMU 7.2 opens its RAM file read-write even for a private mapping, which a read-only
+    // mount refuses; its files stay root's, and QEMU drops root once it has opened them.
+    if qemu {
+        read_write.push(snapshot.dir.clone());
+    } else {
+        read_only.push(snapshot.dir.clone());
+    }
+    JailPaths {
+        read_only: read_only.into_iter().map(absolute).collect(),
+        read_write: read_write.into_iter().map(absolute).collect(),
+        owned: vec![absolute(std::env::temp_dir())],
+        // QEMU and the `cat` it reads the state with come from the system.
+        system: qemu,
+    }
+}
+
+fn absolute(p: PathBuf) -> PathBuf {
+    std::path::absolute(&p).unwrap_or(p)
 }
 
 pub fn main() -> i32 {
-    let (dir, fd) = match parse_args() {
+    let Args {
+        snapshot: dir,
+        control_fd: fd,
+        jail,
+    } = match parse_args() {
         Ok(a) => a,
         Err(e) => {
-            eprintln!("supermachine-worker: {e}\nusage: supermachine-worker --snapshot DIR --control-fd N");
+            eprintln!("supermachine-worker: {e}\nusage: supermachine-worker --snapshot DIR --control-fd N [--no-jail | --jail-uids A-B ...]");
             return 2;
         }
     };
@@ -58,6 +111,23 @@ pub fn main() -> i32 {
             return 1;
         }
     };
+    let jailed = if jail.enabled {
+        // Only the jailed child returns; this process waits for it outside.
+        match crate::jail::enter(&jail, &jail_paths(&snapshot), snapshot.meta.memory_mib, fd) {
+            Ok(j) => {
+                supermachine_backend::qemu::run_jailed_as(j.uid);
+                Some(j)
+            }
+            Err(e) => {
+                reply(&WorkerReply::Error {
+                    message: e.to_string(),
+                });
+                return 1;
+            }
+        }
+    } else {
+        None
+    };
     let prepared = match Vm::prepare_restore(&snapshot) {
         Ok(p) => p,
         Err(e) => {
@@ -67,6 +137,17 @@ pub fn main() -> i32 {
             return 1;
         }
     };
+    if let Some(j) = &jailed {
+        let run_root = [absolute(std::env::temp_dir())];
+        let locked = crate::jail::drop_privileges(j.uid, &run_root)
+            .and_then(|_| crate::jail::seccomp::install());
+        if let Err(e) = locked {
+            reply(&WorkerReply::Error {
+                message: e.to_string(),
+            });
+            return 1;
+        }
+    }
     reply(&WorkerReply::Prepared {
         monitor_pid: prepared.monitor_pid(),
     });
@@ -103,10 +184,22 @@ pub fn main() -> i32 {
                     Ok(v) => {
                         let tm = v.timings();
                         let restore = tm.restore.unwrap_or_default();
-                        let agent = v
-                            .agent_endpoint()
-                            .map(|a| a.to_string())
-                            .unwrap_or_default();
+                        let agent = match v.agent_endpoint() {
+                            // A jailed QEMU's forwarded port is in our netns only.
+                            Some(AgentEndpoint::Tcp(addr)) if jailed.is_some() => {
+                                match crate::agent_relay::start(addr, AGENT_PORT) {
+                                    Ok(e) => e.to_string(),
+                                    Err(e) => {
+                                        reply(&WorkerReply::Error {
+                                            message: format!("relaying the agent: {e}"),
+                                        });
+                                        return 1;
+                                    }
+                                }
+                            }
+                            Some(a) => a.to_string(),
+                            None => String::new(),
+                        };
                         let v = Arc::new(v);
                         watch_exit(v.clone(), control.try_clone().ok());
                         vm = Some(v);
@@ -138,6 +231,7 @@ pub fn main() -> i32 {
                     continue;
                 };
                 let client = TcpStream::from(fd);
+                crate::jail::seccomp::test_trigger(jail.test_forbidden_syscall, &prefix);
                 let notify = control.try_clone().ok();
                 std::thread::spawn(move || {
                     let sent = serve_connection(&v, client, guest_port, protocol, &prefix);

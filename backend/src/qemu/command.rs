@@ -101,6 +101,21 @@ impl QemuCommand {
         self
     }
 
+    /// Drops to `uid`:`uid` after set-up, under QEMU's seccomp sandbox: no obsolete or
+    /// resource-control syscalls. `spawn` stays allowed because the state is read through
+    /// `exec:cat` (QEMU 7.2 has no `file:` migration URI); `elevateprivileges` too, because
+    /// `-runas` itself calls setuid after the sandbox is in place (and with no capability
+    /// left, nothing can elevate afterwards).
+    pub fn jailed_as(mut self, uid: u32) -> Self {
+        self.args.extend([
+            "-runas".to_string(),
+            format!("{uid}:{uid}"),
+            "-sandbox".to_string(),
+            "on,obsolete=deny,elevateprivileges=allow".to_string(),
+        ]);
+        self
+    }
+
     pub fn args(&self) -> &[String] {
         &self.args
     }

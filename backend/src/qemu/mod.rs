@@ -28,6 +28,16 @@ pub use command::QemuCommand;
 /// How long QEMU may take to start and connect the control channel.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The uid (and gid) QEMU drops to once it has opened its files, in a jailed worker.
+static RUN_AS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+
+/// Every QEMU this process starts from now on runs as `uid` after its set-up (`-runas`)
+/// under QEMU's own seccomp sandbox. For the worker's jail: QEMU must open the snapshot's
+/// RAM file read-write (QEMU 7.2 has no read-only private RAM backend) before the drop.
+pub fn run_jailed_as(uid: u32) {
+    let _ = RUN_AS.set(uid);
+}
+
 #[derive(Debug, Clone)]
 pub struct QemuBackend {
     binary: PathBuf,
@@ -115,7 +125,12 @@ impl Backend for QemuBackend {
             Ok(q) => q,
             Err(e) => {
                 let _ = machine.kill();
-                return Err(e);
+                // QEMU's own words say why it is not answering (it may have exited).
+                let log = tail_of(&machine.paths.qemu_log, 2048);
+                return Err(match log.trim() {
+                    "" => e,
+                    log => BackendError::Qmp(format!("{e}; qemu's log ends with:\n{log}")),
+                });
             }
         };
         Ok(Box::new(QemuPendingRestore {
@@ -212,6 +227,10 @@ impl QemuBackend {
             qcmd.incoming_deferred()
         } else {
             qcmd
+        };
+        let qcmd = match RUN_AS.get() {
+            Some(uid) => qcmd.jailed_as(*uid),
+            None => qcmd,
         };
         let stderr = std::fs::File::create(&paths.qemu_log)
             .map_err(|e| BackendError::io(format!("creating {}", paths.qemu_log.display()), e))?;
