@@ -307,7 +307,14 @@ fn a_guest_over_its_memory_limit_kills_only_its_worker() {
     if on_kvm() {
         // The OOM killer picks the biggest process of the group: the worker holding the VM
         // (on QEMU it is QEMU, and the worker then exits on its own).
-        let reason = w.exit_reason().unwrap_or_default();
+        // The control socket closes before the waiter is reaped: wait for the status.
+        let reason = loop {
+            if let Some(r) = w.exit_reason() {
+                break r;
+            }
+            assert!(Instant::now() < deadline, "the waiter did not exit");
+            std::thread::sleep(Duration::from_millis(50));
+        };
         assert!(reason.contains("signal 9"), "{reason}");
     }
     // The neighbour is untouched.
