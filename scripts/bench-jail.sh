@@ -3,11 +3,14 @@
 # (N sequential restores of prepared workers, then ALIVE at once for PSS) with the jail on
 # (the default) and with --no-jail, same snapshot. Prints a markdown table.
 # Usage: scripts/bench-jail.sh [N] [ALIVE]
+# In the nested L1 (kvm backend), with the release build made on the host:
+#   scripts/nested.sh --vcpus 2 --memory 6144 --timeout 1500 -- \
+#     env SUPERMACHINE_BENCH_NO_BUILD=1 scripts/bench-jail.sh 10 4
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 n="${1:-20}"; alive="${2:-8}"
 cd "$root"
-cargo build --quiet --release --workspace --bins
+[ -n "${SUPERMACHINE_BENCH_NO_BUILD:-}" ] || cargo build --quiet --release --workspace --bins
 sm="$root/target/release/supermachine"
 images="$(python3 scripts/make-test-images.py)"
 work="$(mktemp -d)"

@@ -305,14 +305,20 @@ fn pids_with(needle: &str, program: &str) -> Vec<i32> {
             }
         }
     }
-    // A jailed worker is two processes with one command line: the waiter and, in its pid
-    // namespace, the worker. Count each worker once (by its waiter).
-    let all = out.clone();
-    out.retain(|p| {
-        let parent: i32 = status_field(*p as u32, "PPid").parse().unwrap_or(0);
-        !all.contains(&parent)
-    });
     out
+}
+
+/// The workers of `needle`'s snapshot, each once: a jailed worker is two processes with one
+/// command line, the waiter and (in its pid namespace) the worker; this gives the waiters.
+fn workers_with(needle: &str) -> Vec<i32> {
+    let all = pids_with(needle, "supermachine-worker");
+    all.iter()
+        .copied()
+        .filter(|p| {
+            let parent: i32 = status_field(*p as u32, "PPid").parse().unwrap_or(0);
+            !all.contains(&parent)
+        })
+        .collect()
 }
 
 #[test]
@@ -321,7 +327,7 @@ fn a_killed_worker_is_replaced_and_counted() {
     let snap = bake_web(tmp.path());
     let r = start_one(snap.clone(), Isolation::Shared, 2, 2);
     let needle = snap.display().to_string();
-    let workers = pids_with(&needle, "supermachine-worker");
+    let workers = workers_with(&needle);
     assert_eq!(workers.len(), 2, "{workers:?}");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(workers[0]),
@@ -342,7 +348,7 @@ fn a_killed_worker_is_replaced_and_counted() {
     );
     let deadline = Instant::now() + Duration::from_secs(30);
     while metric(r.admin, "supermachine_worker_crashes_total") < 1
-        || pids_with(&needle, "supermachine-worker").len() < 2
+        || workers_with(&needle).len() < 2
     {
         assert!(Instant::now() < deadline, "the pool did not recover");
         std::thread::sleep(Duration::from_millis(200));
@@ -433,7 +439,7 @@ fn in_flight_connections_of_a_dead_worker_get_502() {
         std::thread::sleep(Duration::from_millis(50));
     }
     std::thread::sleep(Duration::from_millis(300));
-    let workers = pids_with(&needle, "supermachine-worker");
+    let workers = workers_with(&needle);
     assert_eq!(workers.len(), 1);
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(workers[0]),

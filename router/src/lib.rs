@@ -186,7 +186,8 @@ async fn read_head<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Hands `client` (std, blocking) with `prefix` to a worker of `pool`. On failure the
-/// client is returned (when the pool still has it) for the router's 502.
+/// client is returned (when the pool still has it), non-blocking again, for the router's
+/// 502.
 async fn hand_off(
     metrics: &Metrics,
     pool: Arc<ImagePool>,
@@ -203,6 +204,11 @@ async fn hand_off(
         Ok(Err((e, stream))) => {
             tracing::warn!(error = %e, "no worker could take the connection");
             metrics.rejected("no_worker");
+            // Back to non-blocking: the caller gives it to tokio again (for the 502), and
+            // tokio refuses a blocking socket.
+            if let Some(s) = &stream {
+                let _ = s.set_nonblocking(true);
+            }
             Err(stream)
         }
         Err(_) => {

@@ -332,6 +332,26 @@ fn restore_worker(
     Ok(w)
 }
 
+/// Logs why a worker died (a seccomp violation names its syscall) and counts seccomp kills.
+/// Outside the pool's lock: the worker's control socket closes before its process is
+/// reaped (the jail's waiter removes the cgroup first), so the status may take a moment.
+fn report_death(metrics: &Metrics, mut w: Worker) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let reason = loop {
+        if let Some(r) = w.exit_reason() {
+            break r;
+        }
+        if Instant::now() > deadline {
+            break "its VM stopped; the worker process is still running".to_string();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    if reason.contains("SIGSYS") {
+        metrics.seccomp_kills.fetch_add(1, Ordering::Relaxed);
+    }
+    tracing::warn!(pid = w.pid(), %reason, "worker died");
+}
+
 /// Shared pools: replaces dead workers, refills to `min`, retires idle extras, grows on
 /// demand. Fresh pools: counts spares that died as crashes, retires finished VMs.
 fn maintain(pool: Weak<ImagePool>) {
@@ -341,25 +361,19 @@ fn maintain(pool: Weak<ImagePool>) {
             return;
         }
         let mut to_stop = Vec::new();
+        let mut dead = Vec::new();
         let need = {
             let Ok(mut i) = p.inner.lock() else { return };
             // Dead workers: crashes, except fresh VMs that finished their connection.
             let before = i.serving.len();
-            i.serving.retain_mut(|s| {
-                if s.worker.is_alive() {
-                    return true;
+            let mut k = 0;
+            while k < i.serving.len() {
+                if i.serving[k].worker.is_alive() {
+                    k += 1;
+                } else {
+                    dead.push(i.serving.remove(k).worker);
                 }
-                // Why it died (a seccomp violation names its syscall), for the operator.
-                let reason = s
-                    .worker
-                    .exit_reason()
-                    .unwrap_or_else(|| "its VM stopped".into());
-                if reason.contains("SIGSYS") {
-                    p.metrics.seccomp_kills.fetch_add(1, Ordering::Relaxed);
-                }
-                tracing::warn!(pid = s.worker.pid(), %reason, "worker died");
-                false
-            });
+            }
             let spares_died = p.ready.as_ref().map(|r| r.take_deaths()).unwrap_or(0);
             let crashed = (before - i.serving.len()) as u64 + spares_died;
             if crashed > 0 {
@@ -401,6 +415,9 @@ fn maintain(pool: Weak<ImagePool>) {
         };
         for w in to_stop {
             w.stop();
+        }
+        for w in dead {
+            report_death(&p.metrics, w);
         }
         if need {
             let result = p.restore_one();
