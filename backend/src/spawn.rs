@@ -46,3 +46,18 @@ pub fn spawn_tied(mut cmd: Command) -> std::io::Result<Child> {
     rx.recv()
         .map_err(|_| std::io::Error::other("the spawner thread is gone"))?
 }
+
+/// The children of process `pid`, from every thread's `/proc/PID/task/TID/children` (a
+/// child belongs to the thread that forked it).
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        if let Ok(c) = std::fs::read_to_string(t.path().join("children")) {
+            out.extend(c.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+        }
+    }
+    out
+}

@@ -18,6 +18,7 @@ use crate::channel;
 use crate::exec::ExecBuilder;
 use crate::jail::JailConfig;
 use crate::Error;
+use supermachine_backend::spawn::children_of;
 
 /// What one restore in a worker cost.
 #[derive(Debug, Clone, Copy)]
@@ -130,20 +131,6 @@ pub fn find_worker_binary() -> Result<PathBuf, Error> {
             ),
             source: std::io::Error::from(std::io::ErrorKind::NotFound),
         })
-}
-
-/// Host pids of the children of `pid` (every thread's).
-fn children_of(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return out;
-    };
-    for t in tasks.flatten() {
-        if let Ok(c) = std::fs::read_to_string(t.path().join("children")) {
-            out.extend(c.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
-        }
-    }
-    out
 }
 
 /// The host pid of the descendant of `root` that is `ns_pid` in its own (innermost) pid

@@ -85,14 +85,7 @@ pub fn save(qmp: &Path, state: &Path) -> Result<(), BackendError> {
 pub fn wait_for_writer(pid: u32, timeout: Duration) -> Result<(), BackendError> {
     let deadline = Instant::now() + timeout;
     loop {
-        let children = std::fs::read_dir(format!("/proc/{pid}/task"))
-            .map(|tasks| {
-                tasks
-                    .flatten()
-                    .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
-                    .any(|c| !c.trim().is_empty())
-            })
-            .unwrap_or(false);
+        let children = !crate::spawn::children_of(pid).is_empty();
         if !children {
             return Ok(());
         }

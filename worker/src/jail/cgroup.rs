@@ -14,7 +14,6 @@ const PARENT: &str = "supermachine";
 #[derive(Debug)]
 pub struct Cgroup {
     dirs: Vec<PathBuf>,
-    pub version: u8,
 }
 
 pub struct Limits {
@@ -72,7 +71,6 @@ impl Cgroup {
             mkdir(&dir)?;
             let cg = Cgroup {
                 dirs: vec![dir.clone()],
-                version: 2,
             };
             write(&dir.join("memory.max"), &limits.memory_bytes.to_string())?;
             // No swap: a VM over its limit is killed, not slowed to a crawl.
@@ -94,10 +92,7 @@ impl Cgroup {
                 });
             }
         }
-        let mut cg = Cgroup {
-            dirs: Vec::new(),
-            version: 1,
-        };
+        let mut cg = Cgroup { dirs: Vec::new() };
         let mut controllers = vec!["memory", "pids"];
         if limits.cpus.is_some() {
             controllers.push("cpu");

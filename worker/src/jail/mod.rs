@@ -84,7 +84,6 @@ pub struct JailPaths {
 #[derive(Debug)]
 pub struct Jailed {
     pub uid: u32,
-    pub cgroup_version: u8,
 }
 
 const UID_LOCKS: &str = "/run/supermachine/uids";
@@ -162,10 +161,7 @@ pub fn enter(
             // What this process executes from now on (QEMU) gets no capability but the two
             // that its `-runas` needs; this process keeps its own until drop_privileges.
             trim_bounding_set(&[CAP_SETGID, CAP_SETUID]);
-            Ok(Jailed {
-                uid,
-                cgroup_version: cg.version,
-            })
+            Ok(Jailed { uid })
         }
     }
 }
