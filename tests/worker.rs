@@ -196,6 +196,36 @@ fn a_worker_is_jailed_limited_and_sees_only_its_files() {
         assert_ne!(qemu, pid);
         assert_jailed(qemu);
         assert_eq!(status_field(qemu, "Uid"), status_field(pid, "Uid"));
+    } else {
+        // Our VMM's threads narrow themselves further: each vCPU and the event loop
+        // stack their own filter on the process-wide ones.
+        let filters = |task: &str| -> (String, u32) {
+            let dir = format!("/proc/{pid}/task/{task}");
+            let comm = std::fs::read_to_string(format!("{dir}/comm")).unwrap();
+            let status = std::fs::read_to_string(format!("{dir}/status")).unwrap();
+            let n = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Seccomp_filters:"))
+                .expect("Seccomp_filters in status")
+                .trim()
+                .parse()
+                .unwrap();
+            (comm.trim().to_string(), n)
+        };
+        let tasks: Vec<(String, u32)> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .map(|e| filters(&e.unwrap().file_name().to_string_lossy()))
+            .collect();
+        let main = filters(&pid.to_string()).1;
+        assert!(main >= 2, "process-wide filters: {tasks:?}");
+        for kind in ["vcpu", "vmm"] {
+            let of_kind: Vec<_> = tasks.iter().filter(|(c, _)| c.starts_with(kind)).collect();
+            assert!(!of_kind.is_empty(), "no {kind} thread: {tasks:?}");
+            assert!(
+                of_kind.iter().all(|(_, n)| *n == main + 1),
+                "{kind} threads without their own filter: {tasks:?}"
+            );
+        }
     }
     let (memory, pids) = cgroup_limits(pid);
     assert!(

@@ -419,6 +419,13 @@ fn run_vm(
     commands: &Receiver<Command>,
     waker: &Mutex<Option<EventFd>>,
 ) -> MachineExit {
+    // The loop talks to the guest from here on: narrowed first (the VM is built, its vCPU
+    // threads started, so nothing below needs to open, spawn or map anything new).
+    if let Err(e) = supermachine_vmm::thread_filter::apply(
+        supermachine_vmm::thread_filter::ThreadKind::EventLoop,
+    ) {
+        return MachineExit::MonitorDied { detail: e };
+    }
     match vm.waker() {
         Ok(w) => *waker.lock().unwrap_or_else(|p| p.into_inner()) = Some(w),
         Err(e) => {

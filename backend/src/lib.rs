@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 pub use accel::Accel;
 pub use select::{BackendChoice, Selected};
+/// The per-thread seccomp filters of the kvm backend's VM threads (set by a jailed worker).
+pub use supermachine_vmm::thread_filter;
 
 /// Which implementation baked or runs a VM (recorded in snapshots later).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -22,6 +22,7 @@ pub(crate) mod microvm;
 pub(crate) mod persist;
 pub mod snapshot;
 pub mod testing;
+pub mod thread_filter;
 pub mod vstate;
 
 pub use builder::{BlockConfig, ExitReason, MicroVm, MicroVmConfig, VsockConfig};

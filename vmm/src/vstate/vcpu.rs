@@ -321,6 +321,11 @@ impl VcpuRunner {
     }
 
     fn run(mut self, commands: Receiver<VcpuCommand>) {
+        // Narrowed before the first guest instruction; a vCPU that cannot be is not run.
+        if let Err(e) = crate::thread_filter::apply(crate::thread_filter::ThreadKind::Vcpu) {
+            self.exit(VcpuExitReason::Failed(e));
+            return;
+        }
         KVM_RUN.with(|r| r.set(self.fd.get_kvm_run() as *mut kvm_run));
         loop {
             // A command sent before this thread published its kvm_run (so before the

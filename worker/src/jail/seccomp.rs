@@ -7,10 +7,16 @@
 //! directory), writes a line to stderr and exits with 128 + SIGSYS (as pid 1 of its
 //! namespace it cannot be killed by its own signal); the waiter then dies of SIGSYS.
 //!
-//! Two filters, because one seccompiler filter has one match action: `worker` allows the
-//! list and traps the rest; `clone3` answers clone3 with ENOSYS, so glibc falls back to
-//! clone, whose flags the first filter can check (clone3's are behind a pointer). The
-//! kernel runs both; the stricter answer wins.
+//! Process-wide, two filters, because one seccompiler filter has one match action:
+//! `worker` allows the list and traps the rest; `clone3` answers clone3 with ENOSYS, so
+//! glibc falls back to clone, whose flags the first filter can check (clone3's are behind
+//! a pointer). The kernel runs every filter; the stricter answer wins.
+//!
+//! `worker` is the ceiling, what the control/handoff thread and its relays need. On top of
+//! it, per thread kind (kvm backend): each vCPU thread installs `vcpu` on itself before its
+//! first KVM_RUN (KVM ioctls, serial output, channels: no files, sockets, threads or
+//! signals to others), and the VM's event loop installs `vmm` once the VM is built (epoll,
+//! the block and vsock backends: no new threads, processes, namespaces or mounts).
 
 use std::collections::HashMap;
 use std::os::fd::IntoRawFd;
@@ -33,9 +39,19 @@ fn compile() -> Result<HashMap<String, seccompiler::BpfProgram>, JailError> {
         .map_err(|e| JailError::Seccomp(format!("compiling worker/seccomp/x86_64.json: {e}")))
 }
 
-/// Installs the filters on every thread of this process.
+/// Installs the filters on every thread of this process, and hands the VM threads theirs.
 pub fn install() -> Result<(), JailError> {
-    let filters = compile()?;
+    let mut filters = compile()?;
+    let mut take = |name: &str| {
+        filters
+            .remove(name)
+            .ok_or_else(|| JailError::Seccomp(format!("no filter {name:?} in x86_64.json")))
+    };
+    let threads = supermachine_backend::thread_filter::ThreadFilters {
+        vcpu: take("vcpu")?,
+        event_loop: take("vmm")?,
+    };
+    supermachine_backend::thread_filter::set(threads).map_err(JailError::Seccomp)?;
     let path = std::env::temp_dir().join(VIOLATION_FILE);
     let f = std::fs::OpenOptions::new()
         .create(true)
@@ -144,7 +160,9 @@ mod tests {
     #[test]
     fn the_filters_compile() {
         let f = super::compile().unwrap();
-        assert!(f.contains_key("worker") && f.contains_key("clone3"));
+        for name in ["worker", "clone3", "vcpu", "vmm"] {
+            assert!(f.contains_key(name), "{name}");
+        }
     }
 
     #[test]

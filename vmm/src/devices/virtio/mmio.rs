@@ -305,8 +305,13 @@ impl BusDevice for MmioTransport {
                 }
             }
             REG_QUEUE_NOTIFY => {
-                // Normally swallowed by the ioeventfd; handle it anyway if it gets here.
-                self.process_queue(v as usize);
+                // Normally swallowed by the ioeventfd (a 4-byte write of a queue index). One
+                // that gets here (another width) is passed to the event loop the same way:
+                // device work never runs on a vCPU thread, whose seccomp filter has no
+                // sockets or files for it.
+                if let Some(evt) = self.queue_evts.get(v as usize) {
+                    let _ = evt.write(1);
+                }
             }
             REG_INTERRUPT_ACK => {
                 self.interrupt.status.fetch_and(!v, Ordering::SeqCst);
