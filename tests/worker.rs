@@ -199,24 +199,19 @@ fn a_worker_is_jailed_limited_and_sees_only_its_files() {
     } else {
         // Our VMM's threads narrow themselves further: each vCPU and the event loop
         // stack their own filter on the process-wide ones.
-        let filters = |task: &str| -> (String, u32) {
-            let dir = format!("/proc/{pid}/task/{task}");
-            let comm = std::fs::read_to_string(format!("{dir}/comm")).unwrap();
-            let status = std::fs::read_to_string(format!("{dir}/status")).unwrap();
-            let n = status
-                .lines()
-                .find_map(|l| l.strip_prefix("Seccomp_filters:"))
-                .expect("Seccomp_filters in status")
-                .trim()
+        // A thread's /proc/TID has its own status, as a process's does.
+        let filters = |tid: u32| -> (String, u32) {
+            let comm = std::fs::read_to_string(format!("/proc/{tid}/comm")).unwrap();
+            let n = status_field(tid, "Seccomp_filters")
                 .parse()
-                .unwrap();
+                .expect("Seccomp_filters in status");
             (comm.trim().to_string(), n)
         };
         let tasks: Vec<(String, u32)> = std::fs::read_dir(format!("/proc/{pid}/task"))
             .unwrap()
-            .map(|e| filters(&e.unwrap().file_name().to_string_lossy()))
+            .map(|e| filters(e.unwrap().file_name().to_string_lossy().parse().unwrap()))
             .collect();
-        let main = filters(&pid.to_string()).1;
+        let main = filters(pid).1;
         assert!(main >= 2, "process-wide filters: {tasks:?}");
         for kind in ["vcpu", "vmm"] {
             let of_kind: Vec<_> = tasks.iter().filter(|(c, _)| c.starts_with(kind)).collect();

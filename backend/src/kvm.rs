@@ -419,8 +419,8 @@ fn run_vm(
     commands: &Receiver<Command>,
     waker: &Mutex<Option<EventFd>>,
 ) -> MachineExit {
-    // The loop talks to the guest from here on: narrowed first (the VM is built, its vCPU
-    // threads started, so nothing below needs to open, spawn or map anything new).
+    // The loop talks to the guest from here on: narrowed first (the VM is built and its
+    // vCPU threads started, so nothing below spawns a thread or creates a KVM object).
     if let Err(e) = supermachine_vmm::thread_filter::apply(
         supermachine_vmm::thread_filter::ThreadKind::EventLoop,
     ) {

@@ -47,6 +47,7 @@ pub fn install() -> Result<(), JailError> {
             .remove(name)
             .ok_or_else(|| JailError::Seccomp(format!("no filter {name:?} in x86_64.json")))
     };
+    let process_wide = [("clone3", take("clone3")?), ("worker", take("worker")?)];
     let threads = supermachine_backend::thread_filter::ThreadFilters {
         vcpu: take("vcpu")?,
         event_loop: take("vmm")?,
@@ -73,10 +74,7 @@ pub fn install() -> Result<(), JailError> {
             )));
         }
     }
-    for name in ["clone3", "worker"] {
-        let prog = filters
-            .get(name)
-            .ok_or_else(|| JailError::Seccomp(format!("no filter {name:?} in x86_64.json")))?;
+    for (name, prog) in &process_wide {
         seccompiler::apply_filter_all_threads(prog)
             .map_err(|e| JailError::Seccomp(format!("installing filter {name}: {e}")))?;
     }
