@@ -48,9 +48,9 @@ fn bake_web(dir: &Path) -> PathBuf {
     )
 }
 
-/// One baked httpd snapshot for the tests that do not find their workers by the snapshot's
-/// path (those bake their own, so that no other test's workers match): a bake is the
-/// slowest step of these tests, most of all in the nested kvm stage. In a temp dir that is
+/// One baked httpd snapshot for every test: a bake is the slowest step of these tests, most
+/// of all in the nested kvm stage (tests that find their workers by the snapshot's path
+/// take their own copy of it, [`own_web`]). In a temp dir that is
 /// never dropped (statics are not), as tests/snapshot.rs does: with a shared snapshot under
 /// target/tmp, many restores from it failed on kvm in L1 (ARCHITECTURE, "Nested kvm stage").
 fn shared_web() -> PathBuf {
@@ -62,6 +62,19 @@ fn shared_web() -> PathBuf {
     })
     .1
     .clone()
+}
+
+/// A snapshot of its own at `dir/web` — hard links to [`shared_web`]'s files, which no
+/// restore writes — so that only this test's workers have its path on their command line.
+fn own_web(dir: &Path) -> PathBuf {
+    let shared = shared_web();
+    let own = dir.join("web");
+    std::fs::create_dir(&own).unwrap();
+    for e in std::fs::read_dir(&shared).unwrap() {
+        let e = e.unwrap();
+        std::fs::hard_link(e.path(), own.join(e.file_name())).unwrap();
+    }
+    own
 }
 
 /// The `layered` image serving /data (keep.txt), shared as [`shared_web`] is.
@@ -324,7 +337,7 @@ fn workers_with(needle: &str) -> Vec<i32> {
 #[test]
 fn a_killed_worker_is_replaced_and_counted() {
     let tmp = tempfile::tempdir().unwrap();
-    let snap = bake_web(tmp.path());
+    let snap = own_web(tmp.path());
     let r = start_one(snap.clone(), Isolation::Shared, 2, 2);
     let needle = snap.display().to_string();
     let workers = workers_with(&needle);
@@ -362,7 +375,7 @@ fn a_killed_worker_is_replaced_and_counted() {
 #[test]
 fn sigterm_leaves_no_workers_vms_or_run_dirs() {
     let tmp = tempfile::tempdir().unwrap();
-    let snap = bake_web(tmp.path());
+    let snap = own_web(tmp.path());
     let addr = free_addr();
     let mut child = supermachine()
         .args(["serve", "--image"])
@@ -423,7 +436,7 @@ fn sigterm_leaves_no_workers_vms_or_run_dirs() {
 #[test]
 fn in_flight_connections_of_a_dead_worker_get_502() {
     let tmp = tempfile::tempdir().unwrap();
-    let snap = bake_web(tmp.path());
+    let snap = own_web(tmp.path());
     let r = start_one(snap.clone(), Isolation::Shared, 1, 1);
     // A request the guest holds open: the CGI waits for a body that never comes.
     let mut stalled = TcpStream::connect(r.addr).unwrap();

@@ -11,7 +11,8 @@
 # (filters, --skip NAME ...). Prints each binary's libtest output and `kvm stage: ...`
 # lines; exits non-zero when any binary failed or timed out. For the host, it touches
 # $NESTED_OUT/heartbeat every few seconds from its first line to its last (a stale one means
-# L1 stopped) and appends "BINARY STATUS" to $NESTED_OUT/done after each binary. Each test's
+# L1 stopped), appends "BINARY STATUS" to $NESTED_OUT/done after each binary and keeps
+# each binary's libtest output in $NESTED_OUT/log-NAME. Each test's
 # time is printed after its result (libtest's --report-time), for budgeting the stage.
 set -uo pipefail
 per_binary="${1:?per-binary timeout}"
@@ -68,11 +69,13 @@ run_once() {
 count() { grep -c -E "^test .* \.\.\. $1( <[0-9.]+s>)?\$" "$log" || true; }
 
 failed=()
-log="$(mktemp)"
 started=$(date +%s)
 while read -r bin args; do
   [ -n "$bin" ] || continue
   name="$(basename "$bin" | sed 's/-[0-9a-f]\{16\}$//')"
+  # In the shared folder: if L1 dies mid-binary, the host retries only the tests not
+  # already passed here.
+  log="${NESTED_OUT:-/tmp}/log-$name"
   echo "kvm stage: --- $name ---"
   t0=$(date +%s)
   # shellcheck disable=SC2086 # args are libtest words, split on purpose
@@ -112,7 +115,6 @@ while read -r bin args; do
   fi
   echo "$bin $nfailed" >>"${NESTED_OUT:-/tmp}/done"
 done <"$list"
-rm -f "$log"
 echo "kvm stage: done in $(( $(date +%s) - started )) s"
 if [ ${#failed[@]} -gt 0 ]; then
   echo "kvm stage: FAILED: ${failed[*]}"
