@@ -341,3 +341,191 @@ fn run_detached_then_ps_exec_logs_stop() {
     let o = sm(&["stop", name]);
     assert_code(&o, 125);
 }
+
+/// `nobody`, for the test below.
+const USER: u32 = 65534;
+
+/// `path` and everything under it owned by `uid`:`uid`.
+fn chown_tree(path: &std::path::Path, uid: u32) {
+    std::os::unix::fs::lchown(path, Some(uid), Some(uid)).unwrap();
+    if path.is_dir() && !path.is_symlink() {
+        for e in std::fs::read_dir(path).unwrap() {
+            chown_tree(&e.unwrap().path(), uid);
+        }
+    }
+}
+
+/// `src` copied to `dst` (files, directories, links).
+fn copy_tree(src: &std::path::Path, dst: &std::path::Path) {
+    let meta = std::fs::symlink_metadata(src).unwrap();
+    if meta.is_symlink() {
+        std::os::unix::fs::symlink(std::fs::read_link(src).unwrap(), dst).unwrap();
+    } else if meta.is_dir() {
+        std::fs::create_dir_all(dst).unwrap();
+        for e in std::fs::read_dir(src).unwrap() {
+            let e = e.unwrap();
+            copy_tree(&e.path(), &dst.join(e.file_name()));
+        }
+    } else {
+        std::fs::copy(src, dst).unwrap();
+    }
+}
+
+/// Not root: `run -d` as an ordinary user (with its own caches, as such a user has) bakes
+/// and serves, each VM jailed in a user namespace of its own — not root anywhere, no
+/// capability, no_new_privs, seccomp, namespaces apart from the daemon's, a root holding
+/// only its own files — and the CLI says what of the jail it left out (a uid per VM,
+/// cgroups: those need root).
+#[test]
+fn run_as_a_user_jails_each_vm_in_a_user_namespace() {
+    use std::os::unix::process::CommandExt;
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    // What root's caches hold, where the user can read it (root's home is 0700).
+    let (kernel, init) = guest();
+    std::fs::copy(kernel, h.join("vmlinux")).unwrap();
+    // init and the guest agent next to it.
+    std::fs::copy(init, h.join("init")).unwrap();
+    let shim = init.with_file_name("supermachine-shim");
+    std::fs::copy(&shim, h.join("supermachine-shim")).unwrap();
+    copy_tree(&images().join("busybox"), &h.join("busybox"));
+    for d in ["cache", "snapshots", "runtime", "tmp"] {
+        std::fs::create_dir(h.join(d)).unwrap();
+    }
+    chown_tree(h, USER);
+    if on_kvm() {
+        // As a host's `kvm` group would: the user reaches /dev/kvm by its group (L1's
+        // node is root's alone, and nothing but these tests runs there).
+        std::os::unix::fs::chown("/dev/kvm", None, Some(USER)).unwrap();
+        std::fs::set_permissions(
+            "/dev/kvm",
+            std::os::unix::fs::PermissionsExt::from_mode(0o660),
+        )
+        .unwrap();
+    }
+    let port = free_port();
+    let sm = |args: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_supermachine"));
+        c.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", h)
+            .env("SUPERMACHINE_KERNEL", h.join("vmlinux"))
+            .env("SUPERMACHINE_INIT", h.join("init"))
+            .env("SUPERMACHINE_CACHE", h.join("cache"))
+            .env("SUPERMACHINE_SNAPSHOTS", h.join("snapshots"))
+            .env("SUPERMACHINE_RUNTIME_DIR", h.join("runtime"))
+            .env("TMPDIR", h.join("tmp"))
+            .current_dir(h)
+            .args(args);
+        for var in ["SUPERMACHINE_BACKEND", "SUPERMACHINE_QEMU"] {
+            if let Some(v) = std::env::var_os(var) {
+                c.env(var, v);
+            }
+        }
+        // SAFETY: setgroups/setgid/setuid between fork and exec, on the child only.
+        unsafe {
+            c.pre_exec(|| {
+                let gid = USER as libc::gid_t;
+                if libc::setgroups(1, &gid) != 0
+                    || libc::setgid(USER) != 0
+                    || libc::setuid(USER) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        c.output().unwrap()
+    };
+    let name = "as-a-user";
+    let o = sm(&[
+        "run",
+        "-d",
+        "--name",
+        name,
+        "-p",
+        &format!("{port}:80/http"),
+        &format!("oci-layout:{}", h.join("busybox").display()),
+        "--",
+        "httpd",
+        "-f",
+        "-p",
+        "80",
+        "-h",
+        "/var/www",
+    ]);
+    assert_code(&o, 0);
+    assert!(
+        stderr(&o).contains("not root") && stderr(&o).contains("cgroup"),
+        "no word of what the jail leaves out: {}",
+        stderr(&o)
+    );
+    let (status, body) = http_get(TcpStream::connect(("127.0.0.1", port)).unwrap(), "/");
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(body, b"<h1>hello from supermachine</h1>\n");
+
+    // The daemon, and its jailed worker: pid 1 of a pid namespace of its own.
+    let runtime = format!("SUPERMACHINE_RUNTIME_DIR={}", h.join("runtime").display());
+    let ours: Vec<u32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == runtime.as_bytes()))
+        })
+        .collect();
+    let ns_pid = |p: u32| status_field(p, "NSpid");
+    let worker = *ours
+        .iter()
+        .find(|&&p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .is_ok_and(|c| c.starts_with("supermachine-wo"))
+                && ns_pid(p).split_whitespace().last() == Some("1")
+        })
+        .unwrap_or_else(|| panic!("no jailed worker among {ours:?}"));
+    let daemon = *ours
+        .iter()
+        .find(|&&p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .is_ok_and(|c| c.trim() == "supermachine")
+        })
+        .expect("the daemon");
+    for p in [daemon, worker] {
+        assert_eq!(
+            status_field(p, "Uid"),
+            format!("{USER}\t{USER}\t{USER}\t{USER}"),
+            "pid {p}"
+        );
+    }
+    assert_eq!(status_field(worker, "CapEff"), "0000000000000000");
+    assert_eq!(status_field(worker, "CapPrm"), "0000000000000000");
+    assert_eq!(status_field(worker, "CapBnd"), "0000000000000000");
+    assert_eq!(status_field(worker, "NoNewPrivs"), "1");
+    assert_eq!(status_field(worker, "Seccomp"), "2");
+    for ns in ["user", "mnt", "pid", "net", "ipc", "uts"] {
+        let of = |p: u32| std::fs::read_link(format!("/proc/{p}/ns/{ns}")).unwrap();
+        assert_ne!(
+            of(worker),
+            of(daemon),
+            "{ns} namespace shared with the daemon"
+        );
+    }
+    // Its root holds its own files only.
+    let root = format!("/proc/{worker}/root");
+    assert!(std::path::Path::new(&format!("{root}/dev/null")).exists());
+    for absent in ["etc/shadow", "etc/passwd", "root"] {
+        assert!(
+            !std::path::Path::new(&format!("{root}/{absent}")).exists(),
+            "{absent} in the jail"
+        );
+    }
+
+    let o = sm(&["stop", name]);
+    assert_code(&o, 0);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::path::Path::new(&format!("/proc/{worker}")).exists() {
+        assert!(Instant::now() < deadline, "the worker outlived stop");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

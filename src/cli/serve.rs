@@ -30,8 +30,9 @@ pub struct ServeArgs {
     /// Where HTTP clients connect (when there is an --image or --route).
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// Serve /_supermachine/health and /_supermachine/metrics here.
-    #[arg(long)]
+    /// Serve /_supermachine/health and /_supermachine/metrics here: ADDR:PORT, or PORT (or
+    /// :PORT) for 127.0.0.1:PORT. Off unless given.
+    #[arg(long, value_name = "[ADDR:]PORT", value_parser = admin_addr)]
     admin: Option<SocketAddr>,
     /// The image for every request: a snapshot name, a snapshot dir, or oci-layout:DIR[:TAG]
     /// (baked first, with --port).
@@ -336,9 +337,20 @@ pub(crate) fn run_router(config: RouterConfig) -> Result<(), String> {
     served.map_err(|e| e.to_string())
 }
 
+/// `--admin`: a socket address, or a port alone on loopback (the admin endpoint tells
+/// anyone who reaches it the router's workers and counters).
+fn admin_addr(s: &str) -> Result<SocketAddr, String> {
+    let port = s.strip_prefix(':').unwrap_or(s);
+    if let Ok(p) = port.parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], p)));
+    }
+    s.parse()
+        .map_err(|_| format!("{s:?} is neither ADDR:PORT nor a port"))
+}
+
 #[cfg(test)]
 mod tests {
-    use super::parse_tcp_port;
+    use super::{admin_addr, parse_tcp_port};
 
     #[test]
     fn tcp_port_specs() {
@@ -359,5 +371,16 @@ mod tests {
         assert!(parse_tcp_port("127.0.0.1:1=:5")
             .unwrap_err()
             .contains("IMAGE"));
+    }
+
+    #[test]
+    fn a_bare_admin_port_is_on_loopback() {
+        assert_eq!(admin_addr("9090").unwrap().to_string(), "127.0.0.1:9090");
+        assert_eq!(admin_addr(":9090").unwrap().to_string(), "127.0.0.1:9090");
+        assert_eq!(
+            admin_addr("0.0.0.0:9090").unwrap().to_string(),
+            "0.0.0.0:9090"
+        );
+        assert!(admin_addr("localhost").unwrap_err().contains("localhost"));
     }
 }

@@ -115,7 +115,11 @@ pub fn main() -> i32 {
         // Only the jailed child returns; this process waits for it outside.
         match crate::jail::enter(&jail, &jail_paths(&snapshot), snapshot.meta.memory_mib, fd) {
             Ok(j) => {
-                supermachine_backend::qemu::run_jailed_as(j.uid);
+                if j.user_ns {
+                    supermachine_backend::qemu::run_sandboxed();
+                } else {
+                    supermachine_backend::qemu::run_jailed_as(j.uid);
+                }
                 Some(j)
             }
             Err(e) => {
@@ -139,7 +143,7 @@ pub fn main() -> i32 {
     };
     if let Some(j) = &jailed {
         let run_root = [absolute(std::env::temp_dir())];
-        let locked = crate::jail::drop_privileges(j.uid, &run_root)
+        let locked = crate::jail::drop_privileges(j, &run_root)
             .and_then(|_| crate::jail::seccomp::install());
         if let Err(e) = locked {
             reply(&WorkerReply::Error {

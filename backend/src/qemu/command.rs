@@ -111,7 +111,17 @@ impl QemuCommand {
             "-runas".to_string(),
             format!("{uid}:{uid}"),
             "-sandbox".to_string(),
-            "on,obsolete=deny,elevateprivileges=allow".to_string(),
+            "on,obsolete=deny,resourcecontrol=deny,elevateprivileges=allow".to_string(),
+        ]);
+        self
+    }
+
+    /// QEMU's seccomp sandbox as [`QemuCommand::jailed_as`] sets it, for a QEMU that
+    /// starts as the uid it runs as: nothing to elevate to, so that is denied too.
+    pub fn sandboxed(mut self) -> Self {
+        self.args.extend([
+            "-sandbox".to_string(),
+            "on,obsolete=deny,resourcecontrol=deny,elevateprivileges=deny".to_string(),
         ]);
         self
     }

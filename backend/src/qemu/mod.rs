@@ -28,14 +28,21 @@ pub use command::QemuCommand;
 /// How long QEMU may take to start and connect the control channel.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The uid (and gid) QEMU drops to once it has opened its files, in a jailed worker.
-static RUN_AS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+/// In a jailed worker: the uid (and gid) QEMU drops to once it has opened its files, or
+/// `None` where it already starts as its VM's uid (a worker jailed in a user namespace).
+static RUN_AS: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
 
 /// Every QEMU this process starts from now on runs as `uid` after its set-up (`-runas`)
 /// under QEMU's own seccomp sandbox. For the worker's jail: QEMU must open the snapshot's
 /// RAM file read-write (QEMU 7.2 has no read-only private RAM backend) before the drop.
 pub fn run_jailed_as(uid: u32) {
-    let _ = RUN_AS.set(uid);
+    let _ = RUN_AS.set(Some(uid));
+}
+
+/// Every QEMU this process starts from now on runs under QEMU's own seccomp sandbox, as
+/// the uid that starts it (it has nothing to drop).
+pub fn run_sandboxed() {
+    let _ = RUN_AS.set(None);
 }
 
 #[derive(Debug, Clone)]
@@ -229,7 +236,8 @@ impl QemuBackend {
             qcmd
         };
         let qcmd = match RUN_AS.get() {
-            Some(uid) => qcmd.jailed_as(*uid),
+            Some(Some(uid)) => qcmd.jailed_as(*uid),
+            Some(None) => qcmd.sandboxed(),
             None => qcmd,
         };
         let stderr = std::fs::File::create(&paths.qemu_log)

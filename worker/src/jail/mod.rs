@@ -1,22 +1,29 @@
 //! The worker's jail, entered before any guest byte is processed: a VMM escape lands in a
 //! process that sees nothing of the host and can do little with what it sees.
 //!
-//! [`enter`] (root only) does, in this order:
-//! 1. picks a uid from the configured range that no live worker holds (an flock on
-//!    `/run/supermachine/uids/UID.lock`, held by the waiter below for the VM's life);
-//! 2. creates the VM's cgroup with its memory, pids and cpu limits ([`cgroup`]);
-//! 3. unshares the mount, ipc, uts, network and pid namespaces and forks: the child is
+//! [`enter`] does, in this order:
+//! 1. as root, picks a uid from the configured range that no live worker holds (an flock
+//!    on `/run/supermachine/uids/UID.lock`, held by the waiter below for the VM's life);
+//!    as any other user, the VM keeps that user's uid and gets a user namespace of its
+//!    own (below), where the kernel allows unprivileged ones;
+//! 2. as root, creates the VM's cgroup with its memory, pids and cpu limits ([`cgroup`]);
+//!    other users get none (creating cgroups needs root);
+//! 3. unshares the pid namespace (and first, when not root, the user namespace, with only
+//!    the worker's own uid and gid mapped, at the same numbers) and forks: the child is
 //!    pid 1 of the new pid namespace and becomes the worker; the parent stays outside as a
 //!    small waiter that puts the child in the cgroup, reaps it, removes the cgroup and
-//!    exits as the child did (the same exit code, or the same signal);
+//!    exits as the child did (the same exit code, or the same signal); the child unshares
+//!    the mount, ipc, uts and network namespaces;
 //! 4. in the child: a new root (tmpfs) holding only the VM's files (the snapshot directory,
 //!    kernel and layer files read-only; its run directory read-write; for QEMU the system's
-//!    `/usr` read-only), private `/dev` nodes (`/dev/kvm` owned by the VM's uid), its own
-//!    `/proc` and `/tmp`; `pivot_root` into it, the old root detached;
+//!    `/usr` read-only), private `/dev` nodes (`/dev/kvm` owned by the VM's uid; in a user
+//!    namespace, where mknod is not allowed, the host's nodes bound), its own `/proc` and
+//!    `/tmp`; `pivot_root` into it, the old root detached;
 //! 5. loopback up (QEMU's user-mode network and its forwarded port live in this netns);
-//! 6. no supplementary groups, the uid/gid, an empty capability bounding set (so no
-//!    capability is left in any set), `no_new_privs`, no core dumps; every inherited
-//!    descriptor but stdio and the control socket closed.
+//! 6. no supplementary groups (in a user namespace the kernel keeps the ones the user
+//!    had: `setgroups` is denied there), the uid/gid, an empty capability bounding set and
+//!    no capability in any set, `no_new_privs`, no core dumps; every inherited descriptor
+//!    but stdio and the control socket closed.
 //!
 //! The seccomp filter ([`seccomp`]) comes later, once the VM monitor is prepared.
 
@@ -36,11 +43,6 @@ pub use config::JailConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum JailError {
-    #[error(
-        "the worker jail needs root (namespaces, pivot_root, cgroups, a uid per VM); run as \
-         root, or pass --no-jail (SUPERMACHINE_NO_JAIL=1) to run VMs unjailed"
-    )]
-    NeedsRoot,
     #[error("jail: no free uid in {0}-{1} (each live worker holds one)")]
     NoFreeUid(u32, u32),
     #[error("jail: cgroup {path}: {detail}")]
@@ -52,6 +54,12 @@ pub enum JailError {
     },
     #[error("jail: seccomp: {0}")]
     Seccomp(String),
+    #[error(
+        "jail: not root, and this kernel refused an unprivileged user namespace ({0}); \
+         allow them (sysctl user.max_user_namespaces, kernel.unprivileged_userns_clone), \
+         run as root, or pass --no-jail (SUPERMACHINE_NO_JAIL=1) to run VMs unjailed"
+    )]
+    NoUserNamespace(std::io::Error),
 }
 
 fn sys(what: impl Into<String>) -> impl FnOnce(nix::errno::Errno) -> JailError {
@@ -84,11 +92,16 @@ pub struct JailPaths {
 #[derive(Debug)]
 pub struct Jailed {
     pub uid: u32,
+    pub gid: u32,
+    /// In a user namespace of its own (not started as root): no uid of its own, no cgroup.
+    pub user_ns: bool,
 }
 
 const UID_LOCKS: &str = "/run/supermachine/uids";
-/// Each worker mounts its own root here, in its own mount namespace.
+/// Each worker mounts its own root here, in its own mount namespace (as root).
 const ROOT_MOUNT: &str = "/run/supermachine/jail";
+/// ... or, not root, here in its own temp dir (the host's run directory for it).
+const USER_ROOT_MOUNT: &str = ".jail-root";
 /// Where the system's files come from for QEMU (usr-merged Debian: /bin, /lib, /lib64 and
 /// /sbin are links into /usr, recreated as links).
 const SYSTEM_DIRS: &[&str] = &["/usr", "/bin", "/sbin", "/lib", "/lib64"];
@@ -105,25 +118,50 @@ pub fn enter(
     guest_memory_mib: u32,
     control_fd: RawFd,
 ) -> Result<Jailed, JailError> {
-    if !Uid::effective().is_root() {
-        return Err(JailError::NeedsRoot);
-    }
-    let (uid, uid_lock) = allocate_uid(cfg.uids)?;
-    let memory_mib = cfg
-        .memory_max_mib
-        .unwrap_or(guest_memory_mib.saturating_add(cfg.memory_overhead_mib));
-    let limits = cgroup::Limits {
-        memory_bytes: u64::from(memory_mib) << 20,
-        pids: cfg.pids_max,
-        cpus: cfg.cpus,
+    let user_ns = !Uid::effective().is_root();
+    let (uid, gid, uid_lock, cg, root_mount) = if user_ns {
+        let root_mount = std::env::temp_dir().join(USER_ROOT_MOUNT);
+        let (u, g) = (Uid::effective().as_raw(), Gid::effective().as_raw());
+        (u, g, None, None, root_mount)
+    } else {
+        let (uid, uid_lock) = allocate_uid(cfg.uids)?;
+        let memory_mib = cfg
+            .memory_max_mib
+            .unwrap_or(guest_memory_mib.saturating_add(cfg.memory_overhead_mib));
+        let limits = cgroup::Limits {
+            memory_bytes: u64::from(memory_mib) << 20,
+            pids: cfg.pids_max,
+            cpus: cfg.cpus,
+        };
+        let cg = cgroup::Cgroup::create(&format!("vm-{uid}"), &limits)?;
+        (
+            uid,
+            uid,
+            Some(uid_lock),
+            Some(cg),
+            PathBuf::from(ROOT_MOUNT),
+        )
     };
-    let cg = cgroup::Cgroup::create(&format!("vm-{uid}"), &limits)?;
-    std::fs::create_dir_all(ROOT_MOUNT).map_err(io(format!("creating {ROOT_MOUNT}")))?;
+    let remove_cg = || {
+        if let Some(cg) = &cg {
+            cg.remove();
+        }
+    };
+    std::fs::create_dir_all(&root_mount).map_err(|e| {
+        remove_cg();
+        io(format!("creating {}", root_mount.display()))(e)
+    })?;
+    if user_ns {
+        // First, so that every namespace unshared below belongs to it.
+        nix::sched::unshare(CloneFlags::CLONE_NEWUSER)
+            .map_err(|e| JailError::NoUserNamespace(e.into()))?;
+        map_own_ids(uid, gid)?;
+    }
     // The pid namespace is for the child only (it is its pid 1). The others are unshared
     // by the child itself: a pivot_root moves every process of a mount namespace, and the
     // waiter must keep the host's view (it removes the cgroup).
     nix::sched::unshare(CloneFlags::CLONE_NEWPID).map_err(|e| {
-        cg.remove();
+        remove_cg();
         sys("unsharing the pid namespace")(e)
     })?;
     let (go_rx, go_tx) = nix::unistd::pipe().map_err(sys("pipe"))?;
@@ -132,7 +170,7 @@ pub fn enter(
     match unsafe { nix::unistd::fork() }.map_err(sys("fork"))? {
         ForkResult::Parent { child } => {
             drop(go_rx);
-            wait_as_waiter(child, go_tx, &cg, uid_lock, control_fd)
+            wait_as_waiter(child, go_tx, cg.as_ref(), uid_lock, control_fd)
         }
         ForkResult::Child => {
             drop(go_tx);
@@ -154,14 +192,21 @@ pub fn enter(
                     | CloneFlags::CLONE_NEWNET,
             )
             .map_err(sys("unsharing namespaces"))?;
-            readable_by_all(&paths.read_only)?;
-            build_root(paths, uid)?;
+            if !user_ns {
+                readable_by_all(&paths.read_only)?;
+            }
+            build_root(paths, uid, &root_mount, user_ns)?;
             nix::unistd::sethostname("supermachine").map_err(sys("sethostname"))?;
             loopback_up()?;
             // What this process executes from now on (QEMU) gets no capability but the two
-            // that its `-runas` needs; this process keeps its own until drop_privileges.
-            trim_bounding_set(&[CAP_SETGID, CAP_SETUID]);
-            Ok(Jailed { uid })
+            // that its `-runas` needs (none in a user namespace: QEMU starts as the VM's
+            // uid); this process keeps its own until drop_privileges.
+            trim_bounding_set(if user_ns {
+                &[]
+            } else {
+                &[CAP_SETGID, CAP_SETUID]
+            });
+            Ok(Jailed { uid, gid, user_ns })
         }
     }
 }
@@ -171,19 +216,21 @@ pub fn enter(
 fn wait_as_waiter(
     child: nix::unistd::Pid,
     go: OwnedFd,
-    cg: &cgroup::Cgroup,
-    uid_lock: std::fs::File,
+    cg: Option<&cgroup::Cgroup>,
+    uid_lock: Option<std::fs::File>,
     control_fd: RawFd,
 ) -> ! {
     // The control socket is the child's: the host must see it close when the child dies.
     // SAFETY: this descriptor is ours (passed by the host) and used by the child only.
     drop(unsafe { OwnedFd::from_raw_fd(control_fd) });
-    if let Err(e) = cg.attach(child.as_raw() as u32) {
-        eprintln!("supermachine-worker: {e}");
-        let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
-        let _ = nix::sys::wait::waitpid(child, None);
-        cg.remove();
-        std::process::exit(1);
+    if let Some(cg) = cg {
+        if let Err(e) = cg.attach(child.as_raw() as u32) {
+            eprintln!("supermachine-worker: {e}");
+            let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(child, None);
+            cg.remove();
+            std::process::exit(1);
+        }
     }
     let _ = nix::unistd::write(&go, &[1]);
     drop(go);
@@ -195,7 +242,9 @@ fn wait_as_waiter(
             Err(_) => break WaitStatus::Exited(child, 1),
         }
     };
-    cg.remove();
+    if let Some(cg) = cg {
+        cg.remove();
+    }
     drop(uid_lock);
     match status {
         // Die of the same signal, so the host sees a SIGKILL (the OOM killer) as such.
@@ -248,6 +297,19 @@ fn allocate_uid((first, last): (u32, u32)) -> Result<(u32, std::fs::File), JailE
     Err(JailError::NoFreeUid(first, last))
 }
 
+/// In a user namespace just unshared: this process's own uid and gid, at the same numbers
+/// (the only mapping a user may write for itself; `setgroups` must be denied first).
+fn map_own_ids(uid: u32, gid: u32) -> Result<(), JailError> {
+    for (file, text) in [
+        ("/proc/self/setgroups", "deny".to_string()),
+        ("/proc/self/uid_map", format!("{uid} {uid} 1")),
+        ("/proc/self/gid_map", format!("{gid} {gid} 1")),
+    ] {
+        std::fs::write(file, text).map_err(io(format!("writing {file}")))?;
+    }
+    Ok(())
+}
+
 /// Closes every descriptor but stdio and the control socket (the host's leaks and ours).
 fn close_inherited(control_fd: RawFd) {
     let keep = control_fd.max(2);
@@ -272,7 +334,9 @@ fn under(root: &Path, p: &Path) -> PathBuf {
     root.join(p.strip_prefix("/").unwrap_or(p))
 }
 
-fn bind(src: &Path, root: &Path, read_only: bool) -> Result<(), JailError> {
+/// Binds `src` at the same path under `root`. `recursive`: with the mounts below it (not
+/// for a run directory, which in a user namespace holds the new root's own mount point).
+fn bind(src: &Path, root: &Path, read_only: bool, recursive: bool) -> Result<(), JailError> {
     let dst = under(root, src);
     let meta = std::fs::metadata(src).map_err(io(format!("{}", src.display())))?;
     if meta.is_dir() {
@@ -284,19 +348,70 @@ fn bind(src: &Path, root: &Path, read_only: bool) -> Result<(), JailError> {
         std::fs::File::create(&dst).map_err(io(format!("creating {}", dst.display())))?;
     }
     let what = format!("binding {}", src.display());
+    let rec = if recursive {
+        MsFlags::MS_REC
+    } else {
+        MsFlags::empty()
+    };
     mount(
         Some(src),
         &dst,
         None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
+        MsFlags::MS_BIND | rec,
         None::<&str>,
     )
     .map_err(sys(what.clone()))?;
-    let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     if read_only {
         flags |= MsFlags::MS_RDONLY;
     }
-    mount(None::<&str>, &dst, None::<&str>, flags, None::<&str>).map_err(sys(what))
+    remount_bind(&dst, src, flags).map_err(sys(what))
+}
+
+/// Remounts the bind mount at `dst` (of `src`) with `flags` added to those of `src`'s
+/// mount. A user namespace may not clear the flags its mounts came with (nosuid, nodev,
+/// noexec, ro, the atime mode: the kernel locks them), so they are carried over.
+fn remount_bind(dst: &Path, src: &Path, flags: MsFlags) -> nix::Result<()> {
+    use nix::sys::statvfs::FsFlags;
+    let have = nix::sys::statvfs::statvfs(src)?.flags();
+    let mut flags = flags | MsFlags::MS_REMOUNT | MsFlags::MS_BIND;
+    for (f, m) in [
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_RDONLY, MsFlags::MS_RDONLY),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+    ] {
+        if have.contains(f) {
+            flags |= m;
+        }
+    }
+    flags |= if have.contains(FsFlags::ST_NOATIME) {
+        MsFlags::MS_NOATIME
+    } else if have.contains(FsFlags::ST_RELATIME) {
+        MsFlags::MS_RELATIME
+    } else {
+        MsFlags::MS_STRICTATIME
+    };
+    mount(None::<&str>, dst, None::<&str>, flags, None::<&str>)
+}
+
+/// The host's device node `/dev/NAME` bound at `root/dev/NAME` (in a user namespace, which
+/// may not mknod): usable as a device (no nodev), nothing else.
+fn bind_device(root: &Path, name: &str) -> Result<(), JailError> {
+    let src = Path::new("/dev").join(name);
+    let dst = root.join("dev").join(name);
+    std::fs::File::create(&dst).map_err(io(format!("creating {}", dst.display())))?;
+    let what = format!("binding {}", src.display());
+    mount(
+        Some(&src),
+        &dst,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(sys(what.clone()))?;
+    remount_bind(&dst, &src, MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC).map_err(sys(what))
 }
 
 fn mknod(
@@ -327,7 +442,7 @@ fn mknod(
 }
 
 /// The VM's root: a tmpfs with only what it needs; then `pivot_root` into it.
-fn build_root(paths: &JailPaths, uid: u32) -> Result<(), JailError> {
+fn build_root(paths: &JailPaths, uid: u32, root: &Path, user_ns: bool) -> Result<(), JailError> {
     // Nothing mounted from here on reaches the host's namespace.
     mount(
         None::<&str>,
@@ -337,7 +452,6 @@ fn build_root(paths: &JailPaths, uid: u32) -> Result<(), JailError> {
         None::<&str>,
     )
     .map_err(sys("making / private"))?;
-    let root = Path::new(ROOT_MOUNT);
     mount(
         Some("tmpfs"),
         root,
@@ -345,7 +459,7 @@ fn build_root(paths: &JailPaths, uid: u32) -> Result<(), JailError> {
         MsFlags::MS_NOSUID,
         Some("mode=0755,size=16m"),
     )
-    .map_err(sys(format!("mounting a tmpfs on {ROOT_MOUNT}")))?;
+    .map_err(sys(format!("mounting a tmpfs on {}", root.display())))?;
     // /tmp first: binds below it (run directories often live in /tmp) go on top.
     let tmp = root.join("tmp");
     mkdirs(&tmp)?;
@@ -365,27 +479,30 @@ fn build_root(paths: &JailPaths, uid: u32) -> Result<(), JailError> {
                     std::os::unix::fs::symlink(target, under(root, d))
                         .map_err(io(format!("linking {}", d.display())))?;
                 }
-                Ok(_) => bind(d, root, true)?,
+                Ok(_) => bind(d, root, true, true)?,
                 Err(_) => {}
             }
         }
         for f in SYSTEM_FILES.iter().map(Path::new) {
             if f.is_file() {
-                bind(f, root, true)?;
+                bind(f, root, true, true)?;
             }
         }
     }
     for p in &paths.read_only {
-        bind(p, root, true)?;
+        bind(p, root, true, true)?;
     }
     for p in &paths.read_write {
-        bind(p, root, false)?;
+        bind(p, root, false, true)?;
     }
     for p in &paths.owned {
-        bind(p, root, false)?;
+        bind(p, root, false, false)?;
         // The VM's uid writes its sockets and logs here (the host's directory, same inode).
-        nix::unistd::chown(p, Some(Uid::from_raw(uid)), Some(Gid::from_raw(uid)))
-            .map_err(sys(format!("chown {}", p.display())))?;
+        // (In a user namespace it is the user's already.)
+        if !user_ns {
+            nix::unistd::chown(p, Some(Uid::from_raw(uid)), Some(Gid::from_raw(uid)))
+                .map_err(sys(format!("chown {}", p.display())))?;
+        }
     }
     mkdirs(&root.join("dev"))?;
     // SAFETY: umask only changes this process's file creation mask.
@@ -396,28 +513,41 @@ fn build_root(paths: &JailPaths, uid: u32) -> Result<(), JailError> {
         ("random", (1, 8)),
         ("urandom", (1, 9)),
     ] {
-        mknod(root, name, libc::makedev(rdev.0, rdev.1), 0o666, None)?;
+        if user_ns {
+            bind_device(root, name)?;
+        } else {
+            mknod(root, name, libc::makedev(rdev.0, rdev.1), 0o666, None)?;
+        }
     }
     if let Ok(m) = std::fs::metadata("/dev/kvm") {
         use std::os::unix::fs::MetadataExt;
-        // The VM's uid, and root without DAC override (QEMU before its -runas), by group.
-        mknod(root, "kvm", m.rdev(), 0o660, Some(uid))?;
+        if user_ns {
+            // The host's node with its own owner and mode: the user reaches it as on the
+            // host (its `kvm` group is one the kernel keeps in a user namespace).
+            bind_device(root, "kvm")?;
+        } else {
+            // The VM's uid, and root without DAC override (QEMU before its -runas), by
+            // group.
+            mknod(root, "kvm", m.rdev(), 0o660, Some(uid))?;
+        }
     }
+    // The pid namespace's own /proc, mounted before the old root goes: in a user
+    // namespace the kernel mounts a proc only where one is fully visible already.
     mkdirs(&root.join("proc"))?;
+    mount(
+        Some("proc"),
+        &root.join("proc"),
+        Some("proc"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(sys("mounting /proc"))?;
     let old = root.join(".old");
     mkdirs(&old)?;
     nix::unistd::pivot_root(root, &old).map_err(sys("pivot_root"))?;
     nix::unistd::chdir("/").map_err(sys("chdir /"))?;
     umount2("/.old", MntFlags::MNT_DETACH).map_err(sys("detaching the old root"))?;
     let _ = std::fs::remove_dir("/.old");
-    mount(
-        Some("proc"),
-        "/proc",
-        Some("proc"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        None::<&str>,
-    )
-    .map_err(sys("mounting /proc"))?;
     // The root itself read-only: the VM writes only to /tmp and its run directory.
     mount(
         None::<&str>,
@@ -482,6 +612,39 @@ fn readable_by_all(paths: &[PathBuf]) -> Result<(), JailError> {
     Ok(())
 }
 
+/// Empties this thread's permitted, effective and inheritable capability sets (the only
+/// thread: this runs before the VM's threads start).
+fn clear_capabilities() -> Result<(), JailError> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    // linux/capability.h: version 3 takes two Data (64 capabilities).
+    const VERSION_3: u32 = 0x2008_0522;
+    let header = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let data = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: capset reads a header and two data structs, both live for the call.
+    if unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) } != 0 {
+        return Err(io("clearing capabilities")(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 /// `lo` up, in the worker's fresh network namespace.
 fn loopback_up() -> Result<(), JailError> {
     #[repr(C)]
@@ -523,9 +686,12 @@ fn loopback_up() -> Result<(), JailError> {
 /// What the monitor made in `owned` (sockets, logs, run directories, made as root while
 /// preparing) becomes the VM uid's first: the worker connects to its own vsock socket and
 /// removes its run directory after the drop.
-pub fn drop_privileges(uid: u32, owned: &[PathBuf]) -> Result<(), JailError> {
-    for p in owned {
-        chown_tree(p, uid)?;
+pub fn drop_privileges(jailed: &Jailed, owned: &[PathBuf]) -> Result<(), JailError> {
+    let (uid, gid) = (jailed.uid, jailed.gid);
+    if !jailed.user_ns {
+        for p in owned {
+            chown_tree(p, uid)?;
+        }
     }
     let no_core = libc::rlimit {
         rlim_cur: 0,
@@ -533,8 +699,10 @@ pub fn drop_privileges(uid: u32, owned: &[PathBuf]) -> Result<(), JailError> {
     };
     // SAFETY: setrlimit reads `no_core`, which outlives the call.
     unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) };
-    nix::unistd::setgroups(&[]).map_err(sys("setgroups"))?;
-    let (u, g) = (Uid::from_raw(uid), Gid::from_raw(uid));
+    if !jailed.user_ns {
+        nix::unistd::setgroups(&[]).map_err(sys("setgroups"))?;
+    }
+    let (u, g) = (Uid::from_raw(uid), Gid::from_raw(gid));
     nix::unistd::setresgid(g, g, g).map_err(sys("setresgid"))?;
     trim_bounding_set(&[]);
     // SAFETY: prctl calls on this process's own capability sets and flags.
@@ -548,8 +716,11 @@ pub fn drop_privileges(uid: u32, owned: &[PathBuf]) -> Result<(), JailError> {
         );
         libc::prctl(libc::PR_SET_KEEPCAPS, 0, 0, 0, 0);
     }
-    // Leaving uid 0 with KEEPCAPS off clears the permitted and effective sets.
+    // Leaving uid 0 with KEEPCAPS off clears the permitted and effective sets; a process
+    // that unshared a user namespace holds every capability in it, whatever its uid, so
+    // the sets are cleared outright too.
     nix::unistd::setresuid(u, u, u).map_err(sys("setresuid"))?;
+    clear_capabilities()?;
     // A change of credentials clears the parent-death signal: set it again, so the VM
     // still dies with the waiter (and the waiter with the host).
     // SAFETY: as above.
