@@ -382,27 +382,13 @@ fn run_as_a_user_jails_each_vm_in_a_user_namespace() {
     let home = tempfile::tempdir().unwrap();
     let h = home.path();
     // What root's caches hold, where the user can read it (root's home is 0700).
-    let (kernel, init) = guest();
-    std::fs::copy(kernel, h.join("vmlinux")).unwrap();
-    // init and the guest agent next to it.
-    std::fs::copy(init, h.join("init")).unwrap();
-    let shim = init.with_file_name("supermachine-shim");
-    std::fs::copy(&shim, h.join("supermachine-shim")).unwrap();
+    guest_copy_in(h);
     copy_tree(&images().join("busybox"), &h.join("busybox"));
     for d in ["cache", "snapshots", "runtime", "tmp"] {
         std::fs::create_dir(h.join(d)).unwrap();
     }
     chown_tree(h, USER);
-    if on_kvm() {
-        // As a host's `kvm` group would: the user reaches /dev/kvm by its group (L1's
-        // node is root's alone, and nothing but these tests runs there).
-        std::os::unix::fs::chown("/dev/kvm", None, Some(USER)).unwrap();
-        std::fs::set_permissions(
-            "/dev/kvm",
-            std::os::unix::fs::PermissionsExt::from_mode(0o660),
-        )
-        .unwrap();
-    }
+    give_kvm_to_group(USER);
     let port = free_port();
     let sm = |args: &[&str]| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_supermachine"));

@@ -161,6 +161,7 @@ fn start_with(
         },
         grace: Duration::from_secs(5),
         accept_in_workers,
+        user: None,
     };
     launch(config, addr, admin, min)
 }
@@ -756,6 +757,7 @@ fn tls_passthrough_reaches_the_guests_own_server_by_sni() {
         },
         grace: Duration::from_secs(5),
         accept_in_workers: false,
+        user: None,
     };
     let r = launch(config, addr, admin, 1);
     let s_client = |name: &str| {
@@ -951,5 +953,131 @@ fn a_worker_killed_by_its_seccomp_filter_is_counted_and_replaced() {
             }
         }
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `serve --user`: started as root, the router binds a privileged port, hands the snapshot
+/// and a cgroup of its own to the user and becomes it for good; its workers are that user
+/// too, jailed in user namespaces inside the delegated cgroup with their memory and pids
+/// limits; it serves, and SIGTERM still stops everything.
+#[test]
+fn serve_as_a_user_binds_as_root_then_runs_as_that_user() {
+    const USER: u32 = 65534;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Everything the user's workers read, where it can reach (not under root's home).
+    std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let (kernel, init) = guest_copy_in(d);
+    for sub in ["cache", "snapshots"] {
+        std::fs::create_dir(d.join(sub)).unwrap();
+    }
+    give_kvm_to_group(USER);
+    let sm = || {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_supermachine"));
+        c.env("SUPERMACHINE_KERNEL", &kernel)
+            .env("SUPERMACHINE_INIT", &init)
+            .env("SUPERMACHINE_CACHE", d.join("cache"))
+            .env("SUPERMACHINE_SNAPSHOTS", d.join("snapshots"));
+        c
+    };
+    let o = sm()
+        .args(["pull", "--name", "web", "--cmd"])
+        .arg(r#"["httpd","-f","-p","80","-h","/var/www"]"#)
+        .arg(image("busybox"))
+        .output()
+        .unwrap();
+    assert_code(&o, 0);
+    // A port only root may bind: bound before the drop.
+    let port = (900..1000)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port below 1024");
+    let admin = free_addr();
+    let mut child = sm()
+        .args(["serve", "--user", &USER.to_string(), "--image", "web"])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--admin", &admin.port().to_string(), "--min", "1"])
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let router = child.id();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(s) = TcpStream::connect(("127.0.0.1", port)) {
+            let (status, body) = http_get(s, "/");
+            if status.contains("200") && body == INDEX {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "serve --user never answered");
+        assert!(child.try_wait().unwrap().is_none(), "serve --user exited");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let all_user = format!("{USER}\t{USER}\t{USER}\t{USER}");
+    assert_eq!(status_field(router, "Uid"), all_user);
+    assert_eq!(status_field(router, "CapEff"), "0000000000000000");
+    assert_eq!(status_field(router, "CapPrm"), "0000000000000000");
+    // The worker: pid 1 of its own pid namespace.
+    let snap = d.join("snapshots/web").display().to_string();
+    let worker = pids_with(&snap, "supermachine-worker")
+        .into_iter()
+        .map(|p| p as u32)
+        .find(|p| status_field(*p, "NSpid").split_whitespace().last() == Some("1"))
+        .expect("a jailed worker");
+    assert_eq!(status_field(worker, "Uid"), all_user);
+    assert_eq!(status_field(worker, "CapEff"), "0000000000000000");
+    assert_eq!(status_field(worker, "NoNewPrivs"), "1");
+    assert_eq!(status_field(worker, "Seccomp"), "2");
+    let ns = |p: u32| std::fs::read_link(format!("/proc/{p}/ns/user")).unwrap();
+    assert_ne!(
+        ns(worker),
+        ns(router),
+        "the worker shares the router's user namespace"
+    );
+    // Its cgroup: inside the router's delegated group, with its limits.
+    let groups = std::fs::read_to_string(format!("/proc/{worker}/cgroup")).unwrap();
+    let delegated = format!("/supermachine/router-{router}/vm-");
+    let (v2, path) = groups
+        .lines()
+        .find_map(|l| {
+            let (_, rest) = l.split_once(':')?;
+            let (controllers, path) = rest.split_once(':')?;
+            let v2 = controllers.is_empty();
+            (v2 || controllers.split(',').any(|c| c == "memory")).then(|| (v2, path.to_string()))
+        })
+        .expect("a memory cgroup");
+    assert!(path.starts_with(&delegated), "{groups}");
+    let (memory, pids) = if v2 {
+        (
+            format!("/sys/fs/cgroup{path}/memory.max"),
+            format!("/sys/fs/cgroup{path}/pids.max"),
+        )
+    } else {
+        let pids_path = groups
+            .lines()
+            .find_map(|l| l.split_once(":pids:").map(|(_, p)| p.to_string()))
+            .expect("a pids cgroup");
+        (
+            format!("/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"),
+            format!("/sys/fs/cgroup/pids{pids_path}/pids.max"),
+        )
+    };
+    // The snapshot's 256 MiB of guest memory + the default 384 MiB overhead.
+    assert_eq!(
+        std::fs::read_to_string(&memory).unwrap().trim(),
+        ((256u64 + 384) << 20).to_string()
+    );
+    assert_eq!(std::fs::read_to_string(&pids).unwrap().trim(), "512");
+    assert!(metric(admin, "supermachine_connections_total") >= 1);
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(router as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !pids_with(&snap, "supermachine-worker").is_empty() {
+        assert!(Instant::now() < deadline, "workers outlived serve --user");
+        std::thread::sleep(Duration::from_millis(100));
     }
 }

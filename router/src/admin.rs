@@ -1,7 +1,6 @@
 //! `/_supermachine/health` and `/_supermachine/metrics` on the admin address.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -12,14 +11,11 @@ use hyper_util::rt::TokioIo;
 use super::metrics::Metrics;
 use super::pool::ImagePool;
 
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, pools: Vec<Arc<ImagePool>>) {
-    let listener = match tokio::net::TcpListener::bind(addr).await {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(%addr, error = %e, "admin listener failed");
-            return;
-        }
-    };
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    pools: Vec<Arc<ImagePool>>,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;

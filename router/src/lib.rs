@@ -14,6 +14,7 @@ mod error;
 mod h2;
 mod metrics;
 mod pool;
+pub mod privileges;
 pub mod sni;
 pub mod tls;
 
@@ -66,6 +67,29 @@ pub struct RouterConfig {
     /// Single image only: hand the listening socket to every worker, which accept on it
     /// themselves (no head parsing, no routing, no per-connection handoff).
     pub accept_in_workers: bool,
+    /// Started as root: become this user once every listener is bound, before any worker
+    /// starts (`serve --user`).
+    pub user: Option<privileges::RunAs>,
+}
+
+impl RouterConfig {
+    /// Every snapshot a pool of this router serves.
+    fn snapshots(&self) -> Vec<PathBuf> {
+        let mut s: Vec<PathBuf> = self.routes.iter().map(|r| r.snapshot.clone()).collect();
+        s.extend(self.tcp.iter().map(|t| t.snapshot.clone()));
+        if let Some(sni) = &self.sni {
+            s.extend(sni.routes.iter().map(|r| r.snapshot.clone()));
+        }
+        s
+    }
+
+    /// `--user`'s drop, where asked for.
+    fn drop_privileges(&self) -> Result<(), RouterError> {
+        match &self.user {
+            Some(u) => privileges::drop_to(u, &self.snapshots()),
+            None => Ok(()),
+        }
+    }
 }
 
 pub struct Router {
@@ -443,6 +467,11 @@ pub async fn serve(
                 addr: listen,
                 source,
             })?;
+        let admin = match config.admin {
+            Some(a) => Some(bind(a).await?),
+            None => None,
+        };
+        config.drop_privileges()?;
         let pool = ImagePool::start_accepting(
             config.routes[0].snapshot.clone(),
             config.pool.clone(),
@@ -450,9 +479,8 @@ pub async fn serve(
             metrics.clone(),
             listener,
         )?;
-        let admin_task = config
-            .admin
-            .map(|addr| tokio::spawn(admin::serve(addr, metrics.clone(), vec![pool.clone()])));
+        let admin_task =
+            admin.map(|l| tokio::spawn(admin::serve(l, metrics.clone(), vec![pool.clone()])));
         tracing::info!(listen = %listen, "workers accept on the shared listener");
         shutdown.await;
         pool.shutdown();
@@ -471,6 +499,25 @@ pub async fn serve(
             "nothing to serve: no HTTP, TCP or SNI route".into(),
         ));
     }
+    // Every listener first: a port in use fails before any VM starts, and `--user` binds
+    // privileged ports as root, then drops before the first worker.
+    let http = match config.listen.filter(|_| !config.routes.is_empty()) {
+        Some(l) => Some((l, bind(l).await?)),
+        None => None,
+    };
+    let mut tcp_listeners = Vec::new();
+    for t in &config.tcp {
+        tcp_listeners.push(bind(t.listen).await?);
+    }
+    let sni_listener = match &config.sni {
+        Some(sni) => Some(bind(sni.listen).await?),
+        None => None,
+    };
+    let admin_listener = match config.admin {
+        Some(a) => Some(bind(a).await?),
+        None => None,
+    };
+    config.drop_privileges()?;
     let mut all_pools: Vec<Arc<ImagePool>> = Vec::new();
     let mut pools = Vec::new();
     for r in &config.routes {
@@ -488,9 +535,7 @@ pub async fn serve(
         metrics: metrics.clone(),
     });
     let mut tasks = Vec::new();
-    // Listeners bind before pools of later routes start, so a port in use fails fast.
-    if let Some(listen) = config.listen.filter(|_| !config.routes.is_empty()) {
-        let listener = bind(listen).await?;
+    if let Some((listen, listener)) = http {
         let r = router.clone();
         if config.tls.is_empty() {
             tracing::info!(listen = %listen, mode = "http", "router listening");
@@ -511,8 +556,7 @@ pub async fn serve(
             )));
         }
     }
-    for t in &config.tcp {
-        let listener = bind(t.listen).await?;
+    for (t, listener) in config.tcp.iter().zip(tcp_listeners) {
         let pool = ImagePool::start(
             t.snapshot.clone(),
             config.pool.clone(),
@@ -529,8 +573,7 @@ pub async fn serve(
             move |s| handle_tcp(pool.clone(), m.clone(), s),
         )));
     }
-    if let Some(sni) = &config.sni {
-        let listener = bind(sni.listen).await?;
+    if let (Some(sni), Some(listener)) = (&config.sni, sni_listener) {
         let mut routes = Vec::new();
         for r in &sni.routes {
             let pool = ImagePool::start(
@@ -551,9 +594,9 @@ pub async fn serve(
             move |s| handle_sni(routes.clone(), m.clone(), s),
         )));
     }
-    if let Some(addr) = config.admin {
+    if let Some(listener) = admin_listener {
         tasks.push(tokio::spawn(admin::serve(
-            addr,
+            listener,
             metrics.clone(),
             all_pools.clone(),
         )));

@@ -216,6 +216,7 @@ pub fn run(a: RunArgs) -> i32 {
         },
         grace: Duration::from_secs(10),
         accept_in_workers: false,
+        user: None,
     };
     eprintln!(
         "supermachine: {name} serving {listen} -> guest port {guest_port}/{}",

@@ -76,6 +76,16 @@ struct JailArgs {
         env = "SUPERMACHINE_JAIL_CPUS"
     )]
     jail_cpus: Option<String>,
+    /// Not root: a cgroup delegated to you (NAME: /sys/fs/cgroup/NAME on v2, under each
+    /// controller on v1), in which each VM gets its own group with the limits above. On v2
+    /// this process must already be inside it (the kernel's rule for moving processes).
+    #[arg(
+        long,
+        global = true,
+        value_name = "NAME",
+        env = "SUPERMACHINE_JAIL_CGROUP"
+    )]
+    jail_cgroup: Option<String>,
 }
 
 impl JailArgs {
@@ -96,6 +106,11 @@ impl JailArgs {
                 &self.jail_pids_max,
             ),
             ("--jail-cpus", "SUPERMACHINE_JAIL_CPUS", &self.jail_cpus),
+            (
+                "--jail-cgroup",
+                "SUPERMACHINE_JAIL_CGROUP",
+                &self.jail_cgroup,
+            ),
         ] {
             if let Some(v) = value {
                 check.apply_arg(flag, Some(v))?;
@@ -160,11 +175,16 @@ pub fn main() -> i32 {
             );
         } else if !nix::unistd::Uid::effective().is_root() {
             // What a jail needs root for is left out, not silently: say what.
+            let limits = match &jail.cgroup {
+                Some(g) => format!("with cgroup limits inside {g}"),
+                None => "without cgroup memory, pids or cpu limits (--jail-cgroup NAME: a \
+                         cgroup delegated to you)"
+                    .to_string(),
+            };
             eprintln!(
                 "supermachine: note: not root: each VM is jailed in user, mount, pid, network, \
                  ipc and uts namespaces of its own, under seccomp and with no capabilities, \
-                 but all VMs run as uid {} and without cgroup memory, pids or cpu limits \
-                 (a uid per VM and cgroups need root)",
+                 but all VMs run as uid {} (a uid per VM needs root), {limits}",
                 nix::unistd::Uid::effective()
             );
         }

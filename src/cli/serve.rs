@@ -82,6 +82,11 @@ pub struct ServeArgs {
     /// Single image: every worker accepts on the listening socket itself.
     #[arg(long)]
     accept_in_workers: bool,
+    /// Started as root: once the listeners are bound (and images baked), become USER (NAME,
+    /// UID or UID:GID) for good; workers then jail themselves in user namespaces, inside a
+    /// cgroup delegated to USER. The caches and snapshots must be where USER can read them.
+    #[arg(long, value_name = "USER", value_parser = router::privileges::RunAs::parse)]
+    user: Option<router::privileges::RunAs>,
     /// For images baked here (a snapshot is restored by the backend that baked it).
     #[command(flatten)]
     backend: crate::cli::backend::BackendArgs,
@@ -248,6 +253,7 @@ fn router_config(a: &ServeArgs) -> Result<RouterConfig, String> {
         },
         grace: Duration::from_secs(a.grace),
         accept_in_workers: a.accept_in_workers,
+        user: a.user.clone(),
     })
 }
 

@@ -368,3 +368,31 @@ pub fn cgroup_limits(pid: u32) -> (u64, u64) {
         pids.unwrap_or_else(|| panic!("process {pid} has no pids limit:\n{groups}")),
     )
 }
+
+/// On kvm, lets `gid`'s members open /dev/kvm, as a host's `kvm` group does (L1's node is
+/// root's alone, and only these tests run there); elsewhere nothing.
+pub fn give_kvm_to_group(gid: u32) {
+    if on_kvm() {
+        std::os::unix::fs::chown("/dev/kvm", None, Some(gid)).unwrap();
+        std::fs::set_permissions(
+            "/dev/kvm",
+            std::os::unix::fs::PermissionsExt::from_mode(0o660),
+        )
+        .unwrap();
+    }
+}
+
+/// The guest kernel, init and agent copied into `dir` (root's caches are under its 0700
+/// home, out of another user's reach): (kernel, init).
+pub fn guest_copy_in(dir: &Path) -> (PathBuf, PathBuf) {
+    let (kernel, init) = guest();
+    let (k, i) = (dir.join("vmlinux"), dir.join("init"));
+    std::fs::copy(kernel, &k).unwrap();
+    std::fs::copy(init, &i).unwrap();
+    std::fs::copy(
+        init.with_file_name("supermachine-shim"),
+        dir.join("supermachine-shim"),
+    )
+    .unwrap();
+    (k, i)
+}

@@ -57,7 +57,8 @@ fn parse_args() -> Result<Args, String> {
 }
 
 /// The files a restore of `snapshot` reads, for the jail's root.
-fn jail_paths(snapshot: &Snapshot) -> JailPaths {
+/// What the jail of a worker of `snapshot` holds besides /dev, /proc and /tmp.
+pub fn jail_paths(snapshot: &Snapshot) -> JailPaths {
     let meta = &snapshot.meta;
     let qemu = snapshot.backend_kind() == supermachine_backend::BackendKind::Qemu;
     let mut read_only = vec![meta.kernel.path.clone()];

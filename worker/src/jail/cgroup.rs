@@ -57,15 +57,37 @@ fn unified_root() -> Option<PathBuf> {
 impl Cgroup {
     /// Creates `supermachine/NAME` and writes the limits (before any process joins).
     pub fn create(name: &str, limits: &Limits) -> Result<Cgroup, JailError> {
+        Cgroup::create_in(PARENT, true, name, limits)
+    }
+
+    /// Creates `PARENT/NAME` in a group delegated to this (non-root) user, which must
+    /// exist, and writes the limits: nothing above it is touched.
+    pub fn create_delegated(
+        parent: &str,
+        name: &str,
+        limits: &Limits,
+    ) -> Result<Cgroup, JailError> {
+        Cgroup::create_in(parent, false, name, limits)
+    }
+
+    /// `own_parent`: the parent is ours to create and to enable controllers above.
+    fn create_in(
+        parent: &str,
+        own_parent: bool,
+        name: &str,
+        limits: &Limits,
+    ) -> Result<Cgroup, JailError> {
         if let Some(root) = unified_root() {
-            let parent = root.join(PARENT);
+            let parent = root.join(parent);
             let controllers = if limits.cpus.is_some() {
                 "+memory +pids +cpu"
             } else {
                 "+memory +pids"
             };
-            write(&root.join("cgroup.subtree_control"), controllers)?;
-            mkdir(&parent)?;
+            if own_parent {
+                write(&root.join("cgroup.subtree_control"), controllers)?;
+                mkdir(&parent)?;
+            }
             write(&parent.join("cgroup.subtree_control"), controllers)?;
             let dir = parent.join(name);
             mkdir(&dir)?;
@@ -98,8 +120,10 @@ impl Cgroup {
             controllers.push("cpu");
         }
         for c in controllers {
-            mkdir(&v1(c).join(PARENT))?;
-            let dir = v1(c).join(PARENT).join(name);
+            if own_parent {
+                mkdir(&v1(c).join(parent))?;
+            }
+            let dir = v1(c).join(parent).join(name);
             mkdir(&dir)?;
             cg.dirs.push(dir.clone());
             match c {
@@ -146,6 +170,104 @@ impl Cgroup {
                     _ => break,
                 }
             }
+        }
+    }
+}
+
+/// `serve --user`: creates `supermachine/NAME`, delegated to `uid`:`gid` (the directory and
+/// the files that create groups and move processes are theirs), for the VMs' groups
+/// ([`Cgroup::create_delegated`]); on v2 this process moves into `NAME/router` first (the
+/// kernel lets a process move others only within a subtree it is in). Returns the group's
+/// name. Root only.
+pub fn delegate(name: &str, uid: u32, gid: u32, cpu: bool) -> Result<String, JailError> {
+    let group = format!("{PARENT}/{name}");
+    let own = |p: &Path| {
+        std::os::unix::fs::chown(p, Some(uid), Some(gid)).map_err(|e| JailError::Cgroup {
+            path: p.to_path_buf(),
+            detail: format!("handing it to {uid}:{gid}: {e}"),
+        })
+    };
+    if let Some(root) = unified_root() {
+        let controllers = if cpu {
+            "+memory +pids +cpu"
+        } else {
+            "+memory +pids"
+        };
+        write(&root.join("cgroup.subtree_control"), controllers)?;
+        mkdir(&root.join(PARENT))?;
+        write(
+            &root.join(PARENT).join("cgroup.subtree_control"),
+            controllers,
+        )?;
+        let dir = root.join(&group);
+        let leaf = dir.join("router");
+        mkdir(&dir)?;
+        mkdir(&leaf)?;
+        // Out of `dir` before its controllers go on (a group with processes may not).
+        write(&leaf.join("cgroup.procs"), &std::process::id().to_string())?;
+        write(&dir.join("cgroup.subtree_control"), controllers)?;
+        for d in [&dir, &leaf] {
+            for f in [
+                "",
+                "cgroup.procs",
+                "cgroup.subtree_control",
+                "cgroup.threads",
+            ] {
+                own(&d.join(f))?;
+            }
+        }
+        return Ok(group);
+    }
+    let mut controllers = vec!["memory", "pids"];
+    if cpu {
+        controllers.push("cpu");
+    }
+    for c in controllers {
+        let base = Path::new(ROOT).join(c);
+        mkdir(&base.join(PARENT))?;
+        let dir = base.join(&group);
+        mkdir(&dir)?;
+        for f in ["", "tasks", "cgroup.procs"] {
+            own(&dir.join(f))?;
+        }
+    }
+    Ok(group)
+}
+
+/// Removes what routers that are gone delegated (`supermachine/router-PID` for a PID no
+/// longer alive, and the groups in it): a router that gave up root cannot remove its own.
+/// Best effort; root only.
+pub fn remove_stale_delegations() {
+    let mut parents = Vec::new();
+    if let Some(root) = unified_root() {
+        parents.push(root.join(PARENT));
+    } else {
+        for c in ["memory", "pids", "cpu"] {
+            parents.push(Path::new(ROOT).join(c).join(PARENT));
+        }
+    }
+    for parent in parents {
+        let Ok(rd) = std::fs::read_dir(&parent) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name();
+            let Some(pid) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("router-"))
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if Path::new(&format!("/proc/{pid}")).exists() {
+                continue;
+            }
+            if let Ok(children) = std::fs::read_dir(e.path()) {
+                for c in children.flatten().filter(|c| c.path().is_dir()) {
+                    let _ = std::fs::remove_dir(c.path());
+                }
+            }
+            let _ = std::fs::remove_dir(e.path());
         }
     }
 }

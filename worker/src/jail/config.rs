@@ -20,6 +20,11 @@ pub struct JailConfig {
     pub pids_max: u32,
     /// CPU limit in CPUs (cgroup cpu quota), none by default.
     pub cpus: Option<f64>,
+    /// A cgroup delegated to the (non-root) user workers run as — `NAME` is
+    /// `/sys/fs/cgroup/NAME` on v2, under each controller on v1 — in which each worker
+    /// makes its VM's group with the limits above. Root ignores it (its workers' groups go
+    /// under `supermachine/`); without it a non-root worker has no cgroup.
+    pub cgroup: Option<String>,
     /// Debug builds only, for tests: a handoff whose bytes carry
     /// [`crate::jail::seccomp::TEST_TRIGGER`] makes the worker call a forbidden syscall.
     #[doc(hidden)]
@@ -45,6 +50,7 @@ impl Default for JailConfig {
             memory_max_mib: None,
             pids_max: DEFAULT_PIDS_MAX,
             cpus: None,
+            cgroup: None,
             test_forbidden_syscall: false,
         }
     }
@@ -84,6 +90,7 @@ impl JailConfig {
             ("SUPERMACHINE_JAIL_MEMORY_MAX_MIB", "--jail-memory-max-mib"),
             ("SUPERMACHINE_JAIL_PIDS_MAX", "--jail-pids-max"),
             ("SUPERMACHINE_JAIL_CPUS", "--jail-cpus"),
+            ("SUPERMACHINE_JAIL_CGROUP", "--jail-cgroup"),
         ] {
             if let Ok(v) = std::env::var(var) {
                 c.apply_arg(flag, Some(&v))
@@ -119,6 +126,9 @@ impl JailConfig {
         if let Some(c) = self.cpus {
             a.extend(["--jail-cpus".into(), c.to_string()]);
         }
+        if let Some(g) = &self.cgroup {
+            a.extend(["--jail-cgroup".into(), g.clone()]);
+        }
         if self.test_forbidden_syscall {
             a.extend(["--test-forbidden-syscall".into(), "1".into()]);
         }
@@ -138,6 +148,19 @@ impl JailConfig {
             "--jail-memory-overhead-mib" => self.memory_overhead_mib = num(need()?)?,
             "--jail-memory-max-mib" => self.memory_max_mib = Some(num(need()?)?),
             "--jail-pids-max" => self.pids_max = num(need()?)?,
+            "--jail-cgroup" => {
+                let v = need()?;
+                if v.is_empty()
+                    || v.starts_with('/')
+                    || v.split('/').any(|p| p.is_empty() || p == "." || p == "..")
+                {
+                    return Err(format!(
+                        "{flag}: {v:?} is not a cgroup name (a relative path like \
+                         user.slice/mine, no . or .. parts)"
+                    ));
+                }
+                self.cgroup = Some(v.to_string());
+            }
             "--test-forbidden-syscall" if cfg!(debug_assertions) => {
                 self.test_forbidden_syscall = need()? == "1"
             }
@@ -176,6 +199,7 @@ mod tests {
         let c = JailConfig {
             memory_max_mib: Some(200),
             cpus: Some(0.5),
+            cgroup: Some("delegated/to-me".into()),
             test_forbidden_syscall: cfg!(debug_assertions),
             ..JailConfig::default()
         };
@@ -202,5 +226,11 @@ mod tests {
             .apply_arg("--jail-pids-max", Some("lots"))
             .unwrap_err()
             .contains("--jail-pids-max"));
+        for bad in ["/abs", "a/../b", "", "a//b"] {
+            assert!(JailConfig::default()
+                .apply_arg("--jail-cgroup", Some(bad))
+                .unwrap_err()
+                .contains("--jail-cgroup"));
+        }
     }
 }

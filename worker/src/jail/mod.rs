@@ -6,8 +6,9 @@
 //!    on `/run/supermachine/uids/UID.lock`, held by the waiter below for the VM's life);
 //!    as any other user, the VM keeps that user's uid and gets a user namespace of its
 //!    own (below), where the kernel allows unprivileged ones;
-//! 2. as root, creates the VM's cgroup with its memory, pids and cpu limits ([`cgroup`]);
-//!    other users get none (creating cgroups needs root);
+//! 2. creates the VM's cgroup with its memory, pids and cpu limits ([`cgroup`]): as root
+//!    under `supermachine/`; as another user inside the group delegated to it
+//!    (`--jail-cgroup`), else none (creating cgroups elsewhere needs root);
 //! 3. unshares the pid namespace (and first, when not root, the user namespace, with only
 //!    the worker's own uid and gid mapped, at the same numbers) and forks: the child is
 //!    pid 1 of the new pid namespace and becomes the worker; the parent stays outside as a
@@ -119,20 +120,29 @@ pub fn enter(
     control_fd: RawFd,
 ) -> Result<Jailed, JailError> {
     let user_ns = !Uid::effective().is_root();
+    let memory_mib = cfg
+        .memory_max_mib
+        .unwrap_or(guest_memory_mib.saturating_add(cfg.memory_overhead_mib));
+    let limits = cgroup::Limits {
+        memory_bytes: u64::from(memory_mib) << 20,
+        pids: cfg.pids_max,
+        cpus: cfg.cpus,
+    };
     let (uid, gid, uid_lock, cg, root_mount) = if user_ns {
         let root_mount = std::env::temp_dir().join(USER_ROOT_MOUNT);
         let (u, g) = (Uid::effective().as_raw(), Gid::effective().as_raw());
-        (u, g, None, None, root_mount)
+        // A group of its own only inside one delegated to this user.
+        let cg = match &cfg.cgroup {
+            Some(parent) => Some(cgroup::Cgroup::create_delegated(
+                parent,
+                &format!("vm-{}", std::process::id()),
+                &limits,
+            )?),
+            None => None,
+        };
+        (u, g, None, cg, root_mount)
     } else {
         let (uid, uid_lock) = allocate_uid(cfg.uids)?;
-        let memory_mib = cfg
-            .memory_max_mib
-            .unwrap_or(guest_memory_mib.saturating_add(cfg.memory_overhead_mib));
-        let limits = cgroup::Limits {
-            memory_bytes: u64::from(memory_mib) << 20,
-            pids: cfg.pids_max,
-            cpus: cfg.cpus,
-        };
         let cg = cgroup::Cgroup::create(&format!("vm-{uid}"), &limits)?;
         (
             uid,
@@ -559,18 +569,70 @@ fn build_root(paths: &JailPaths, uid: u32, root: &Path, user_ns: bool) -> Result
     .map_err(sys("remounting / read-only"))
 }
 
-/// `p` and everything under it (not following links) owned by `uid`:`uid`.
-fn chown_tree(p: &Path, uid: u32) -> Result<(), JailError> {
-    std::os::unix::fs::lchown(p, Some(uid), Some(uid))
+/// `p` and everything under it (not following links) owned by `uid`:`gid`.
+fn chown_tree(p: &Path, uid: u32, gid: u32) -> Result<(), JailError> {
+    std::os::unix::fs::lchown(p, Some(uid), Some(gid))
         .map_err(io(format!("chown {}", p.display())))?;
     let meta = std::fs::symlink_metadata(p).map_err(io(format!("{}", p.display())))?;
     if meta.is_dir() {
         let rd = std::fs::read_dir(p).map_err(io(format!("listing {}", p.display())))?;
         for e in rd.flatten() {
-            chown_tree(&e.path(), uid)?;
+            chown_tree(&e.path(), uid, gid)?;
         }
     }
     Ok(())
+}
+
+/// `serve --user`, as root before the router gives root up: what workers of `paths` open
+/// becomes reachable by `uid`:`gid` — the files readable by all (as a root worker makes
+/// them anyway) and the directories among them searchable; what a worker writes (QEMU's
+/// snapshot directory: it opens the RAM file read-write) becomes theirs.
+pub fn share_with(paths: &JailPaths, uid: u32, gid: u32) -> Result<(), JailError> {
+    use std::os::unix::fs::PermissionsExt;
+    readable_by_all(&paths.read_only)?;
+    for d in paths.read_only.iter().filter(|p| p.is_dir()) {
+        let mode = std::fs::metadata(d)
+            .map_err(io(format!("{}", d.display())))?
+            .permissions()
+            .mode();
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode | 0o055))
+            .map_err(io(format!("making {} searchable", d.display())))?;
+    }
+    for p in &paths.read_write {
+        chown_tree(p, uid, gid)?;
+    }
+    Ok(())
+}
+
+/// What a worker of `paths` will open, opened by this process (after `serve --user` gave
+/// up root): the error names the first it cannot, and why.
+pub fn check_reachable(paths: &JailPaths) -> Result<(), JailError> {
+    let mut files = Vec::new();
+    for p in paths.read_only.iter().chain(&paths.read_write) {
+        if p.is_dir() {
+            let rd = std::fs::read_dir(p).map_err(|e| unreachable(p, e))?;
+            files.extend(rd.flatten().map(|e| e.path()).filter(|f| f.is_file()));
+        } else {
+            files.push(p.clone());
+        }
+    }
+    for f in files {
+        std::fs::File::open(&f).map_err(|e| unreachable(&f, e))?;
+    }
+    Ok(())
+}
+
+fn unreachable(p: &Path, source: std::io::Error) -> JailError {
+    JailError::Sys {
+        what: format!(
+            "{} is out of this user's reach (every directory above it must let uid {} \
+             through: keep SUPERMACHINE_CACHE, SUPERMACHINE_SNAPSHOTS and the kernel outside \
+             root's home)",
+            p.display(),
+            Uid::effective()
+        ),
+        source,
+    }
 }
 
 /// Drops every capability but `keep` from the bounding set (what exec can grant).
@@ -690,7 +752,7 @@ pub fn drop_privileges(jailed: &Jailed, owned: &[PathBuf]) -> Result<(), JailErr
     let (uid, gid) = (jailed.uid, jailed.gid);
     if !jailed.user_ns {
         for p in owned {
-            chown_tree(p, uid)?;
+            chown_tree(p, uid, uid)?;
         }
     }
     let no_core = libc::rlimit {
