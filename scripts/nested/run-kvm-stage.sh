@@ -36,10 +36,11 @@ declare -A STAGE=(
   # the TCP forwarder's, over the agent's Connect stream the agent tests run on kvm.
   [daemon]="--skip a_failing_health_cmd_stops_the_daemon --skip redis_over_tcp_publish"
   # Only what differs on kvm (each router test is ~100 s in L1): 200 handoffs and a 10 MiB
-  # body through our vsock, a worker killed by its per-thread filters, and no VM outliving
-  # serve when the VMs are the workers. Routing, pools, metrics, respawn, TLS and the
-  # fronts are the router's own code, run on QEMU.
-  [router]="--exact shared_pool_serves_concurrent_requests_and_large_bodies a_worker_killed_by_its_seccomp_filter_is_counted_and_replaced sigterm_leaves_no_workers_vms_or_run_dirs"
+  # body through our vsock, a worker killed by its per-thread filters, no VM outliving
+  # serve when the VMs are the workers, and serve --user (user-namespace jails reaching
+  # /dev/kvm, cgroup v2 delegation). Routing, pools, metrics, respawn, TLS and the fronts
+  # are the router's own code, run on QEMU.
+  [router]="--exact shared_pool_serves_concurrent_requests_and_large_bodies a_worker_killed_by_its_seccomp_filter_is_counted_and_replaced sigterm_leaves_no_workers_vms_or_run_dirs serve_as_a_user_binds_as_root_then_runs_as_that_user"
   # Registry protocol only (what reaches a VM is an OCI layout, as in the tests kept).
   [registry]="--skip a_corrupted_blob_is_refused_and_not_cached --skip an_interrupted_download_resumes --skip credentials_from_the_docker_config --skip platform_insecure_registry_and_pull_flags --skip pull_policies_against_a_stopped_registry"
 )
