@@ -27,10 +27,16 @@ impl Sandbox {
     }
 
     fn sm(&self, args: &[&str]) -> Output {
+        self.sm_with(&[], args)
+    }
+
+    /// [`Sandbox::sm`] with more environment.
+    fn sm_with(&self, env: &[(&str, &str)], args: &[&str]) -> Output {
         supermachine()
             .env("SUPERMACHINE_RUNTIME_DIR", self.runtime.path())
             .env("SUPERMACHINE_SNAPSHOTS", self.snaps.path())
             .env("TMPDIR", self.tmp.path())
+            .envs(env.iter().copied())
             .args(args)
             .output()
             .unwrap()
@@ -80,6 +86,9 @@ impl Sandbox {
         assert!(!stdout(&ps).contains(name), "{}", stdout(&ps));
     }
 }
+
+/// The test image's web server, as the workload of `run`.
+const HTTPD: &[&str] = &["httpd", "-f", "-p", "80", "-h", "/var/www"];
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -227,6 +236,43 @@ fn a_port_that_never_opens_fails_run_d_and_leaves_nothing() {
     sb.assert_nothing_left(name);
 }
 
+/// Workers that can never start (here the worker binary is `false`): the daemon stops
+/// with the error after a few tries, so `run -d` fails saying why instead of waiting out
+/// its whole ready budget (--ready-timeout + the bake allowance, 720 s), and leaves nothing.
+#[test]
+fn workers_that_cannot_start_fail_run_d_at_once() {
+    let sb = Sandbox::new();
+    let name = "no-workers";
+    let t = Instant::now();
+    let publish = format!("{}:80/http", free_port());
+    let args = [
+        &[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "-p",
+            &publish,
+            &image("busybox"),
+            "--",
+        ],
+        HTTPD,
+    ];
+    let o = sb.sm_with(&[("SUPERMACHINE_WORKER", "/bin/false")], &args.concat());
+    assert_code(&o, 125);
+    assert!(
+        stderr(&o).contains("could start") && stderr(&o).contains("exited"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(300),
+        "took {:?}",
+        t.elapsed()
+    );
+    sb.assert_nothing_left(name);
+}
+
 /// A failing --health-cmd: the daemon is stopped and removed, with the check's reason.
 #[test]
 fn a_failing_health_cmd_stops_the_daemon() {
@@ -279,22 +325,12 @@ fn run_detached_then_ps_exec_logs_stop() {
             .unwrap()
     };
     let name = "daemon-test";
+    let (publish, img) = (format!("{port}:80/http"), image("busybox"));
     let o = sm(&[
-        "run",
-        "-d",
-        "--name",
-        name,
-        "-p",
-        &format!("{port}:80/http"),
-        &image("busybox"),
-        "--",
-        "httpd",
-        "-f",
-        "-p",
-        "80",
-        "-h",
-        "/var/www",
-    ]);
+        &["run", "-d", "--name", name, "-p", &publish, &img, "--"],
+        HTTPD,
+    ]
+    .concat());
     assert_code(&o, 0);
     assert_eq!(stdout(&o).trim(), name);
     // It answers as soon as `run -d` returns.
@@ -424,22 +460,15 @@ fn run_as_a_user_jails_each_vm_in_a_user_namespace() {
         c.output().unwrap()
     };
     let name = "as-a-user";
+    let (publish, img) = (
+        format!("{port}:80/http"),
+        format!("oci-layout:{}", h.join("busybox").display()),
+    );
     let o = sm(&[
-        "run",
-        "-d",
-        "--name",
-        name,
-        "-p",
-        &format!("{port}:80/http"),
-        &format!("oci-layout:{}", h.join("busybox").display()),
-        "--",
-        "httpd",
-        "-f",
-        "-p",
-        "80",
-        "-h",
-        "/var/www",
-    ]);
+        &["run", "-d", "--name", name, "-p", &publish, &img, "--"],
+        HTTPD,
+    ]
+    .concat());
     assert_code(&o, 0);
     assert!(
         stderr(&o).contains("not root") && stderr(&o).contains("cgroup"),

@@ -20,4 +20,8 @@ pub enum RouterError {
     /// A pool's workers could not be started.
     #[error(transparent)]
     Worker(#[from] supermachine_worker::Error),
+    /// A pool failed to start its first worker again and again (the message names the
+    /// snapshot and the last error).
+    #[error("{0}")]
+    Unstartable(String),
 }

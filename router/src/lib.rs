@@ -446,8 +446,35 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, RouterError> {
         .map_err(|source| RouterError::Listen { addr, source })
 }
 
+/// Waits for `shutdown`, or for a pool that cannot start any worker (its error).
+async fn until_shutdown_or_unable(
+    shutdown: impl std::future::Future<Output = ()>,
+    pools: &[Arc<ImagePool>],
+) -> Result<(), RouterError> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(1);
+    let watchers: Vec<_> = pools
+        .iter()
+        .map(|p| {
+            let (p, tx) = (p.clone(), tx.clone());
+            tokio::spawn(async move {
+                let _ = tx.send(p.unable_to_start().await).await;
+            })
+        })
+        .collect();
+    drop(tx);
+    let outcome = tokio::select! {
+        _ = shutdown => Ok(()),
+        Some(e) = rx.recv() => Err(RouterError::Unstartable(e)),
+    };
+    for w in watchers {
+        w.abort();
+    }
+    outcome
+}
+
 /// Runs the router until `shutdown` resolves, then drains (bounded by `grace`) and stops
-/// every worker.
+/// every worker; or, once a pool has failed to start its first worker three times in a
+/// row, stops every worker and returns that error.
 pub async fn serve(
     config: RouterConfig,
     shutdown: impl std::future::Future<Output = ()>,
@@ -482,12 +509,12 @@ pub async fn serve(
         let admin_task =
             admin.map(|l| tokio::spawn(admin::serve(l, metrics.clone(), vec![pool.clone()])));
         tracing::info!(listen = %listen, "workers accept on the shared listener");
-        shutdown.await;
+        let outcome = until_shutdown_or_unable(shutdown, std::slice::from_ref(&pool)).await;
         pool.shutdown();
         if let Some(t) = admin_task {
             t.abort();
         }
-        return Ok(());
+        return outcome;
     }
     if config.listen.is_none() && !config.routes.is_empty() {
         return Err(RouterError::Config(
@@ -601,7 +628,15 @@ pub async fn serve(
             all_pools.clone(),
         )));
     }
-    shutdown.await;
+    if let Err(e) = until_shutdown_or_unable(shutdown, &all_pools).await {
+        for t in &tasks {
+            t.abort();
+        }
+        for p in &all_pools {
+            p.shutdown();
+        }
+        return Err(e);
+    }
     // Stop accepting (the listeners close with their tasks), then drain.
     for t in &tasks {
         t.abort();

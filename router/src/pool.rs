@@ -44,7 +44,17 @@ struct Inner {
     starting: usize,
     /// Shared: every VM was busy at a handoff; add one if below `max`.
     grow: bool,
+    /// Shared: some worker of this pool ever got ready.
+    ever_ready: bool,
+    /// Shared: restores that failed before any worker got ready.
+    failures_before_ready: u32,
 }
+
+/// Restores that may fail in a row, before any worker of a pool got ready, until the pool
+/// counts as unable to start (a missing worker binary, a jail the system refuses, a
+/// snapshot the backend cannot restore): then the router stops with the error instead of
+/// retrying without end.
+pub(crate) const STARTUP_FAILURES: u32 = 3;
 
 pub struct ImagePool {
     dir: PathBuf,
@@ -63,6 +73,10 @@ pub struct ImagePool {
     /// The maintainer thread; `shutdown` waits for it, so no worker it is restoring at
     /// that moment outlives the pool (and gets SIGKILLed, leaving its run dir behind).
     maintainer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Set (and `unable` notified) once the pool has failed to start its first worker
+    /// [`STARTUP_FAILURES`] times in a row: the last error.
+    startup_error: Mutex<Option<String>>,
+    unable: tokio::sync::Notify,
 }
 
 type HandoffError = (Error, Option<TcpStream>);
@@ -115,6 +129,8 @@ impl ImagePool {
             stopping: AtomicBool::new(false),
             listener,
             maintainer: Mutex::new(None),
+            startup_error: Mutex::new(None),
+            unable: tokio::sync::Notify::new(),
         });
         let weak = Arc::downgrade(&pool);
         let handle = std::thread::spawn(move || maintain(weak));
@@ -122,6 +138,17 @@ impl ImagePool {
             *m = Some(handle);
         }
         Ok(pool)
+    }
+
+    /// Resolves with the error once this pool has failed to start its first worker
+    /// [`STARTUP_FAILURES`] times in a row (never, for one that got a worker ready).
+    pub async fn unable_to_start(&self) -> String {
+        loop {
+            if let Some(e) = self.startup_error.lock().ok().and_then(|f| f.clone()) {
+                return format!("no worker for {} could start: {e}", self.dir.display());
+            }
+            self.unable.notified().await;
+        }
     }
 
     fn restore_one(&self) -> Result<Worker, Error> {
@@ -431,12 +458,24 @@ fn maintain(pool: Weak<ImagePool>) {
             if let Ok(mut i) = p.inner.lock() {
                 i.starting = i.starting.saturating_sub(1);
                 match result {
-                    Ok(w) => i.serving.push(Slot {
-                        worker: w,
-                        last_busy: Instant::now(),
-                    }),
+                    Ok(w) => {
+                        i.ever_ready = true;
+                        i.serving.push(Slot {
+                            worker: w,
+                            last_busy: Instant::now(),
+                        })
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "restoring a worker failed");
+                        if !i.ever_ready {
+                            i.failures_before_ready += 1;
+                            if i.failures_before_ready >= STARTUP_FAILURES {
+                                if let Ok(mut f) = p.startup_error.lock() {
+                                    *f = Some(e.to_string());
+                                }
+                                p.unable.notify_one();
+                            }
+                        }
                         drop(i);
                         std::thread::sleep(Duration::from_millis(500));
                     }
