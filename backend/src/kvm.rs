@@ -105,26 +105,32 @@ fn agent_endpoint(spec: &BootSpec, paths: &RunPaths) -> Option<AgentEndpoint> {
     })
 }
 
-/// Finishes a VM built on its thread — what the host writes to the control channel now
-/// reaches the guest's ttyS1 — and tells whoever waits how that went (`ok()` on success).
+/// Tells whoever waits how building the VM on its thread went (`ok()` on success), then
+/// finishes it: what the host writes to the control channel now reaches the guest's ttyS1.
+///
+/// The reply goes first. The vCPUs already run, and one writing to ttyS1 holds the UART
+/// while it blocks on a full control socket; attaching the input takes the UART too, so
+/// attaching before replying deadlocked a guest that floods ttyS1 before the host (still
+/// waiting for this reply) reads a byte. Host bytes written meanwhile wait in the socket.
 fn report_built<T>(
     built: Result<MicroVm, String>,
     control_vmm: UnixStream,
     reply: &Sender<Result<T, String>>,
     ok: impl FnOnce() -> T,
 ) -> Option<MicroVm> {
-    let attached = built.and_then(|mut vm| {
-        vm.attach_serial_input(CONTROL_UART, control_vmm)
-            .map(|()| vm)
-            .map_err(|e| e.to_string())
-    });
-    match attached {
-        Ok(vm) => {
-            let _ = reply.send(Ok(ok()));
-            Some(vm)
-        }
+    let mut vm = match built {
+        Ok(vm) => vm,
         Err(e) => {
             let _ = reply.send(Err(e));
+            return None;
+        }
+    };
+    let _ = reply.send(Ok(ok()));
+    match vm.attach_serial_input(CONTROL_UART, control_vmm) {
+        Ok(()) => Some(vm),
+        Err(e) => {
+            // The machine then ends as "not started"; say why.
+            tracing::error!(error = %e, "attaching the control channel's input");
             None
         }
     }
