@@ -344,9 +344,10 @@ fn under(root: &Path, p: &Path) -> PathBuf {
     root.join(p.strip_prefix("/").unwrap_or(p))
 }
 
-/// Binds `src` at the same path under `root`. `recursive`: with the mounts below it (not
-/// for a run directory, which in a user namespace holds the new root's own mount point).
-fn bind(src: &Path, root: &Path, read_only: bool, recursive: bool) -> Result<(), JailError> {
+/// Binds `src` at the same path under `root`, with `flags` (on top of the source mount's
+/// own). `recursive`: with the mounts below it (not for a run directory, which in a user
+/// namespace holds the new root's own mount point).
+fn bind(src: &Path, root: &Path, flags: MsFlags, recursive: bool) -> Result<(), JailError> {
     let dst = under(root, src);
     let meta = std::fs::metadata(src).map_err(io(format!("{}", src.display())))?;
     if meta.is_dir() {
@@ -371,12 +372,14 @@ fn bind(src: &Path, root: &Path, read_only: bool, recursive: bool) -> Result<(),
         None::<&str>,
     )
     .map_err(sys(what.clone()))?;
-    let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    if read_only {
-        flags |= MsFlags::MS_RDONLY;
-    }
     remount_bind(&dst, src, flags).map_err(sys(what))
 }
+
+/// What [`bind`] adds for a read-only file or directory, and for a writable one.
+const READ_ONLY: MsFlags = MsFlags::MS_NOSUID
+    .union(MsFlags::MS_NODEV)
+    .union(MsFlags::MS_RDONLY);
+const WRITABLE: MsFlags = MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV);
 
 /// Remounts the bind mount at `dst` (of `src`) with `flags` added to those of `src`'s
 /// mount. A user namespace may not clear the flags its mounts came with (nosuid, nodev,
@@ -409,19 +412,8 @@ fn remount_bind(dst: &Path, src: &Path, flags: MsFlags) -> nix::Result<()> {
 /// The host's device node `/dev/NAME` bound at `root/dev/NAME` (in a user namespace, which
 /// may not mknod): usable as a device (no nodev), nothing else.
 fn bind_device(root: &Path, name: &str) -> Result<(), JailError> {
-    let src = Path::new("/dev").join(name);
-    let dst = root.join("dev").join(name);
-    std::fs::File::create(&dst).map_err(io(format!("creating {}", dst.display())))?;
-    let what = format!("binding {}", src.display());
-    mount(
-        Some(&src),
-        &dst,
-        None::<&str>,
-        MsFlags::MS_BIND,
-        None::<&str>,
-    )
-    .map_err(sys(what.clone()))?;
-    remount_bind(&dst, &src, MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC).map_err(sys(what))
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
+    bind(&Path::new("/dev").join(name), root, flags, false)
 }
 
 fn mknod(
@@ -489,24 +481,24 @@ fn build_root(paths: &JailPaths, uid: u32, root: &Path, user_ns: bool) -> Result
                     std::os::unix::fs::symlink(target, under(root, d))
                         .map_err(io(format!("linking {}", d.display())))?;
                 }
-                Ok(_) => bind(d, root, true, true)?,
+                Ok(_) => bind(d, root, READ_ONLY, true)?,
                 Err(_) => {}
             }
         }
         for f in SYSTEM_FILES.iter().map(Path::new) {
             if f.is_file() {
-                bind(f, root, true, true)?;
+                bind(f, root, READ_ONLY, true)?;
             }
         }
     }
     for p in &paths.read_only {
-        bind(p, root, true, true)?;
+        bind(p, root, READ_ONLY, true)?;
     }
     for p in &paths.read_write {
-        bind(p, root, false, true)?;
+        bind(p, root, WRITABLE, true)?;
     }
     for p in &paths.owned {
-        bind(p, root, false, false)?;
+        bind(p, root, WRITABLE, false)?;
         // The VM's uid writes its sockets and logs here (the host's directory, same inode).
         // (In a user namespace it is the user's already.)
         if !user_ns {
@@ -607,15 +599,8 @@ pub fn share_with(paths: &JailPaths, uid: u32, gid: u32) -> Result<(), JailError
 /// What a worker of `paths` will open, opened by this process (after `serve --user` gave
 /// up root): the error names the first it cannot, and why.
 pub fn check_reachable(paths: &JailPaths) -> Result<(), JailError> {
-    let mut files = Vec::new();
-    for p in paths.read_only.iter().chain(&paths.read_write) {
-        if p.is_dir() {
-            let rd = std::fs::read_dir(p).map_err(|e| unreachable(p, e))?;
-            files.extend(rd.flatten().map(|e| e.path()).filter(|f| f.is_file()));
-        } else {
-            files.push(p.clone());
-        }
-    }
+    let files = files_of(paths.read_only.iter().chain(&paths.read_write))
+        .map_err(|(p, e)| unreachable(&p, e))?;
     for f in files {
         std::fs::File::open(&f).map_err(|e| unreachable(&f, e))?;
     }
@@ -654,15 +639,7 @@ fn trim_bounding_set(keep: &[i32]) {
 /// users out; inside the jail only this VM's files exist.
 fn readable_by_all(paths: &[PathBuf]) -> Result<(), JailError> {
     use std::os::unix::fs::PermissionsExt;
-    let mut files = Vec::new();
-    for p in paths {
-        if p.is_dir() {
-            let rd = std::fs::read_dir(p).map_err(io(format!("listing {}", p.display())))?;
-            files.extend(rd.flatten().map(|e| e.path()).filter(|f| f.is_file()));
-        } else {
-            files.push(p.clone());
-        }
-    }
+    let files = files_of(paths).map_err(|(p, e)| io(format!("listing {}", p.display()))(e))?;
     for f in files {
         let meta = std::fs::metadata(&f).map_err(io(format!("{}", f.display())))?;
         let mode = meta.permissions().mode();
@@ -705,6 +682,23 @@ fn clear_capabilities() -> Result<(), JailError> {
         return Err(io("clearing capabilities")(std::io::Error::last_os_error()));
     }
     Ok(())
+}
+
+/// The files `paths` name: each file, and the files directly in each directory; the error
+/// names the directory it could not list.
+fn files_of<'a>(
+    paths: impl IntoIterator<Item = &'a PathBuf>,
+) -> Result<Vec<PathBuf>, (PathBuf, std::io::Error)> {
+    let mut files = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let rd = std::fs::read_dir(p).map_err(|e| (p.clone(), e))?;
+            files.extend(rd.flatten().map(|e| e.path()).filter(|f| f.is_file()));
+        } else {
+            files.push(p.clone());
+        }
+    }
+    Ok(files)
 }
 
 /// `lo` up, in the worker's fresh network namespace.
@@ -752,7 +746,7 @@ pub fn drop_privileges(jailed: &Jailed, owned: &[PathBuf]) -> Result<(), JailErr
     let (uid, gid) = (jailed.uid, jailed.gid);
     if !jailed.user_ns {
         for p in owned {
-            chown_tree(p, uid, uid)?;
+            chown_tree(p, uid, gid)?;
         }
     }
     let no_core = libc::rlimit {
