@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 use crate::pool::{Pool, PooledVm};
 use crate::snapshot::Snapshot;
 use crate::Error;
-use crate::{OutputSink, Vm};
+use crate::{Access, OutputSink, Vm, Volume};
 
 /// Per-VM settings for a restore.
 #[derive(Debug, Clone)]
@@ -21,6 +21,8 @@ pub struct VmConfig {
     pub restore_timeout: std::time::Duration,
     /// Where the VM's sockets and logs go (default: the system temp dir).
     pub socket_dir: Option<std::path::PathBuf>,
+    /// Host directories bound to the snapshot's volume slots ([`VmConfig::volume`]).
+    pub volumes: Vec<Volume>,
 }
 
 impl Default for VmConfig {
@@ -30,11 +32,24 @@ impl Default for VmConfig {
             vcpus: None,
             restore_timeout: std::time::Duration::from_secs(30),
             socket_dir: None,
+            volumes: Vec::new(),
         }
     }
 }
 
 impl VmConfig {
+    /// Shows the host directory `host` at `guest` inside the VM (docker's `-v`): the
+    /// directory must exist; `guest` must be absolute and not under /proc, /sys or /dev.
+    pub fn volume(
+        mut self,
+        host: impl AsRef<Path>,
+        guest: &str,
+        access: Access,
+    ) -> Result<Self, Error> {
+        self.volumes.push(Volume::new(host, guest, access)?);
+        Ok(self)
+    }
+
     fn check(&self, snapshot: &Snapshot) -> Result<(), Error> {
         let m = &snapshot.meta;
         if self.memory_mib.is_some_and(|v| v != m.memory_mib)
@@ -106,8 +121,12 @@ impl Image {
     /// Restores a VM, sending its workload's output to `sink`.
     pub fn start_with_output(&self, config: &VmConfig, sink: OutputSink) -> Result<Vm, Error> {
         config.check(&self.snapshot)?;
-        Vm::prepare_restore_in(&self.snapshot, config.socket_dir.as_deref())?
-            .resume_within(sink, config.restore_timeout)
+        Vm::prepare_restore_in(
+            &self.snapshot,
+            config.socket_dir.as_deref(),
+            &config.volumes,
+        )?
+        .resume_within(sink, config.restore_timeout)
     }
 }
 

@@ -24,7 +24,7 @@ pub use supermachine_bake::{Platform, PullOptions};
 pub use supermachine_protocol::ExitStatus;
 pub use supermachine_worker::{boot, guest_artifacts, run_dir, snapshot};
 pub use supermachine_worker::{
-    BootReport, BootRequest, BootTimings, Error, ExecBuilder, ExecChild, ExecOutcome, ExecStdin,
-    ExecStdinWriter, GuestStream, JailConfig, OutputSink, PortProtocol, PreparedRestore,
-    TcpForwarder, Vm, Worker, WorkerTimings,
+    Access, BootReport, BootRequest, BootTimings, Error, ExecBuilder, ExecChild, ExecOutcome,
+    ExecStdin, ExecStdinWriter, GuestStream, JailConfig, OutputSink, PortProtocol, PreparedRestore,
+    TcpForwarder, Vm, Volume, VolumeError, Worker, WorkerTimings,
 };

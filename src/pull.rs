@@ -120,6 +120,11 @@ pub fn pull(req: &PullRequest) -> Result<PullOutcome, Error> {
     if kind == BackendKind::Kvm {
         h.update("backend=kvm");
     }
+    // The VM is baked with the backend's unbound volume slots (restores bind them).
+    let volume_slots = supermachine_backend::select::for_kind(kind)
+        .backend
+        .volume_slots();
+    h.update(format!("volume_slots={volume_slots}"));
     // The hex digests of init's and the agent's bytes, as hashing their files gave.
     for bytes in [&resolved.init, shim] {
         h.update(hex::encode(sha2::Sha256::digest(bytes)));
@@ -216,6 +221,7 @@ pub fn pull(req: &PullRequest) -> Result<PullOutcome, Error> {
             .map(|d| d.as_secs())
             .unwrap_or(0),
         run_config: prepared.run_config.clone(),
+        volume_slots,
     };
     let json = serde_json::to_vec_pretty(&meta).map_err(|e| Error::Bake(e.to_string()))?;
     snapshot::write_atomic(&tmp.path().join(snapshot::METADATA), &json)

@@ -155,6 +155,7 @@ fn kvm_backend_boots_the_product_initramfs_snapshots_mid_boot_and_restores() {
         run_dir: run1.clone(),
         agent_port: Some(supermachine_protocol::agent::AGENT_PORT),
         memory_file: None,
+        volumes: Vec::new(),
     };
 
     let backend = KvmBackend::new();

@@ -58,6 +58,7 @@ fn main() {
         run_dir: run("bake"),
         agent_port: None,
         memory_file: None,
+        volumes: Vec::new(),
     };
     let backend = KvmBackend::new();
     let snap = run("snapshot");

@@ -136,13 +136,30 @@ fn report_built<T>(
     }
 }
 
+/// Our VMM has no filesystem device yet (docs/ARCHITECTURE.md, "Volumes").
+fn refuse_volumes(spec: &BootSpec) -> Result<(), BackendError> {
+    if spec.volumes.is_empty() {
+        return Ok(());
+    }
+    Err(BackendError::Unavailable(
+        "volumes need the qemu backend: the kvm backend has no filesystem device yet \
+         (--backend qemu, or SUPERMACHINE_BACKEND=qemu)"
+            .into(),
+    ))
+}
+
 impl Backend for KvmBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::Kvm
     }
 
+    fn volume_slots(&self) -> usize {
+        0
+    }
+
     fn boot(&self, spec: &BootSpec) -> Result<Box<dyn Machine>, BackendError> {
         let requested = Instant::now();
+        refuse_volumes(spec)?;
         spec.check_files()?;
         let paths = RunPaths::new(&spec.run_dir);
         let config = MicroVmConfig {
@@ -223,6 +240,7 @@ impl Backend for KvmBackend {
         dir: &Path,
     ) -> Result<Box<dyn PendingRestore>, BackendError> {
         let started = Instant::now();
+        refuse_volumes(spec)?;
         spec.check_files()?;
         let snapshot = dir.join(SNAPSHOT_FILE);
         let layout = RestoreLayout::of(&snapshot)

@@ -55,6 +55,17 @@ pub struct Disk {
     pub read_only: bool,
 }
 
+/// A filesystem device (virtio-9p) given to the guest: slot N's mount tag is `smvol<N>`
+/// (`supermachine_protocol::VOLUME_TAG_PREFIX`). A snapshot is baked with its slots
+/// unbound (`host: None`: an empty read-only export, never mounted), so a restore can bind
+/// any directory to them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VolumeSlot {
+    pub host: Option<PathBuf>,
+    /// The host refuses writes (the guest also mounts it read-only).
+    pub read_only: bool,
+}
+
 /// Everything needed to boot one VM from a kernel and an initramfs.
 #[derive(Debug, Clone)]
 pub struct BootSpec {
@@ -73,6 +84,8 @@ pub struct BootSpec {
     /// Guest RAM in a file: written through while baking (`shared`), mapped copy-on-write
     /// (MAP_PRIVATE) when restoring.
     pub memory_file: Option<MemoryFile>,
+    /// Filesystem slots, in slot order (a restore must give as many as were baked).
+    pub volumes: Vec<VolumeSlot>,
 }
 
 impl BootSpec {
@@ -92,6 +105,16 @@ impl BootSpec {
                     format!("disk {}", d.serial),
                     d.path.clone(),
                 ));
+            }
+        }
+        for (i, v) in self.volumes.iter().enumerate() {
+            if let Some(host) = &v.host {
+                if !host.is_dir() {
+                    return Err(BackendError::MissingFile(
+                        format!("volume {i} directory"),
+                        host.clone(),
+                    ));
+                }
             }
         }
         Ok(())
@@ -296,6 +319,9 @@ pub trait Machine: Send {
 
 pub trait Backend: Send + Sync {
     fn kind(&self) -> BackendKind;
+    /// How many filesystem slots ([`VolumeSlot`]) a VM baked on this backend carries: the
+    /// most volumes a restore of it can bind. 0 where the backend has no filesystem device.
+    fn volume_slots(&self) -> usize;
     fn boot(&self, spec: &BootSpec) -> Result<Box<dyn Machine>, BackendError>;
     /// The RAM file a VM that will be snapshotted into `dir` boots with (in
     /// [`BootSpec::memory_file`]): QEMU keeps guest RAM there, written through, so its

@@ -40,6 +40,7 @@ fn spec(dir: &Path, kernel: PathBuf) -> BootSpec {
         run_dir: dir.to_path_buf(),
         agent_port: None,
         memory_file: None,
+        volumes: Vec::new(),
     }
 }
 

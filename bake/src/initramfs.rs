@@ -164,6 +164,7 @@ mod tests {
             user: String::new(),
             hostname: "h".into(),
             layers: vec![],
+            volumes: vec![],
         };
         let buf = write(Vec::new(), b"\x7fELF-ish", Some(b"shim"), &cfg).unwrap();
         assert_eq!(buf.len() % 4, 0);

@@ -65,6 +65,7 @@ pub fn merge(image: Option<&Config>, ov: &Overrides) -> Result<RunConfig, BakeEr
         user,
         hostname: ov.hostname.clone().unwrap_or_else(|| "supermachine".into()),
         layers: vec![],
+        volumes: vec![],
     })
 }
 

@@ -73,6 +73,7 @@ fn run(channel: &Channel) -> Result<supermachine_protocol::ExitStatus, String> {
 
     mounts::mount_layers(&config.layers, NEW_ROOT).map_err(|e| e.to_string())?;
     mounts::mount_workload_fs(NEW_ROOT).map_err(|e| e.to_string())?;
+    mounts::mount_volumes(&config.volumes, NEW_ROOT).map_err(|e| e.to_string())?;
     if let Err(e) = net::set_hostname(&config.hostname, NEW_ROOT) {
         console(&format!("supermachine-init: hostname: {e}"));
     }
@@ -108,8 +109,12 @@ fn follow_host(port: std::fs::File, channel: Channel) {
             Ok(Some(HostCommand::Refresh {
                 unix_nanos,
                 entropy,
+                volumes,
             })) => {
                 let mut errors = Vec::new();
+                if let Err(e) = mounts::mount_volumes(&volumes, NEW_ROOT) {
+                    errors.push(e.to_string());
+                }
                 if let Err(e) = system::set_time(unix_nanos) {
                     errors.push(format!("setting the clock: {e}"));
                 }

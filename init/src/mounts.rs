@@ -5,7 +5,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, MsFlags};
-use supermachine_protocol::LayerMount;
+use supermachine_protocol::{LayerMount, VolumeMount};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
@@ -21,6 +21,8 @@ pub enum MountError {
         "layer {serial} ({diff_id}) has no block device: the host attached none with that serial"
     )]
     LayerMissing { serial: String, diff_id: String },
+    #[error("volume path {0:?} must be absolute, not /, without ..")]
+    VolumePath(String),
     #[error("listing block devices: {0}")]
     Sysfs(std::io::Error),
 }
@@ -155,5 +157,32 @@ pub fn mount_workload_fs(new_root: &str) -> Result<(), MountError> {
         nodev,
         Some("mode=1777"),
     )?;
+    Ok(())
+}
+
+/// Mounts each volume's 9P export (`smvol<slot>`) at its path inside the workload's root,
+/// creating the mount point. Init's mount namespace is the workload's (it is chrooted, not
+/// unshared), so a volume mounted after a restore appears under the running workload.
+pub fn mount_volumes(volumes: &[VolumeMount], new_root: &str) -> Result<(), MountError> {
+    for v in volumes {
+        let rel = v.guest_path.trim_start_matches('/');
+        if rel.is_empty() || rel.split('/').any(|c| c == "..") {
+            return Err(MountError::VolumePath(v.guest_path.clone()));
+        }
+        let target = Path::new(new_root).join(rel);
+        let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+        if v.read_only {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        // msize: 9p's virtio transport carries at most ~500 KiB per request; 256 KiB keeps
+        // large reads and writes to few round trips.
+        do_mount(
+            &v.tag(),
+            &target,
+            "9p",
+            flags,
+            Some("trans=virtio,version=9p2000.L,msize=262144"),
+        )?;
+    }
     Ok(())
 }

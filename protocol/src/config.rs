@@ -18,6 +18,26 @@ pub struct LayerMount {
     pub diff_id: String,
 }
 
+/// The 9P mount tag of volume slot N is `smvol<N>`: each slot is one filesystem device
+/// (virtio-9p), present from boot, mounted by init once the host has bound a directory to it.
+pub const VOLUME_TAG_PREFIX: &str = "smvol";
+
+/// A host directory bound to a volume slot, as init mounts it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeMount {
+    /// The slot (mount tag `smvol<slot>`).
+    pub slot: u32,
+    /// Absolute path inside the workload's root; created if missing.
+    pub guest_path: String,
+    pub read_only: bool,
+}
+
+impl VolumeMount {
+    pub fn tag(&self) -> String {
+        format!("{VOLUME_TAG_PREFIX}{}", self.slot)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunConfig {
     /// Final argv (Entrypoint + Cmd after overrides). Never empty.
@@ -31,6 +51,10 @@ pub struct RunConfig {
     pub hostname: String,
     /// Layers bottom-up.
     pub layers: Vec<LayerMount>,
+    /// Volumes to mount before the workload starts (a boot; a restore gets them in
+    /// `HostCommand::Refresh` instead, and its snapshot was baked with none).
+    #[serde(default)]
+    pub volumes: Vec<VolumeMount>,
 }
 
 impl RunConfig {

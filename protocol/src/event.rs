@@ -66,6 +66,11 @@ pub enum HostCommand {
     /// The VM was just restored: set the wall clock, add entropy (clones of one snapshot
     /// must not share RNG state), and make the guest's network presence known again (the
     /// new VM monitor's user-mode network has an empty neighbour table). Answered with
-    /// `GuestEvent::Refreshed`.
-    Refresh { unix_nanos: u128, entropy: Vec<u8> },
+    /// `GuestEvent::Refreshed`. `volumes`: the host directories bound to this VM's volume
+    /// slots, mounted before the answer.
+    Refresh {
+        unix_nanos: u128,
+        entropy: Vec<u8>,
+        volumes: Vec<crate::VolumeMount>,
+    },
 }

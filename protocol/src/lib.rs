@@ -9,6 +9,8 @@ pub mod event;
 pub mod frame;
 pub mod worker;
 
-pub use config::{LayerMount, RunConfig, CONFIG_PATH, LAYER_SERIAL_PREFIX};
+pub use config::{
+    LayerMount, RunConfig, VolumeMount, CONFIG_PATH, LAYER_SERIAL_PREFIX, VOLUME_TAG_PREFIX,
+};
 pub use event::{ExitStatus, GuestEvent, HostCommand, OutputStream};
 pub use frame::{decode_frame, encode_frame, write_frame, FrameError, FrameReader, MAX_FRAME_LEN};

@@ -41,6 +41,10 @@ pub struct BootArgs {
     /// Guest init binary (static). Default: $SUPERMACHINE_INIT, else the one built by scripts/build-guest.sh.
     #[arg(long)]
     init: Option<PathBuf>,
+    /// Show a host directory inside the VM: HOST:GUEST[:ro|rw] (default rw; HOST must
+    /// exist; qemu backend); repeatable, up to 4.
+    #[arg(short = 'v', long = "volume", value_name = "HOST:GUEST[:ro|rw]", value_parser = parse_volume)]
+    volumes: Vec<supermachine::Volume>,
     /// Append an argument to the guest kernel's command line; repeatable.
     #[arg(long = "kernel-arg", value_name = "ARG")]
     kernel_args: Vec<String>,
@@ -110,6 +114,7 @@ pub fn run(args: BootArgs) -> i32 {
     req.kernel = args.kernel;
     req.init = args.init;
     req.kernel_args = args.kernel_args;
+    req.volumes = args.volumes;
     req.boot_timeout = std::time::Duration::from_secs(args.boot_timeout);
     req.pull = match args.source.options(supermachine::PullPolicy::Missing) {
         Ok(o) => o,
@@ -305,4 +310,9 @@ mod tests {
         assert!(p("8080:0").is_err());
         assert!(p("8080:80/udp").unwrap_err().contains("udp"));
     }
+}
+
+/// `-v HOST:GUEST[:ro|rw]`, checked as it is parsed (a missing HOST is a usage error).
+pub(crate) fn parse_volume(spec: &str) -> Result<supermachine::Volume, String> {
+    supermachine::Volume::parse(spec).map_err(|e| e.to_string())
 }

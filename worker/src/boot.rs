@@ -33,6 +33,9 @@ pub struct BootRequest {
     pub pull: PullOptions,
     /// Which backend boots the VM (default: `SUPERMACHINE_BACKEND`, else auto).
     pub backend: supermachine_backend::BackendChoice,
+    /// Host directories mounted before the workload starts (none for a bake: its
+    /// snapshot gets the backend's unbound slots, bound at restore).
+    pub volumes: Vec<crate::Volume>,
 }
 
 impl BootRequest {
@@ -50,6 +53,7 @@ impl BootRequest {
             cache: Cache::new(Cache::default_root()),
             pull: PullOptions::default(),
             backend: supermachine_backend::BackendChoice::from_env(),
+            volumes: Vec::new(),
         }
     }
 }

@@ -43,6 +43,9 @@ pub enum Error {
     /// Baking a snapshot failed (the workload never listened, the snapshot failed, ...).
     #[error("bake failed: {0}")]
     Bake(String),
+    /// A volume is malformed or cannot be given to this VM (the reason names it).
+    #[error(transparent)]
+    Volume(#[from] crate::volume::VolumeError),
     /// A worker process failed or broke the worker protocol.
     #[error("worker: {0}")]
     Worker(String),

@@ -23,6 +23,7 @@ pub mod run_dir;
 pub mod snapshot;
 mod spares;
 mod vm;
+pub mod volume;
 
 pub use agent::GuestStream;
 pub use boot::{BootInputs, BootReport, BootRequest, BootTimings};
@@ -34,6 +35,7 @@ pub use jail::JailConfig;
 pub use spares::Spares;
 pub use supermachine_protocol::worker::PortProtocol;
 pub use vm::{OutputSink, PreparedRestore, Vm};
+pub use volume::{Access, Volume, VolumeError};
 
 /// The one answer to an HTTP client whose connection no VM could serve: the worker could
 /// not reach the guest port, the worker died before any response, or the router found no

@@ -63,6 +63,9 @@ pub struct Metadata {
     pub bake_inputs: String,
     pub created_unix: u64,
     pub run_config: RunConfig,
+    /// Unbound filesystem slots the VM was baked with: the most volumes a restore binds.
+    #[serde(default)]
+    pub volume_slots: usize,
 }
 
 impl Metadata {

@@ -95,8 +95,17 @@ impl Vm {
             kernel,
             init,
             shim,
-            prepared,
+            mut prepared,
         } = inputs;
+        let selected = supermachine_backend::select::select(req.backend)?;
+        let slots = selected.backend.volume_slots();
+        crate::volume::check_all(&req.volumes, slots, &selected.name)?;
+        if req.snapshot_dir.is_some() && !req.volumes.is_empty() {
+            return Err(Error::Bake(
+                "a snapshot is baked without volumes: they are bound at restore".into(),
+            ));
+        }
+        prepared.run_config.volumes = crate::volume::mounts(&req.volumes);
         let mut timings = BootTimings {
             prepare: started.elapsed(),
             ..Default::default()
@@ -130,8 +139,12 @@ impl Vm {
             run_dir: run_dir.path().to_path_buf(),
             agent_port: shim.as_ref().map(|_| AGENT_PORT),
             memory_file: None,
+            // A bake carries every slot the backend has, unbound; a boot its volumes.
+            volumes: crate::volume::slots(
+                &req.volumes,
+                if req.snapshot_dir.is_some() { slots } else { 0 },
+            ),
         };
-        let selected = supermachine_backend::select::select(req.backend)?;
         if let Some(dir) = &req.snapshot_dir {
             spec.memory_file = selected.backend.bake_memory_file(dir);
         }

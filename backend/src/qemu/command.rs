@@ -9,6 +9,11 @@ use crate::{accel::Accel, BootSpec};
 pub const BASE_CMDLINE: &str =
     "console=ttyS0 quiet reboot=t panic=-1 oops=panic i8042.noaux tsc=reliable";
 
+/// A value inside a QEMU `-opt key=value,...` list: a comma is written twice.
+fn qemu_opt(v: &str) -> String {
+    v.replace(',', ",,")
+}
+
 pub struct QemuCommand {
     args: Vec<String>,
 }
@@ -92,6 +97,34 @@ impl QemuCommand {
         let qmp_arg = format!("unix:{},server=on,wait=off", qmp.display());
         push(&["-qmp", &qmp_arg]);
         Self { args: a }
+    }
+
+    /// One virtio-9p device per slot, mount tag `smvol<N>`, exporting its host directory
+    /// (`unbound` for a slot with none). `security_model=none`: files are created as QEMU's
+    /// uid (the jail runs it as the volume's owner), so what the guest writes belongs to
+    /// the directory's owner on the host; the guest's chown requests are not applied.
+    /// `multidevs=remap`: inode numbers stay unique if the directory spans file systems.
+    pub fn volumes(mut self, slots: &[crate::VolumeSlot], unbound: &Path) -> Self {
+        for (i, slot) in slots.iter().enumerate() {
+            let (path, read_only) = match &slot.host {
+                Some(p) => (p.as_path(), slot.read_only),
+                None => (unbound, true),
+            };
+            self.args.extend([
+                "-fsdev".to_string(),
+                format!(
+                    "local,id=vol{i},path={},security_model=none,multidevs=remap{}",
+                    qemu_opt(&path.display().to_string()),
+                    if read_only { ",readonly=on" } else { "" }
+                ),
+                "-device".to_string(),
+                format!(
+                    "virtio-9p-device,fsdev=vol{i},mount_tag={}{i}",
+                    supermachine_protocol::VOLUME_TAG_PREFIX
+                ),
+            ]);
+        }
+        self
     }
 
     /// Starts QEMU waiting for a migration stream (`migrate-incoming` over QMP).

@@ -25,6 +25,9 @@ use crate::{
 use crate::files;
 pub use command::QemuCommand;
 
+/// Filesystem slots a VM baked on QEMU carries (the most volumes a restore can bind).
+pub const VOLUME_SLOTS: usize = 4;
+
 /// How long QEMU may take to start and connect the control channel.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -82,6 +85,10 @@ impl Default for QemuBackend {
 impl Backend for QemuBackend {
     fn kind(&self) -> BackendKind {
         BackendKind::Qemu
+    }
+
+    fn volume_slots(&self) -> usize {
+        VOLUME_SLOTS
     }
 
     fn boot(&self, spec: &BootSpec) -> Result<Box<dyn Machine>, BackendError> {
@@ -222,6 +229,12 @@ impl QemuBackend {
             None => None,
         };
 
+        // What an unbound volume slot exports: an empty directory, read-only.
+        if spec.volumes.iter().any(|v| v.host.is_none()) {
+            std::fs::create_dir_all(&paths.no_volume).map_err(|e| {
+                BackendError::io(format!("creating {}", paths.no_volume.display()), e)
+            })?;
+        }
         let qcmd = QemuCommand::new(
             spec,
             self.accel,
@@ -229,7 +242,8 @@ impl QemuBackend {
             &paths.channel,
             &paths.qmp,
             agent,
-        );
+        )
+        .volumes(&spec.volumes, &paths.no_volume);
         let qcmd = if incoming {
             qcmd.incoming_deferred()
         } else {
@@ -286,6 +300,7 @@ struct RunPaths {
     channel: PathBuf,
     qmp: PathBuf,
     qemu_log: PathBuf,
+    no_volume: PathBuf,
 }
 
 impl RunPaths {
@@ -295,6 +310,7 @@ impl RunPaths {
             channel: dir.join("channel.sock"),
             qmp: dir.join("qmp.sock"),
             qemu_log: dir.join("qemu.log"),
+            no_volume: dir.join("no-volume"),
         }
     }
 }

@@ -5,13 +5,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use supermachine_backend::{tail_of, BootSpec, SnapshotRecord};
 use supermachine_protocol::agent::AGENT_PORT;
-use supermachine_protocol::HostCommand;
+use supermachine_protocol::{HostCommand, VolumeMount};
 
 use super::{OutputSink, Phase, Vm, REFRESH_TIMEOUT};
 use crate::boot::BootTimings;
 use crate::run_dir::{new_run_dir, LiveRunDir};
 use crate::snapshot::Snapshot;
-use crate::Error;
+use crate::{Error, Volume};
 
 impl Vm {
     /// Restores a VM from a baked snapshot: guest RAM is the snapshot's file mapped
@@ -24,15 +24,18 @@ impl Vm {
     /// Does the restore work that does not depend on the snapshot's state: the VM monitor
     /// is started and waiting, so [`PreparedRestore::resume`] only loads and continues.
     pub fn prepare_restore(snapshot: &Snapshot) -> Result<PreparedRestore, Error> {
-        Vm::prepare_restore_in(snapshot, None)
+        Vm::prepare_restore_in(snapshot, None, &[])
     }
 
-    /// [`Vm::prepare_restore`] with the VM's sockets and logs under `socket_dir`.
+    /// [`Vm::prepare_restore`] with the VM's sockets and logs under `socket_dir`, and
+    /// `volumes` bound to the snapshot's volume slots (mounted by init at resume).
     pub fn prepare_restore_in(
         snapshot: &Snapshot,
         socket_dir: Option<&std::path::Path>,
+        volumes: &[Volume],
     ) -> Result<PreparedRestore, Error> {
         let meta = &snapshot.meta;
+        crate::volume::check_all(volumes, meta.volume_slots, &meta.backend)?;
         let (run_dir, live) = new_run_dir(socket_dir)?;
         let spec = BootSpec {
             kernel: meta.kernel.path.clone(),
@@ -51,6 +54,7 @@ impl Vm {
             run_dir: run_dir.path().to_path_buf(),
             agent_port: Some(AGENT_PORT),
             memory_file: None,
+            volumes: crate::volume::slots(volumes, meta.volume_slots),
         };
         let selected = supermachine_backend::select::for_kind(snapshot.backend_kind());
         let backend_name = selected.name;
@@ -60,6 +64,7 @@ impl Vm {
             backend_name,
             live,
             run_dir,
+            volumes: crate::volume::mounts(volumes),
         })
     }
 
@@ -76,7 +81,7 @@ impl Vm {
 
     /// Fresh wall clock and entropy for a restored guest (through init, over the control
     /// channel: no network round trip), waiting for init's answer.
-    fn refresh_guest(&self, timeout: Duration) -> Result<(), Error> {
+    fn refresh_guest(&self, volumes: Vec<VolumeMount>, timeout: Duration) -> Result<(), Error> {
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default();
@@ -87,6 +92,7 @@ impl Vm {
         self.send_command(&HostCommand::Refresh {
             unix_nanos: now.as_nanos(),
             entropy,
+            volumes,
         })?;
         let (lock, cv) = &*self.state;
         let guard = lock
@@ -132,6 +138,8 @@ pub struct PreparedRestore {
     backend_name: String,
     live: LiveRunDir,
     run_dir: tempfile::TempDir,
+    /// What init mounts at resume (the volumes bound to the slots).
+    volumes: Vec<VolumeMount>,
 }
 
 impl PreparedRestore {
@@ -154,6 +162,7 @@ impl PreparedRestore {
             backend_name,
             live,
             run_dir,
+            volumes,
         } = self;
         let (machine, rt) = pending.resume()?;
         let timings = BootTimings {
@@ -172,7 +181,7 @@ impl PreparedRestore {
             Duration::from_secs(60),
             sink,
         )?;
-        vm.refresh_guest(timeout.saturating_sub(started.elapsed()))?;
+        vm.refresh_guest(volumes, timeout.saturating_sub(started.elapsed()))?;
         if let Ok(mut s) = vm.state.0.lock() {
             s.timings.restore_total = Some(started.elapsed());
         }
