@@ -285,6 +285,11 @@ fn timings_json(r: &BootReport) -> String {
     format!("{v}\n")
 }
 
+/// `-v HOST:GUEST[:ro|rw]`, checked as it is parsed (a missing HOST is a usage error).
+pub(crate) fn parse_volume(spec: &str) -> Result<supermachine::Volume, String> {
+    supermachine::Volume::parse(spec).map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::parse_publish;
@@ -310,9 +315,4 @@ mod tests {
         assert!(p("8080:0").is_err());
         assert!(p("8080:80/udp").unwrap_err().contains("udp"));
     }
-}
-
-/// `-v HOST:GUEST[:ro|rw]`, checked as it is parsed (a missing HOST is a usage error).
-pub(crate) fn parse_volume(spec: &str) -> Result<supermachine::Volume, String> {
-    supermachine::Volume::parse(spec).map_err(|e| e.to_string())
 }
