@@ -544,3 +544,76 @@ fn run_as_a_user_jails_each_vm_in_a_user_namespace() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// `run -d -v`: the snapshot was baked without the volume; the restored VM's httpd serves
+/// the host directory mounted after the restore, and what the guest writes there belongs,
+/// on the host, to the directory's owner (the jailed VM runs as that uid). A root-owned
+/// directory is refused by name.
+#[test]
+fn run_d_with_a_volume_serves_it_and_writes_as_its_owner() {
+    if on_kvm() {
+        return; // the kvm backend has no filesystem device yet
+    }
+    use std::os::unix::fs::MetadataExt;
+    let sb = Sandbox::new();
+    let vol = tempfile::tempdir().unwrap();
+    std::fs::write(vol.path().join("index.html"), "from the host volume\n").unwrap();
+    for p in [vol.path().to_path_buf(), vol.path().join("index.html")] {
+        std::os::unix::fs::chown(&p, Some(65534), Some(65534)).unwrap();
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (publish, img) = (format!("{port}:80/http"), image("busybox"));
+    // Below the web root, not on it: httpd chdir'ed into /var/www at bake, and a process
+    // keeps the directory it is in even when a mount covers its path later.
+    let spec = format!("{}:/var/www/vol", vol.path().display());
+    let o = sb.sm(&[
+        &[
+            "run", "-d", "--name", "vol", "-v", &spec, "-p", &publish, &img, "--",
+        ],
+        HTTPD,
+    ]
+    .concat());
+    assert_code(&o, 0);
+    let (status, body) = http_get(
+        TcpStream::connect(("127.0.0.1", port)).unwrap(),
+        "/vol/index.html",
+    );
+    assert!(status.contains("200"), "{status}");
+    assert_eq!(body, b"from the host volume\n");
+    let o = sb.sm(&[
+        "exec",
+        "vol",
+        "--",
+        "sh",
+        "-c",
+        "echo hi > /var/www/vol/new",
+    ]);
+    assert_code(&o, 0);
+    let new = vol.path().join("new");
+    assert_eq!(std::fs::read_to_string(&new).unwrap(), "hi\n");
+    let m = std::fs::metadata(&new).unwrap();
+    assert_eq!(
+        (m.uid(), m.gid()),
+        (65534, 65534),
+        "owner of what the guest wrote"
+    );
+    assert_code(&sb.sm(&["stop", "vol"]), 0);
+
+    let root_owned = tempfile::tempdir().unwrap();
+    let spec = format!("{}:/data", root_owned.path().display());
+    let o = sb.sm(&[
+        &["run", "-d", "--name", "vol2", "-v", &spec, &img, "--"],
+        HTTPD,
+    ]
+    .concat());
+    assert_ne!(o.status.code(), Some(0));
+    let err = stderr(&o);
+    assert!(
+        err.contains("owned by root") && err.contains(&root_owned.path().display().to_string()),
+        "{err}"
+    );
+}

@@ -256,7 +256,7 @@ fn a_forbidden_syscall_kills_the_worker_with_sigsys() {
         test_forbidden_syscall: true,
         ..JailConfig::current()
     };
-    let mut w = Worker::spawn_with(shared_snapshot(), &jail).unwrap();
+    let mut w = Worker::spawn_with(shared_snapshot(), &jail, &[]).unwrap();
     w.restore().unwrap();
     // A connection without the trigger is served.
     let (_, body) = http_get(w.connect(80).unwrap(), "/");
@@ -306,7 +306,7 @@ fn a_guest_over_its_memory_limit_kills_only_its_worker() {
         memory_max_mib: Some(MEMORY_LIMITED_MIB),
         ..JailConfig::current()
     };
-    let mut w = Worker::spawn_with(snap, &jail).unwrap();
+    let mut w = Worker::spawn_with(snap, &jail, &[]).unwrap();
     w.restore().unwrap();
     let (memory, _) = cgroup_limits(w.jailed_pid().unwrap());
     assert_eq!(memory, u64::from(MEMORY_LIMITED_MIB) << 20);

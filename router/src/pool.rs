@@ -27,6 +27,8 @@ pub struct PoolConfig {
     pub max: usize,
     pub idle_timeout: Duration,
     pub isolation: Isolation,
+    /// Host directories every VM of the pool gets (bound to its snapshot's volume slots).
+    pub volumes: Vec<supermachine_worker::Volume>,
 }
 
 struct Slot {
@@ -103,7 +105,7 @@ impl ImagePool {
         let ready = match config.isolation {
             Isolation::Shared => None,
             Isolation::Fresh => {
-                let (d, m) = (dir.clone(), metrics.clone());
+                let (d, m, v) = (dir.clone(), metrics.clone(), config.volumes.clone());
                 let l = match &listener {
                     Some(l) => Some(
                         l.try_clone()
@@ -113,7 +115,7 @@ impl ImagePool {
                 };
                 Some(Spares::start(
                     config.min,
-                    Box::new(move || restore_worker(&d, guest_port, protocol, &m, l.as_ref())),
+                    Box::new(move || restore_worker(&d, &v, guest_port, protocol, &m, l.as_ref())),
                 ))
             }
         };
@@ -154,6 +156,7 @@ impl ImagePool {
     fn restore_one(&self) -> Result<Worker, Error> {
         restore_worker(
             &self.dir,
+            &self.config.volumes,
             self.guest_port,
             self.protocol,
             &self.metrics,
@@ -342,13 +345,14 @@ impl ImagePool {
 /// Restores a worker for `dir`; with `listener`, it accepts there itself.
 fn restore_worker(
     dir: &std::path::Path,
+    volumes: &[supermachine_worker::Volume],
     guest_port: u16,
     protocol: PortProtocol,
     metrics: &Arc<Metrics>,
     listener: Option<&std::net::TcpListener>,
 ) -> Result<Worker, Error> {
     let t = Instant::now();
-    let mut w = Worker::spawn(dir)?;
+    let mut w = Worker::spawn_with(dir, &supermachine_worker::JailConfig::current(), volumes)?;
     let m = metrics.clone();
     w.on_closed(Arc::new(move |status| m.response(status)));
     w.restore()?;

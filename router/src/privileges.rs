@@ -77,7 +77,7 @@ pub fn drop_to(user: &RunAs, snapshots: &[PathBuf]) -> Result<(), RouterError> {
     }
     let paths = snapshots
         .iter()
-        .map(|d| Snapshot::open(d).map(|s| supermachine_worker::process::jail_paths(&s)))
+        .map(|d| Snapshot::open(d).map(|s| supermachine_worker::process::jail_paths(&s, &[])))
         .collect::<Result<Vec<_>, _>>()?;
     let jail_cfg = JailConfig::current();
     if jail_cfg.enabled {

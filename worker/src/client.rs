@@ -168,11 +168,16 @@ impl Worker {
     /// Spawns a worker for the snapshot in `dir` and waits until its VM monitor is ready
     /// for the state. Jailed as [`JailConfig::current`] says.
     pub fn spawn(dir: &Path) -> Result<Worker, Error> {
-        Worker::spawn_with(dir, &JailConfig::current())
+        Worker::spawn_with(dir, &JailConfig::current(), &[])
     }
 
-    /// [`Worker::spawn`] with this jail.
-    pub fn spawn_with(dir: &Path, jail: &JailConfig) -> Result<Worker, Error> {
+    /// [`Worker::spawn`] with this jail, and `volumes` bound to the snapshot's slots (the
+    /// jail binds each into the worker's root).
+    pub fn spawn_with(
+        dir: &Path,
+        jail: &JailConfig,
+        volumes: &[crate::Volume],
+    ) -> Result<Worker, Error> {
         let exe = find_worker_binary()?;
         let (host, worker) =
             channel::pair().map_err(|e| Error::io("creating the worker socket", e))?;
@@ -186,6 +191,11 @@ impl Worker {
         let mut cmd = Command::new(&exe);
         cmd.arg("--snapshot").arg(dir).arg("--control-fd").arg("3");
         cmd.args(jail.to_args());
+        if !volumes.is_empty() {
+            let json = serde_json::to_string(volumes)
+                .map_err(|e| Error::Worker(format!("encoding the volumes: {e}")))?;
+            cmd.arg("--volumes").arg(json);
+        }
         cmd.env("TMPDIR", run_root.path());
         cmd.stdin(Stdio::null());
         // SAFETY: dup2 is async-signal-safe; the descriptor is valid in the child.

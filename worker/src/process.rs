@@ -22,6 +22,7 @@ struct Args {
     snapshot: PathBuf,
     control_fd: i32,
     jail: JailConfig,
+    volumes: Vec<crate::Volume>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -30,12 +31,17 @@ fn parse_args() -> Result<Args, String> {
     let mut fd = None;
     // Jailed unless the host says otherwise.
     let mut jail = JailConfig::default();
+    let mut volumes = Vec::new();
     let mut i = 1;
     while i < args.len() {
         let value = args.get(i + 1).map(|s| s.as_str());
         match args[i].as_str() {
             "--snapshot" => snapshot = value.map(PathBuf::from),
             "--control-fd" => fd = value.and_then(|v| v.parse().ok()),
+            "--volumes" => {
+                volumes = serde_json::from_str(value.unwrap_or(""))
+                    .map_err(|e| format!("--volumes: {e}"))?
+            }
             "--no-jail" => {
                 jail.enabled = false;
                 i += 1;
@@ -53,12 +59,13 @@ fn parse_args() -> Result<Args, String> {
         snapshot: snapshot.ok_or("missing --snapshot DIR")?,
         control_fd: fd.ok_or("missing --control-fd N")?,
         jail,
+        volumes,
     })
 }
 
 /// The files a restore of `snapshot` reads, for the jail's root.
 /// What the jail of a worker of `snapshot` holds besides /dev, /proc and /tmp.
-pub fn jail_paths(snapshot: &Snapshot) -> JailPaths {
+pub fn jail_paths(snapshot: &Snapshot, volumes: &[crate::Volume]) -> JailPaths {
     let meta = &snapshot.meta;
     let qemu = snapshot.backend_kind() == supermachine_backend::BackendKind::Qemu;
     let mut read_only = vec![meta.kernel.path.clone()];
@@ -77,6 +84,10 @@ pub fn jail_paths(snapshot: &Snapshot) -> JailPaths {
         owned: vec![absolute(std::env::temp_dir())],
         // QEMU and the `cat` it reads the state with come from the system.
         system: qemu,
+        volumes: volumes
+            .iter()
+            .map(|v| (v.host.clone(), v.read_only()))
+            .collect(),
     }
 }
 
@@ -89,10 +100,11 @@ pub fn main() -> i32 {
         snapshot: dir,
         control_fd: fd,
         jail,
+        volumes,
     } = match parse_args() {
         Ok(a) => a,
         Err(e) => {
-            eprintln!("supermachine-worker: {e}\nusage: supermachine-worker --snapshot DIR --control-fd N [--no-jail | --jail-uids A-B ...]");
+            eprintln!("supermachine-worker: {e}\nusage: supermachine-worker --snapshot DIR --control-fd N [--volumes JSON] [--no-jail | --jail-uids A-B ...]");
             return 2;
         }
     };
@@ -114,12 +126,17 @@ pub fn main() -> i32 {
     };
     let jailed = if jail.enabled {
         // Only the jailed child returns; this process waits for it outside.
-        match crate::jail::enter(&jail, &jail_paths(&snapshot), snapshot.meta.memory_mib, fd) {
+        match crate::jail::enter(
+            &jail,
+            &jail_paths(&snapshot, &volumes),
+            snapshot.meta.memory_mib,
+            fd,
+        ) {
             Ok(j) => {
                 if j.user_ns {
                     supermachine_backend::qemu::run_sandboxed();
                 } else {
-                    supermachine_backend::qemu::run_jailed_as(j.uid);
+                    supermachine_backend::qemu::run_jailed_as(j.uid, j.gid);
                 }
                 Some(j)
             }
@@ -133,7 +150,7 @@ pub fn main() -> i32 {
     } else {
         None
     };
-    let prepared = match Vm::prepare_restore(&snapshot) {
+    let prepared = match Vm::prepare_restore_in(&snapshot, None, &volumes) {
         Ok(p) => p,
         Err(e) => {
             reply(&WorkerReply::Error {

@@ -134,15 +134,15 @@ impl QemuCommand {
         self
     }
 
-    /// Drops to `uid`:`uid` after set-up, under QEMU's seccomp sandbox: no obsolete or
+    /// Drops to `uid`:`gid` after set-up, under QEMU's seccomp sandbox: no obsolete or
     /// resource-control syscalls. `spawn` stays allowed because the state is read through
     /// `exec:cat` (QEMU 7.2 has no `file:` migration URI); `elevateprivileges` too, because
     /// `-runas` itself calls setuid after the sandbox is in place (and with no capability
     /// left, nothing can elevate afterwards).
-    pub fn jailed_as(mut self, uid: u32) -> Self {
+    pub fn jailed_as(mut self, uid: u32, gid: u32) -> Self {
         self.args.extend([
             "-runas".to_string(),
-            format!("{uid}:{uid}"),
+            format!("{uid}:{gid}"),
             "-sandbox".to_string(),
             "on,obsolete=deny,resourcecontrol=deny,elevateprivileges=allow".to_string(),
         ]);

@@ -33,13 +33,13 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// In a jailed worker: the uid (and gid) QEMU drops to once it has opened its files, or
 /// `None` where it already starts as its VM's uid (a worker jailed in a user namespace).
-static RUN_AS: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+static RUN_AS: std::sync::OnceLock<Option<(u32, u32)>> = std::sync::OnceLock::new();
 
-/// Every QEMU this process starts from now on runs as `uid` after its set-up (`-runas`)
+/// Every QEMU this process starts from now on runs as `uid`:`gid` after its set-up (`-runas`)
 /// under QEMU's own seccomp sandbox. For the worker's jail: QEMU must open the snapshot's
 /// RAM file read-write (QEMU 7.2 has no read-only private RAM backend) before the drop.
-pub fn run_jailed_as(uid: u32) {
-    let _ = RUN_AS.set(Some(uid));
+pub fn run_jailed_as(uid: u32, gid: u32) {
+    let _ = RUN_AS.set(Some((uid, gid)));
 }
 
 /// Every QEMU this process starts from now on runs under QEMU's own seccomp sandbox, as
@@ -250,7 +250,7 @@ impl QemuBackend {
             qcmd
         };
         let qcmd = match RUN_AS.get() {
-            Some(Some(uid)) => qcmd.jailed_as(*uid),
+            Some(Some((uid, gid))) => qcmd.jailed_as(*uid, *gid),
             Some(None) => qcmd.sandboxed(),
             None => qcmd,
         };

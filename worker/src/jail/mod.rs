@@ -61,6 +61,8 @@ pub enum JailError {
          run as root, or pass --no-jail (SUPERMACHINE_NO_JAIL=1) to run VMs unjailed"
     )]
     NoUserNamespace(std::io::Error),
+    #[error("jail: {0}")]
+    VolumeOwner(String),
 }
 
 fn sys(what: impl Into<String>) -> impl FnOnce(nix::errno::Errno) -> JailError {
@@ -87,6 +89,10 @@ pub struct JailPaths {
     pub read_write: Vec<PathBuf>,
     /// The system's programs and libraries, read-only (QEMU and what it spawns).
     pub system: bool,
+    /// The VM's volumes (host directory, read-only?), bound at the same path. As root, a
+    /// VM with volumes runs as their owner instead of a uid of the range, so what the
+    /// guest writes belongs to that user on the host.
+    pub volumes: Vec<(PathBuf, bool)>,
 }
 
 /// What the worker knows of its jail once inside.
@@ -142,15 +148,16 @@ pub fn enter(
         };
         (u, g, None, cg, root_mount)
     } else {
-        let (uid, uid_lock) = allocate_uid(cfg.uids)?;
-        let cg = cgroup::Cgroup::create(&format!("vm-{uid}"), &limits)?;
-        (
-            uid,
-            uid,
-            Some(uid_lock),
-            Some(cg),
-            PathBuf::from(ROOT_MOUNT),
-        )
+        let (uid, gid, uid_lock, cg_name) = match volume_owner(&paths.volumes)? {
+            // Not a uid of its own: the cgroup is named by this process instead.
+            Some((u, g)) => (u, g, None, format!("vm-p{}", std::process::id())),
+            None => {
+                let (u, lock) = allocate_uid(cfg.uids)?;
+                (u, u, Some(lock), format!("vm-{u}"))
+            }
+        };
+        let cg = cgroup::Cgroup::create(&cg_name, &limits)?;
+        (uid, gid, uid_lock, Some(cg), PathBuf::from(ROOT_MOUNT))
     };
     let remove_cg = || {
         if let Some(cg) = &cg {
@@ -205,7 +212,7 @@ pub fn enter(
             if !user_ns {
                 readable_by_all(&paths.read_only)?;
             }
-            build_root(paths, uid, &root_mount, user_ns)?;
+            build_root(paths, (uid, gid), &root_mount, user_ns)?;
             nix::unistd::sethostname("supermachine").map_err(sys("sethostname"))?;
             loopback_up()?;
             // What this process executes from now on (QEMU) gets no capability but the two
@@ -282,6 +289,38 @@ fn die_of(sig: nix::sys::signal::Signal) -> ! {
         libc::raise(sig as i32);
     }
     std::process::exit(128 + sig as i32)
+}
+
+/// The uid and gid owning every volume directory (`None` without volumes). Root, or two
+/// owners, is refused: a jailed VM never runs as root, and has one uid.
+fn volume_owner(volumes: &[(PathBuf, bool)]) -> Result<Option<(u32, u32)>, JailError> {
+    use std::os::unix::fs::MetadataExt;
+    let mut owner: Option<(u32, u32, &Path)> = None;
+    for (p, _) in volumes {
+        let m = std::fs::metadata(p).map_err(io(format!("volume {}", p.display())))?;
+        if m.uid() == 0 {
+            return Err(JailError::VolumeOwner(format!(
+                "volume {} is owned by root, and a jailed VM never runs as root: give the \
+                 directory to the user who should own what the VM writes (chown), or run \
+                 unjailed (--no-jail, SUPERMACHINE_NO_JAIL=1)",
+                p.display()
+            )));
+        }
+        match owner {
+            Some((u, _, first)) if u != m.uid() => {
+                return Err(JailError::VolumeOwner(format!(
+                    "volumes {} (uid {u}) and {} (uid {}) have different owners; a VM runs \
+                     as one uid",
+                    first.display(),
+                    p.display(),
+                    m.uid()
+                )))
+            }
+            Some(_) => {}
+            None => owner = Some((m.uid(), m.gid(), p)),
+        }
+    }
+    Ok(owner.map(|(u, g, _)| (u, g)))
 }
 
 /// A uid of the range no live worker holds, with the lock that holds it.
@@ -444,7 +483,12 @@ fn mknod(
 }
 
 /// The VM's root: a tmpfs with only what it needs; then `pivot_root` into it.
-fn build_root(paths: &JailPaths, uid: u32, root: &Path, user_ns: bool) -> Result<(), JailError> {
+fn build_root(
+    paths: &JailPaths,
+    (uid, gid): (u32, u32),
+    root: &Path,
+    user_ns: bool,
+) -> Result<(), JailError> {
     // Nothing mounted from here on reaches the host's namespace.
     mount(
         None::<&str>,
@@ -497,12 +541,15 @@ fn build_root(paths: &JailPaths, uid: u32, root: &Path, user_ns: bool) -> Result
     for p in &paths.read_write {
         bind(p, root, WRITABLE, true)?;
     }
+    for (p, read_only) in &paths.volumes {
+        bind(p, root, if *read_only { READ_ONLY } else { WRITABLE }, true)?;
+    }
     for p in &paths.owned {
         bind(p, root, WRITABLE, false)?;
         // The VM's uid writes its sockets and logs here (the host's directory, same inode).
         // (In a user namespace it is the user's already.)
         if !user_ns {
-            nix::unistd::chown(p, Some(Uid::from_raw(uid)), Some(Gid::from_raw(uid)))
+            nix::unistd::chown(p, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
                 .map_err(sys(format!("chown {}", p.display())))?;
         }
     }
