@@ -123,7 +123,7 @@ pub fn pull(req: &PullRequest) -> Result<PullOutcome, Error> {
     // The VM is baked with the backend's unbound volume slots (restores bind them).
     let volume_slots = supermachine_backend::select::for_kind(kind)
         .backend
-        .volume_slots();
+        .volume_slots(prepared.layers.len());
     h.update(format!("volume_slots={volume_slots}"));
     // The hex digests of init's and the agent's bytes, as hashing their files gave.
     for bytes in [&resolved.init, shim] {

@@ -153,7 +153,7 @@ impl Backend for KvmBackend {
         BackendKind::Kvm
     }
 
-    fn volume_slots(&self) -> usize {
+    fn volume_slots(&self, _disks: usize) -> usize {
         0
     }
 

@@ -319,9 +319,10 @@ pub trait Machine: Send {
 
 pub trait Backend: Send + Sync {
     fn kind(&self) -> BackendKind;
-    /// How many filesystem slots ([`VolumeSlot`]) a VM baked on this backend carries: the
-    /// most volumes a restore of it can bind. 0 where the backend has no filesystem device.
-    fn volume_slots(&self) -> usize;
+    /// How many filesystem slots ([`VolumeSlot`]) a VM with `disks` block devices can carry
+    /// on this backend (a bake gives it all of them): the most volumes a restore of it can
+    /// bind. 0 where the backend has no filesystem device.
+    fn volume_slots(&self, disks: usize) -> usize;
     fn boot(&self, spec: &BootSpec) -> Result<Box<dyn Machine>, BackendError>;
     /// The RAM file a VM that will be snapshotted into `dir` boots with (in
     /// [`BootSpec::memory_file`]): QEMU keeps guest RAM there, written through, so its

@@ -98,7 +98,9 @@ impl Vm {
             mut prepared,
         } = inputs;
         let selected = supermachine_backend::select::select(req.backend)?;
-        let slots = selected.backend.volume_slots();
+        let slots = selected
+            .backend
+            .volume_slots(prepared.run_config.layers.len());
         crate::volume::check_all(&req.volumes, slots, &selected.name)?;
         if req.snapshot_dir.is_some() && !req.volumes.is_empty() {
             return Err(Error::Bake(

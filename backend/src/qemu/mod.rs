@@ -25,8 +25,13 @@ use crate::{
 use crate::files;
 pub use command::QemuCommand;
 
-/// Filesystem slots a VM baked on QEMU carries (the most volumes a restore can bind).
+/// Filesystem slots a VM baked on QEMU carries at most (the most volumes a restore binds).
 pub const VOLUME_SLOTS: usize = 4;
+/// virtio-mmio transports of `-M microvm` without its second IOAPIC (`acpi=off`): every
+/// virtio device (rng, each disk, the agent's net, each volume slot) takes one.
+const MMIO_TRANSPORTS: usize = 8;
+/// The transports taken besides disks and volumes: virtio-rng and the agent's virtio-net.
+const OTHER_DEVICES: usize = 2;
 
 /// How long QEMU may take to start and connect the control channel.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -87,8 +92,8 @@ impl Backend for QemuBackend {
         BackendKind::Qemu
     }
 
-    fn volume_slots(&self) -> usize {
-        VOLUME_SLOTS
+    fn volume_slots(&self, disks: usize) -> usize {
+        VOLUME_SLOTS.min(MMIO_TRANSPORTS.saturating_sub(OTHER_DEVICES + disks))
     }
 
     fn boot(&self, spec: &BootSpec) -> Result<Box<dyn Machine>, BackendError> {
@@ -463,5 +468,20 @@ impl Machine for QemuMachine {
 impl Drop for QemuMachine {
     fn drop(&mut self) {
         let _ = self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volume_slots_fit_in_what_microvm_has_left() {
+        let q = QemuBackend::new();
+        assert_eq!(q.volume_slots(1), VOLUME_SLOTS);
+        // rng + net + 3 layers + 3 slots = 8 transports.
+        assert_eq!(q.volume_slots(3), 3);
+        assert_eq!(q.volume_slots(6), 0);
+        assert_eq!(q.volume_slots(20), 0);
     }
 }
