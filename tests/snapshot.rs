@@ -8,25 +8,9 @@ use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
 use common::*;
-use supermachine::{Error, Image, PullRequest, VmConfig};
+use supermachine::{Error, Image, VmConfig};
 
 const INDEX: &[u8] = b"<h1>hello from supermachine</h1>\n";
-
-fn pull_request(dir: &Path, name: &str) -> PullRequest {
-    let mut boot = request("busybox");
-    boot.overrides.cmd = Some(
-        ["httpd", "-f", "-p", "80", "-h", "/var/www"]
-            .map(String::from)
-            .to_vec(),
-    );
-    PullRequest {
-        boot,
-        name: name.into(),
-        port: 80,
-        ready_timeout: Duration::from_secs(60),
-        snapshots_dir: dir.to_path_buf(),
-    }
-}
 
 /// One baked httpd snapshot shared by the tests that only restore from it.
 fn shared_snapshot() -> &'static PathBuf {
@@ -36,7 +20,7 @@ fn shared_snapshot() -> &'static PathBuf {
     static S: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
     &S.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
-        let out = supermachine::pull::pull(&pull_request(dir.path(), "httpd")).expect("bake");
+        let out = supermachine::pull::pull(&httpd_pull_request(dir.path(), "httpd")).expect("bake");
         assert!(!out.cached);
         let p = out.snapshot.dir.clone();
         (dir, p)
@@ -95,7 +79,7 @@ fn restores_in_sequence_and_in_parallel_and_isolates_writes() {
 #[test]
 fn a_two_vcpu_snapshot_restores_with_both_cpus_and_serves() {
     let dir = tempfile::tempdir().unwrap();
-    let mut req = pull_request(dir.path(), "smp");
+    let mut req = httpd_pull_request(dir.path(), "smp");
     req.boot.vcpus = 2;
     let out = supermachine::pull::pull(&req).unwrap();
     assert_eq!(out.snapshot.meta.vcpus, 2);
@@ -191,7 +175,7 @@ impl BakedFiles {
 #[test]
 fn same_inputs_are_a_cache_hit_and_damage_is_named_and_rebaked() {
     let dir = tempfile::tempdir().unwrap();
-    let req = pull_request(dir.path(), "web");
+    let req = httpd_pull_request(dir.path(), "web");
     let first = supermachine::pull::pull(&req).unwrap();
     assert!(!first.cached);
     let again = supermachine::pull::pull(&req).unwrap();
@@ -268,7 +252,7 @@ fn copy_tree(from: &Path, to: &Path) {
 fn deleted_layer_is_named() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = tmp.path().join("cache");
-    let mut req = pull_request(tmp.path(), "own-cache");
+    let mut req = httpd_pull_request(tmp.path(), "own-cache");
     req.boot.cache = supermachine_bake_cache(&cache);
     let out = supermachine::pull::pull(&req).unwrap();
     let layer = out.snapshot.meta.layers[0].path.clone();
@@ -290,7 +274,7 @@ fn supermachine_bake_cache(p: &Path) -> supermachine::Cache {
 #[test]
 fn bake_timeout_names_the_port_and_the_log() {
     let dir = tempfile::tempdir().unwrap();
-    let mut req = pull_request(dir.path(), "never");
+    let mut req = httpd_pull_request(dir.path(), "never");
     req.port = 8099;
     req.ready_timeout = Duration::from_secs(3);
     match supermachine::pull::pull(&req) {

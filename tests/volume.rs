@@ -5,10 +5,9 @@
 mod common;
 
 use std::path::Path;
-use std::time::Duration;
 
 use common::*;
-use supermachine::{Access, Image, PullRequest, VmConfig};
+use supermachine::{Access, Image, VmConfig};
 
 fn sh(vm: &supermachine::Vm, script: &str) -> (i32, String) {
     let o = vm.exec(["sh", "-c", script]).expect("exec");
@@ -76,27 +75,10 @@ fn bad_volumes_are_named_before_anything_boots() {
     );
 }
 
-fn bake(dir: &Path) -> std::path::PathBuf {
-    let mut boot = request("busybox");
-    boot.overrides.cmd = Some(
-        ["httpd", "-f", "-p", "80", "-h", "/var/www"]
-            .map(String::from)
-            .to_vec(),
-    );
-    let req = PullRequest {
-        boot,
-        name: "httpd".into(),
-        port: 80,
-        ready_timeout: Duration::from_secs(60),
-        snapshots_dir: dir.to_path_buf(),
-    };
-    supermachine::pull::pull(&req).expect("bake").snapshot.dir
-}
-
 #[test]
 fn clones_of_one_snapshot_each_see_only_their_own_directory() {
     let snaps = tempfile::tempdir().unwrap();
-    let snap = bake(snaps.path());
+    let snap = bake_httpd(snaps.path());
     let image = Image::from_snapshot(&snap).unwrap();
     let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     std::fs::write(a_dir.path().join("who"), "a\n").unwrap();
@@ -146,7 +128,7 @@ fn a_volume_takes_ordinary_file_work_and_confines_links() {
         return;
     }
     let snaps = tempfile::tempdir().unwrap();
-    let snap = bake(snaps.path());
+    let snap = bake_httpd(snaps.path());
     let image = Image::from_snapshot(&snap).unwrap();
     let vol = tempfile::tempdir().unwrap();
     // Outside the volume: the guest must not reach it through a link or `..`.

@@ -7,26 +7,9 @@ use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::*;
-use supermachine::{JailConfig, PullRequest, Worker};
+use supermachine::{JailConfig, Worker};
 
 const INDEX: &[u8] = b"<h1>hello from supermachine</h1>\n";
-
-fn bake(dir: &std::path::Path) -> std::path::PathBuf {
-    let mut boot = request("busybox");
-    boot.overrides.cmd = Some(
-        ["httpd", "-f", "-p", "80", "-h", "/var/www"]
-            .map(String::from)
-            .to_vec(),
-    );
-    let req = PullRequest {
-        boot,
-        name: "httpd".into(),
-        port: 80,
-        ready_timeout: Duration::from_secs(60),
-        snapshots_dir: dir.to_path_buf(),
-    };
-    supermachine::pull::pull(&req).unwrap().snapshot.dir
-}
 
 fn alive(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
@@ -46,7 +29,7 @@ fn wait_gone(pid: u32) -> bool {
 #[test]
 fn workers_restore_serve_and_die_alone() {
     let tmp = tempfile::tempdir().unwrap();
-    let snap = bake(tmp.path());
+    let snap = bake_httpd(tmp.path());
     let mut workers: Vec<Worker> = (0..3).map(|_| Worker::spawn(&snap).unwrap()).collect();
     for w in workers.iter_mut() {
         let t = w.restore().unwrap();
@@ -87,7 +70,7 @@ fn workers_restore_serve_and_die_alone() {
 #[test]
 fn handoff_passes_the_client_socket_and_the_bytes_already_read() {
     let tmp = tempfile::tempdir().unwrap();
-    let snap = bake(tmp.path());
+    let snap = bake_httpd(tmp.path());
     let mut w = Worker::spawn(&snap).unwrap();
     w.restore().unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -131,7 +114,7 @@ fn a_bad_snapshot_is_reported_by_the_worker() {
 #[test]
 fn pooled_vms_are_fresh_and_refilled() {
     let tmp = tempfile::tempdir().unwrap();
-    let snap = bake(tmp.path());
+    let snap = bake_httpd(tmp.path());
     let image = supermachine::Image::from_snapshot(&snap).unwrap();
     let first = image.acquire().unwrap();
     first
@@ -172,7 +155,7 @@ fn shared_snapshot() -> &'static std::path::Path {
             .tempdir()
             .unwrap()
             .keep();
-        bake(&dir)
+        bake_httpd(&dir)
     })
 }
 

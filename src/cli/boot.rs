@@ -41,10 +41,8 @@ pub struct BootArgs {
     /// Guest init binary (static). Default: $SUPERMACHINE_INIT, else the one built by scripts/build-guest.sh.
     #[arg(long)]
     init: Option<PathBuf>,
-    /// Show a host directory inside the VM: HOST:GUEST[:ro|rw] (default rw; HOST must
-    /// exist; qemu backend); repeatable, up to 4.
-    #[arg(short = 'v', long = "volume", value_name = "HOST:GUEST[:ro|rw]", value_parser = parse_volume)]
-    volumes: Vec<supermachine::Volume>,
+    #[command(flatten)]
+    volumes: VolumeArgs,
     /// Append an argument to the guest kernel's command line; repeatable.
     #[arg(long = "kernel-arg", value_name = "ARG")]
     kernel_args: Vec<String>,
@@ -114,7 +112,7 @@ pub fn run(args: BootArgs) -> i32 {
     req.kernel = args.kernel;
     req.init = args.init;
     req.kernel_args = args.kernel_args;
-    req.volumes = args.volumes;
+    req.volumes = args.volumes.volumes;
     req.boot_timeout = std::time::Duration::from_secs(args.boot_timeout);
     req.pull = match args.source.options(supermachine::PullPolicy::Missing) {
         Ok(o) => o,
@@ -285,8 +283,18 @@ fn timings_json(r: &BootReport) -> String {
     format!("{v}\n")
 }
 
+/// `-v` of boot, run and serve.
+#[derive(clap::Args, Debug, Clone)]
+pub struct VolumeArgs {
+    /// Show a host directory inside the VM (run, serve: inside every VM they restore, of
+    /// every image served): HOST:GUEST[:ro|rw] (default rw; HOST must exist; qemu
+    /// backend); repeatable, up to 4 (fewer for images of many layers).
+    #[arg(short = 'v', long = "volume", value_name = "HOST:GUEST[:ro|rw]", value_parser = parse_volume)]
+    pub volumes: Vec<supermachine::Volume>,
+}
+
 /// `-v HOST:GUEST[:ro|rw]`, checked as it is parsed (a missing HOST is a usage error).
-pub(crate) fn parse_volume(spec: &str) -> Result<supermachine::Volume, String> {
+fn parse_volume(spec: &str) -> Result<supermachine::Volume, String> {
     supermachine::Volume::parse(spec).map_err(|e| e.to_string())
 }
 

@@ -27,10 +27,8 @@ pub struct RunArgs {
     /// routes by the request head and answers 502 when no VM can serve.
     #[arg(short = 'p', long = "publish", value_name = "[IP:]HOST:GUEST[/PROTO]")]
     publish: Option<String>,
-    /// Show a host directory inside each VM: HOST:GUEST[:ro|rw] (default rw; HOST must
-    /// exist; qemu backend); repeatable, up to 4. Bound at restore: the snapshot has none.
-    #[arg(short = 'v', long = "volume", value_name = "HOST:GUEST[:ro|rw]", value_parser = crate::cli::boot::parse_volume)]
-    volumes: Vec<supermachine::Volume>,
+    #[command(flatten)]
+    volumes: crate::cli::boot::VolumeArgs,
     /// Run in the background; return once the workload is ready: the guest port listens,
     /// then --health-cmd and --health-http pass if given.
     #[arg(short = 'd', long)]
@@ -217,7 +215,7 @@ pub fn run(a: RunArgs) -> i32 {
             max: a.replicas.max(1),
             idle_timeout: Duration::from_secs(3600),
             isolation: Isolation::Shared,
-            volumes: a.volumes.clone(),
+            volumes: a.volumes.volumes.clone(),
         },
         grace: Duration::from_secs(10),
         accept_in_workers: false,

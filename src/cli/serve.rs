@@ -41,10 +41,8 @@ pub struct ServeArgs {
     /// Route a Host header to an image: HOST=IMAGE; repeatable.
     #[arg(long = "route", value_name = "HOST=IMAGE")]
     routes: Vec<String>,
-    /// Show a host directory inside every VM of every image served: HOST:GUEST[:ro|rw] (default rw; HOST must
-    /// exist; qemu backend); repeatable, up to 4. Bound at restore: the snapshot has none.
-    #[arg(short = 'v', long = "volume", value_name = "HOST:GUEST[:ro|rw]", value_parser = crate::cli::boot::parse_volume)]
-    volumes: Vec<supermachine::Volume>,
+    #[command(flatten)]
+    volumes: crate::cli::boot::VolumeArgs,
     /// A TCP route: connections to LISTEN go, bytes untouched (any protocol), to IMAGE's
     /// guest PORT; repeatable. IMAGE as for --image (baked with PORT).
     #[arg(long = "tcp-port", value_name = "LISTEN=IMAGE:PORT")]
@@ -254,7 +252,7 @@ fn router_config(a: &ServeArgs) -> Result<RouterConfig, String> {
                 IsolationArg::Shared => Isolation::Shared,
                 IsolationArg::Fresh => Isolation::Fresh,
             },
-            volumes: a.volumes.clone(),
+            volumes: a.volumes.volumes.clone(),
         },
         grace: Duration::from_secs(a.grace),
         accept_in_workers: a.accept_in_workers,

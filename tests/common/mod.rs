@@ -396,3 +396,29 @@ pub fn guest_copy_in(dir: &Path) -> (PathBuf, PathBuf) {
     .unwrap();
     (k, i)
 }
+
+/// Baking the busybox image as `name` with httpd on port 80 serving /var/www (the
+/// snapshot most restore tests use), into `dir`.
+pub fn httpd_pull_request(dir: &Path, name: &str) -> supermachine::PullRequest {
+    let mut boot = request("busybox");
+    boot.overrides.cmd = Some(
+        ["httpd", "-f", "-p", "80", "-h", "/var/www"]
+            .map(String::from)
+            .to_vec(),
+    );
+    supermachine::PullRequest {
+        boot,
+        name: name.into(),
+        port: 80,
+        ready_timeout: std::time::Duration::from_secs(60),
+        snapshots_dir: dir.to_path_buf(),
+    }
+}
+
+/// Bakes [`httpd_pull_request`] as "httpd" and returns the snapshot directory.
+pub fn bake_httpd(dir: &Path) -> PathBuf {
+    supermachine::pull::pull(&httpd_pull_request(dir, "httpd"))
+        .expect("bake")
+        .snapshot
+        .dir
+}
