@@ -23,9 +23,11 @@ Images (each its own OCI layout directory, tag `latest`):
   websocket - the busybox base layer, then Debian's websocketd (and its libc closure) at
              /usr/bin/websocketd; Cmd `websocketd --port=80 cat`: a WebSocket echo, one
              message per line.
+  sqlite   - the busybox base layer, then Debian's sqlite3 shell and its library closure at
+             /usr/bin/sqlite3; Cmd /bin/sh (databases on volumes).
 
 Output is cached under ~/.cache/supermachine/test-images/<hash of this script, busybox, the
-redis and openssl binaries, their libraries and the OpenSSL config>/ and reproducible (fixed
+bundled binaries (redis, openssl, websocketd, sqlite3), their libraries and the OpenSSL config>/ and reproducible (fixed
 mtimes, sorted entries, gzip without timestamps). Prints the directory holding the layouts.
 """
 import gzip
@@ -44,6 +46,7 @@ BUSYBOX = "/bin/busybox"
 # only adds a symlink to it); run as "redis-server" it is the server.
 REDIS = "/usr/bin/redis-check-rdb"
 OPENSSL = "/usr/bin/openssl"
+SQLITE3 = "/usr/bin/sqlite3"
 WEBSOCKETD = "/usr/bin/websocketd"
 # A symlink to /etc/ssl/openssl.cnf on Debian; both are recreated in the image.
 OPENSSL_CNF = "/usr/lib/ssl/openssl.cnf"
@@ -77,6 +80,7 @@ BUNDLES = {
     "openssl": ("openssl", OPENSSL, "usr/bin/openssl", (OPENSSL_CNF,), ()),
     "redis": ("redis-tools", REDIS, "usr/bin/redis-server", (), ("data",)),
     "websocket": ("websocketd", WEBSOCKETD, "usr/bin/websocketd", (), ()),
+    "sqlite": ("sqlite3", SQLITE3, "usr/bin/sqlite3", (), ()),
 }
 
 
@@ -370,6 +374,11 @@ def build(out, closures):
         [(base, "gzip"), (bundle_layer("websocket", closures), "gzip")],
         {"Env": [PATH_ENV], "Cmd": ["websocketd", "--port=80", "cat"], "WorkingDir": "/tmp"},
     )
+    # Debian's sqlite3 shell (a dynamic binary and its libraries), for databases on volumes.
+    Layout(os.path.join(out, "sqlite")).image(
+        [(base, "gzip"), (bundle_layer("sqlite", closures), "gzip")],
+        {"Env": [PATH_ENV], "Cmd": ["/bin/sh"], "WorkingDir": "/tmp"},
+    )
 
 
 def main():
@@ -390,7 +399,7 @@ def main():
             h.update(open(f, "rb").read())
         h.update(json.dumps(links, sort_keys=True).encode())
     out = os.path.join(cache_root(), "test-images", h.hexdigest()[:16])
-    if not all(os.path.exists(os.path.join(out, img, "index.json")) for img in ("layered", "redis", "openssl", "websocket")):
+    if not all(os.path.exists(os.path.join(out, img, "index.json")) for img in ("layered", "redis", "openssl", "websocket", "sqlite")):
         os.makedirs(os.path.dirname(out), exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".build-", dir=os.path.dirname(out))
         try:

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use supermachine_vmm::builder::{PreparedVm, RestoreLayout};
 use supermachine_vmm::devices::virtio::vsock::GUEST_CID;
-use supermachine_vmm::{BlockConfig, ExitReason, MicroVm, MicroVmConfig, VsockConfig};
+use supermachine_vmm::{BlockConfig, ExitReason, FsConfig, MicroVm, MicroVmConfig, VsockConfig};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::files;
@@ -136,16 +136,21 @@ fn report_built<T>(
     }
 }
 
-/// Our VMM has no filesystem device yet (docs/ARCHITECTURE.md, "Volumes").
-fn refuse_volumes(spec: &BootSpec) -> Result<(), BackendError> {
-    if spec.volumes.is_empty() {
-        return Ok(());
-    }
-    Err(BackendError::Unavailable(
-        "volumes need the qemu backend: the kvm backend has no filesystem device yet \
-         (--backend qemu, or SUPERMACHINE_BACKEND=qemu)"
-            .into(),
-    ))
+/// Filesystem slots a VM baked on kvm carries at most (as on QEMU).
+pub const VOLUME_SLOTS: usize = 4;
+
+/// The virtio-9p devices for a spec's volume slots: slot N is tag `smvol<N>`, exporting its
+/// host directory (unbound slots export nothing; the guest never mounts them).
+fn filesystems(spec: &BootSpec) -> Vec<FsConfig> {
+    spec.volumes
+        .iter()
+        .enumerate()
+        .map(|(i, v)| FsConfig {
+            tag: format!("{}{i}", supermachine_protocol::VOLUME_TAG_PREFIX),
+            root: v.host.clone(),
+            read_only: v.read_only || v.host.is_none(),
+        })
+        .collect()
 }
 
 impl Backend for KvmBackend {
@@ -153,13 +158,13 @@ impl Backend for KvmBackend {
         BackendKind::Kvm
     }
 
-    fn volume_slots(&self, _disks: usize) -> usize {
-        0
+    /// Each device takes a virtio-mmio slot and an IRQ: the disks, vsock, then volumes.
+    fn volume_slots(&self, disks: usize) -> usize {
+        VOLUME_SLOTS.min(supermachine_vmm::MAX_MMIO_DEVICES.saturating_sub(disks + 1))
     }
 
     fn boot(&self, spec: &BootSpec) -> Result<Box<dyn Machine>, BackendError> {
         let requested = Instant::now();
-        refuse_volumes(spec)?;
         spec.check_files()?;
         let paths = RunPaths::new(&spec.run_dir);
         let config = MicroVmConfig {
@@ -180,6 +185,7 @@ impl Backend for KvmBackend {
                 cid: GUEST_CID,
                 uds_path: paths.vsock.clone(),
             }),
+            filesystems: filesystems(spec),
         };
         let Io {
             console,
@@ -240,8 +246,8 @@ impl Backend for KvmBackend {
         dir: &Path,
     ) -> Result<Box<dyn PendingRestore>, BackendError> {
         let started = Instant::now();
-        refuse_volumes(spec)?;
         spec.check_files()?;
+        let filesystems = filesystems(spec);
         let snapshot = dir.join(SNAPSHOT_FILE);
         let layout = RestoreLayout::of(&snapshot)
             .map_err(|e| BackendError::Restore(format!("{}: {e}", snapshot.display())))?;
@@ -269,7 +275,14 @@ impl Backend for KvmBackend {
             // Dropping the pending restore closes the channel: the prepared VM goes.
             let (path, reply) = resume_rx.recv().ok()?;
             let loading = Instant::now();
-            let built = MicroVm::restore(&path, Some(prepared), Box::new(console), com2, uds);
+            let built = MicroVm::restore(
+                &path,
+                Some(prepared),
+                Box::new(console),
+                com2,
+                uds,
+                &filesystems,
+            );
             let built = built.map(|(vm, _)| vm).map_err(|e| e.to_string());
             report_built(built, control_vmm, &reply, || loading.elapsed())
         })?;

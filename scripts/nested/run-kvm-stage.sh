@@ -32,6 +32,9 @@ declare -A STAGE=(
   # damage test), and the bake's port wait, which is pull.rs on either backend.
   [snapshot]="--skip pull_policies --skip deleted_layer_is_named --skip bake_timeout_names_the_port_and_the_log"
   [worker]=""
+  # Volumes through our VMM's virtio-9p server: host<->guest files, read-only, two clones
+  # with their own directories, a 256 MiB copy, links and escapes, sqlite.
+  [volume]=""
   # The health-check loop is the CLI's; its VM part is run_detached's. `-p` publishing is
   # the TCP forwarder's, over the agent's Connect stream the agent tests run on kvm. A
   # pool that cannot start a worker gives up in the router (no worker ever runs).
@@ -45,7 +48,7 @@ declare -A STAGE=(
   # Registry protocol only (what reaches a VM is an OCI layout, as in the tests kept).
   [registry]="--skip a_corrupted_blob_is_refused_and_not_cached --skip an_interrupted_download_resumes --skip credentials_from_the_docker_config --skip platform_insecure_registry_and_pull_flags --skip pull_policies_against_a_stopped_registry"
 )
-ORDER=(kvm_backend kvm_control_channel boot boot_errors agent snapshot worker daemon router registry)
+ORDER=(kvm_backend kvm_control_channel boot boot_errors agent snapshot worker volume daemon router registry)
 if [ $# -gt 0 ]; then
   ORDER=("$@")
 fi

@@ -27,6 +27,7 @@ use crate::vstate::vcpu;
 use crate::vstate::vm;
 
 pub use crate::device_manager::DeviceSlot;
+pub use crate::devices::virtio::p9::FsConfig;
 pub use crate::microvm::{ExitReason, MicroVm};
 
 #[derive(Debug, Clone)]
@@ -63,6 +64,8 @@ pub struct MicroVmConfig {
     pub vcpus: u8,
     pub blocks: Vec<BlockConfig>,
     pub vsock: Option<VsockConfig>,
+    /// virtio-9p exports, after the disks and vsock.
+    pub filesystems: Vec<FsConfig>,
 }
 
 /// Host-side milestones of a restore.
@@ -220,6 +223,14 @@ impl MicroVm {
         if let Some(v) = &config.vsock {
             specs.push(DeviceSpec::Vsock(v));
         }
+        specs.extend(config.filesystems.iter().map(DeviceSpec::Fs));
+        if specs.len() > crate::arch::x86_64::layout::MAX_MMIO_DEVICES {
+            return Err(VmmError::Config(format!(
+                "{} virtio devices: a VM has room for {}",
+                specs.len(),
+                crate::arch::x86_64::layout::MAX_MMIO_DEVICES
+            )));
+        }
         let mut cmdline =
             Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| VmmError::Cmdline(e.to_string()))?;
         cmdline
@@ -257,6 +268,7 @@ impl MicroVm {
                 serial_states: None,
                 specs: &specs,
                 vsock_uds_override: None,
+                filesystems: &[],
             },
         )?;
         let mut fds = Vec::new();
@@ -269,13 +281,15 @@ impl MicroVm {
     }
 
     /// Restores `path` (a `restore.snap`): guest memory is the file, mapped copy-on-write.
-    /// `vsock_uds` replaces the saved vsock socket path (each VM needs its own).
+    /// `vsock_uds` replaces the saved vsock socket path (each VM needs its own);
+    /// `filesystems` binds saved virtio-9p devices, by tag, to host directories.
     pub fn restore(
         path: &Path,
         prepared: Option<PreparedVm>,
         console: Output,
         com2: Output,
         vsock_uds: Option<&Path>,
+        filesystems: &[FsConfig],
     ) -> Result<(MicroVm, RestorePhases)> {
         let t0 = Instant::now();
         let (file, state) = MicroVmState::read(path)?;
@@ -331,6 +345,7 @@ impl MicroVm {
                 serial_states: Some(&state.serials),
                 specs: &specs,
                 vsock_uds_override: vsock_uds,
+                filesystems,
             },
         )?;
         for (_, _, t) in &wiring.devices {

@@ -17,6 +17,7 @@ use crate::devices::legacy::i8042::ResetDevice;
 use crate::devices::legacy::serial::{InputDrained, Output, SerialDevice, SerialDeviceState};
 use crate::devices::virtio::blk::Block;
 use crate::devices::virtio::mmio::{MmioTransport, NOTIFY_REG_OFFSET};
+use crate::devices::virtio::p9::{FsConfig, P9};
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::IrqTrigger;
@@ -89,6 +90,7 @@ pub(crate) struct PreparedWiring {
 pub(crate) enum DeviceSpec<'a> {
     Block(&'a BlockConfig),
     Vsock(&'a VsockConfig),
+    Fs(&'a FsConfig),
     Restored(&'a DeviceState),
 }
 
@@ -113,6 +115,13 @@ pub(crate) struct Wiring {
     pub(crate) reset_evt: EventFd,
 }
 
+fn fs_error(f: &FsConfig, e: std::io::Error) -> VmmError {
+    match &f.root {
+        Some(root) => VmmError::io(format!("virtio-9p {}: {}", f.tag, root.display()), e),
+        None => VmmError::io(format!("virtio-9p {}", f.tag), e),
+    }
+}
+
 pub(crate) fn evt_clone(e: &EventFd) -> Result<EventFd> {
     e.try_clone()
         .map_err(|e| VmmError::io("duplicating an eventfd", e))
@@ -128,6 +137,8 @@ pub(crate) struct WireInputs<'a> {
     pub(crate) serial_states: Option<&'a [SerialDeviceState]>,
     pub(crate) specs: &'a [DeviceSpec<'a>],
     pub(crate) vsock_uds_override: Option<&'a Path>,
+    /// What each restored virtio-9p device exports, by mount tag (unbound if absent).
+    pub(crate) filesystems: &'a [FsConfig],
 }
 
 /// Creates the devices, puts them on the buses and connects their interrupts (irqfd) and
@@ -141,6 +152,7 @@ pub(crate) fn wire_devices(vm: &VmFd, mem: &GuestMemoryMmap, inputs: WireInputs)
         serial_states,
         specs,
         vsock_uds_override,
+        filesystems,
     } = inputs;
     let mut pio = Bus::default();
     let mut mmio = Bus::default();
@@ -190,10 +202,15 @@ pub(crate) fn wire_devices(vm: &VmFd, mem: &GuestMemoryMmap, inputs: WireInputs)
                 DeviceSpec::Vsock(v) => Box::new(Vsock::new(v.cid, &v.uds_path).map_err(|e| {
                     VmmError::io(format!("vsock socket {}", v.uds_path.display()), e)
                 })?),
+                DeviceSpec::Fs(f) => Box::new(P9::new(f).map_err(|e| fs_error(f, e))?),
                 DeviceSpec::Restored(s) => match &s.kind {
                     DeviceKindState::Block(b) => {
                         Box::new(Block::restore(b).map_err(VmmError::Config)?)
                     }
+                    DeviceKindState::P9(p) => Box::new(
+                        P9::restore(p, filesystems)
+                            .map_err(|e| VmmError::io(format!("virtio-9p {}", p.tag), e))?,
+                    ),
                     DeviceKindState::Vsock(v) => {
                         let uds = vsock_uds_override.unwrap_or(&v.uds_path);
                         let restored = match prepared_muxer.take() {

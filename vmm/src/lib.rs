@@ -25,5 +25,6 @@ pub mod testing;
 pub mod thread_filter;
 pub mod vstate;
 
-pub use builder::{BlockConfig, ExitReason, MicroVm, MicroVmConfig, VsockConfig};
+pub use arch::x86_64::layout::MAX_MMIO_DEVICES;
+pub use builder::{BlockConfig, ExitReason, FsConfig, MicroVm, MicroVmConfig, VsockConfig};
 pub use error::VmmError;

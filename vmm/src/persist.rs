@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::device_manager::{DeviceSlot, MmioDevice};
 use crate::devices::legacy::serial::{SerialDevice, SerialDeviceState};
 use crate::devices::virtio::blk::{Block, BlockState};
+use crate::devices::virtio::p9::{P9State, P9};
 use crate::devices::virtio::persist::MmioTransportState;
 use crate::devices::virtio::vsock::{Vsock, VsockState};
 use crate::devices::virtio::VirtioDevice;
@@ -23,6 +24,7 @@ use crate::vstate::vm::{self, VmState};
 pub(crate) enum DeviceKindState {
     Block(BlockState),
     Vsock(VsockState),
+    P9(P9State),
 }
 
 #[derive(Serialize, Deserialize)]
@@ -111,6 +113,8 @@ pub(crate) fn device_kind_state(d: &dyn VirtioDevice) -> Result<DeviceKindState>
         Ok(DeviceKindState::Block(b.save()))
     } else if let Some(v) = d.as_any().downcast_ref::<Vsock>() {
         Ok(DeviceKindState::Vsock(v.save()))
+    } else if let Some(p) = d.as_any().downcast_ref::<P9>() {
+        Ok(DeviceKindState::P9(p.save().map_err(VmmError::Config)?))
     } else {
         Err(VmmError::Config(format!(
             "device type {} cannot be saved",

@@ -234,6 +234,7 @@ fn boot(a: &Args) -> Result<u8, String> {
         vcpus: a.parse("--vcpus", 1)?,
         blocks,
         vsock,
+        filesystems: Vec::new(),
     };
     let tap = ConsoleTap::default();
     let t0 = Instant::now();
@@ -313,6 +314,7 @@ fn restore(a: &Args) -> Result<u8, String> {
         Box::new(tap.clone()),
         null_output(),
         uds.as_deref(),
+        &[],
     )
     .map_err(|e| e.to_string())?;
     eprintln!(
@@ -355,7 +357,7 @@ fn bench_restore(a: &Args) -> Result<u8, String> {
             Some(l) => Some(PreparedVm::for_layout(l, Some(&uds)).map_err(|e| e.to_string())?),
             None => None,
         };
-        let (vm, t) = MicroVm::restore(&snap, p, null_output(), null_output(), Some(&uds))
+        let (vm, t) = MicroVm::restore(&snap, p, null_output(), null_output(), Some(&uds), &[])
             .map_err(|e| e.to_string())?;
         samples.push(t.total);
         // Teardown is off the measured path.

@@ -25,6 +25,9 @@ pub const MMIO_START: u64 = 0xd000_0000;
 pub const MMIO_DEVICE_SIZE: u64 = 0x1000;
 /// The IRQ of the first virtio-mmio device; each further device takes the next.
 pub const FIRST_VIRTIO_IRQ: u32 = 5;
+/// virtio-mmio devices a VM can have: one IRQ each, from FIRST_VIRTIO_IRQ to the IOAPIC's
+/// last pin (23).
+pub const MAX_MMIO_DEVICES: usize = 24 - FIRST_VIRTIO_IRQ as usize;
 /// Legacy UART IRQs: COM1 (console) and COM2 (control channel).
 pub const COM1_IRQ: u32 = 4;
 pub const COM2_IRQ: u32 = 3;

@@ -4,6 +4,7 @@
 
 pub mod blk;
 pub mod mmio;
+pub mod p9;
 pub mod persist;
 #[cfg(test)]
 pub mod test_utils;
@@ -19,6 +20,7 @@ use crate::vstate::memory::GuestMemoryMmap;
 
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_9P: u32 = 9;
 pub const TYPE_VSOCK: u32 = 19;
 /// Interrupt status bit: a used ring was updated.
 pub const INT_VRING: u32 = 1;
