@@ -551,9 +551,6 @@ fn run_as_a_user_jails_each_vm_in_a_user_namespace() {
 /// directory is refused by name.
 #[test]
 fn run_d_with_a_volume_serves_it_and_writes_as_its_owner() {
-    if on_kvm() {
-        return; // the kvm backend has no filesystem device yet
-    }
     use std::os::unix::fs::MetadataExt;
     let sb = Sandbox::new();
     let vol = tempfile::tempdir().unwrap();
