@@ -570,7 +570,7 @@ fn fuzz_random_descriptor_chains() {
     let mut dev = device(&root);
     let mem = memory();
     let irq = Interrupt::new().unwrap();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(0x9_f5_2000);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x09f5_2000);
     let mut tq = TestQueue::new(0);
     let mut queues = vec![tq.queue()];
     let iterations = 100_000;
