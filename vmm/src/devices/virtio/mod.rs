@@ -13,7 +13,7 @@ pub mod vsock;
 use std::os::unix::io::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::vstate::memory::GuestMemoryMmap;
@@ -65,6 +65,32 @@ pub struct QueueContext<'a> {
     pub mem: &'a GuestMemoryMmap,
     pub queues: &'a mut [Queue],
     pub interrupt: &'a Interrupt,
+}
+
+impl QueueContext<'_> {
+    /// Request/response devices (blk, 9p): answers every chain queue `index` holds with
+    /// `handle` (which returns the bytes it wrote), returns each to the used ring, and
+    /// raises the interrupt once if any was returned and the driver wants to hear.
+    pub fn serve_requests(
+        &mut self,
+        index: usize,
+        mut handle: impl FnMut(&GuestMemoryMmap, DescriptorChain<&GuestMemoryMmap>) -> u32,
+    ) {
+        let Some(queue) = self.queues.get_mut(index) else {
+            return;
+        };
+        let mem = self.mem;
+        let mut used = false;
+        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            let head = chain.head_index();
+            let len = handle(mem, chain);
+            // A head index outside the queue cannot be returned: the guest's own loss.
+            used |= queue.add_used(mem, head, len).is_ok();
+        }
+        if used && queue.needs_notification(mem).unwrap_or(true) {
+            self.interrupt.signal_used_queue();
+        }
+    }
 }
 
 pub trait VirtioDevice: Send {

@@ -5,7 +5,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use virtio_queue::{DescriptorChain, QueueT};
+use virtio_queue::DescriptorChain;
 
 use crate::devices::virtio::{QueueContext, VirtioDevice, TYPE_BLOCK};
 use crate::vstate::memory::GuestMemoryMmap;
@@ -152,20 +152,7 @@ impl VirtioDevice for Block {
     }
 
     fn process_queue(&mut self, ctx: &mut QueueContext, index: usize) {
-        let Some(queue) = ctx.queues.get_mut(index) else {
-            return;
-        };
-        let mem = ctx.mem;
-        let mut used = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            let len = self.handle(mem, chain);
-            // A head index outside the queue cannot be returned: the guest's own loss.
-            used |= queue.add_used(mem, head, len).is_ok();
-        }
-        if used && queue.needs_notification(mem).unwrap_or(true) {
-            ctx.interrupt.signal_used_queue();
-        }
+        ctx.serve_requests(index, |mem, chain| self.handle(mem, chain));
     }
 }
 
@@ -175,6 +162,7 @@ mod tests {
     use crate::devices::virtio::test_utils::*;
     use crate::devices::virtio::Interrupt;
     use rand::{Rng, SeedableRng};
+    use virtio_queue::QueueT;
     use vm_memory::{Bytes, GuestAddress};
 
     fn disk(sectors: usize) -> (tempfile::NamedTempFile, Vec<u8>) {

@@ -4,7 +4,7 @@
 use std::io::{Read, Write};
 use std::path::PathBuf;
 
-use virtio_queue::{DescriptorChain, QueueT};
+use virtio_queue::DescriptorChain;
 
 use super::server::Server;
 use super::wire::HEADER_LEN;
@@ -111,18 +111,6 @@ impl VirtioDevice for P9 {
     }
 
     fn process_queue(&mut self, ctx: &mut QueueContext, index: usize) {
-        let Some(queue) = ctx.queues.get_mut(index) else {
-            return;
-        };
-        let mem = ctx.mem;
-        let mut used = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            let head = chain.head_index();
-            let len = self.handle(mem, chain);
-            used |= queue.add_used(mem, head, len).is_ok();
-        }
-        if used && queue.needs_notification(mem).unwrap_or(true) {
-            ctx.interrupt.signal_used_queue();
-        }
+        ctx.serve_requests(index, |mem, chain| self.handle(mem, chain));
     }
 }

@@ -700,13 +700,19 @@ impl Server {
         Ok(Encoder::new(r, tag).finish())
     }
 
+    /// How many data bytes an Rread/Rreaddir may carry: what was asked, within msize and
+    /// the guest's reply buffer.
+    fn io_bytes(&self, room: usize, count: usize) -> usize {
+        (self.msize as usize)
+            .min(room)
+            .saturating_sub(IO_HEADER)
+            .min(count)
+    }
+
     fn read(&mut self, r: u8, tag: u16, d: &mut Decoder, room: usize) -> Reply {
         let (id, offset, count) = (d.u32()?, d.u64()?, d.u32()? as usize);
         let file = self.fid(id)?.file.as_ref().ok_or(Errno(libc::EBADF))?;
-        let max = (self.msize as usize)
-            .min(room)
-            .saturating_sub(IO_HEADER)
-            .min(count);
+        let max = self.io_bytes(room, count);
         let mut e = Encoder::new(r, tag);
         let buf = e.buffer();
         let at = buf.len();
@@ -734,10 +740,7 @@ impl Server {
     fn readdir(&mut self, r: u8, tag: u16, d: &mut Decoder, room: usize) -> Reply {
         let (id, offset, count) = (d.u32()?, d.u64()?, d.u32()? as usize);
         let file = self.fid(id)?.file.as_ref().ok_or(Errno(libc::EBADF))?;
-        let max = (self.msize as usize)
-            .min(room)
-            .saturating_sub(IO_HEADER)
-            .min(count);
+        let max = self.io_bytes(room, count);
         sys::seek_dir(file.as_fd(), offset)?;
         let mut out = Vec::new();
         let mut buf = vec![0u8; 32 << 10];
